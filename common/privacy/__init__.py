@@ -1,0 +1,1 @@
+"""facefed: common.privacy."""
