@@ -25,7 +25,7 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         DataError: if the resolved directory does not exist.
     """
     if explicit not in (None, ""):
-        path, source = Path(explicit).expanduser(), "--data-dir"  # type: ignore[arg-type]
+        path, source = Path(explicit).expanduser(), "--data-dir"
     elif os.environ.get(DATA_ENV):
         path, source = Path(os.environ[DATA_ENV]).expanduser(), DATA_ENV
     else:
