@@ -56,6 +56,10 @@ def _configure_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Flower logs through its own console handler; keep it from printing every line twice.
+    logging.getLogger("flwr").propagate = False
+    for noisy in ("alembic", "ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,200 @@
+"""Typed run settings, parsed once from Flower's flat ``run_config`` (or a scenario TOML) and validated.
+
+Flower passes settings as a flat ``{"kebab-key": scalar}`` mapping. :func:`parse_run_config` turns it into
+frozen dataclasses, rejects unknown keys (nanoGPT's habit: a typo must not silently fall back to a
+default), checks types and ranges, and keeps privacy settings apart from everything else so that an audit
+can see at a glance what determines the guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+from common.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySettings:
+    """Everything that determines the per-site (example-level) DP guarantee."""
+
+    dp: bool = True
+    max_epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: Literal["prv", "rdp"] = "prv"
+    face_clip: float = 1.0
+    emotion_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.max_epsilon > 0 or math.isnan(self.max_epsilon):
+            raise ConfigError(
+                f"max-epsilon must be a positive number, got {self.max_epsilon}; "
+                "set e.g. max-epsilon = 8.0 (or dp = false for non-private training)"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}; typical is 1e-5")
+        for name in ("face_clip", "emotion_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """A federated run: federation shape, data, models and optimisation (privacy kept separate)."""
+
+    num_rounds: int = 3
+    num_sites: int = 4
+    cohort_size: int = 4
+    strategy: Literal["fedavg", "fedadam"] = "fedavg"
+    server_lr: float = 0.01
+    seed: int = 0
+    out_dir: str = "runs/default"
+    data_dir: str = ""
+    # data
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    face_sources: str = "lfw,orl,eyaleb"
+    lfw_train_sets: str = "1,2,3"
+    lfw_eval_sets: str = "4,5"
+    face_train_limit: int = 0
+    emotion_train_limit: int = 0
+    emotion_eval_limit: int = 0
+    # models and local optimisation
+    face_width: int = 16
+    emotion_width: int = 16
+    face_steps: int = 20
+    emotion_steps: int = 20
+    face_batch: int = 64
+    emotion_batch: int = 128
+    face_lr: float = 0.5
+    emotion_lr: float = 0.5
+    momentum: float = 0.9
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_rounds", "num_sites", "cohort_size", "face_width", "emotion_width", "face_batch",
+            "emotion_batch", "face_lr", "emotion_lr", "server_lr",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("face_steps", "emotion_steps", "face_train_limit", "emotion_train_limit",
+                     "emotion_eval_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
+        if self.face_steps == 0 and self.emotion_steps == 0:
+            raise ConfigError("face-steps and emotion-steps are both 0: nothing would be trained")
+        if self.cohort_size > self.num_sites:
+            raise ConfigError(
+                f"cohort-size ({self.cohort_size}) exceeds num-sites ({self.num_sites}); "
+                "lower cohort-size or add sites"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.partition == "dirichlet" and not self.dirichlet_alpha > 0:
+            raise ConfigError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        unknown = set(self.face_source_list) - {"lfw", "orl", "eyaleb"}
+        if unknown or not self.face_source_list:
+            raise ConfigError(
+                f"face-sources must list some of lfw, orl, eyaleb; got {self.face_sources!r}"
+            )
+        train, held_out = set(self.lfw_train_set_list), set(self.lfw_eval_set_list)
+        if train & held_out:
+            raise ConfigError(
+                f"LFW people sets {sorted(train & held_out)} are in both lfw-train-sets and "
+                "lfw-eval-sets; verification must use identities no site trained on"
+            )
+        if len(held_out) < 2:
+            raise ConfigError("lfw-eval-sets needs at least 2 people sets for the k-fold protocol")
+
+    @property
+    def face_source_list(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.face_sources.split(",") if s.strip())
+
+    @property
+    def lfw_train_set_list(self) -> tuple[int, ...]:
+        return _int_list(self.lfw_train_sets, "lfw-train-sets")
+
+    @property
+    def lfw_eval_set_list(self) -> tuple[int, ...]:
+        return _int_list(self.lfw_eval_sets, "lfw-eval-sets")
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat kebab-case mapping Flower carries as ``run_config`` (inverse of parsing)."""
+        flat: dict[str, Scalar] = {}
+        for obj in (self, self.privacy):
+            for f in dataclasses.fields(obj):
+                if f.name != "privacy":
+                    flat[_kebab(f.name)] = getattr(obj, f.name)
+        return flat
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _int_list(text: str, key: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"{key} must be comma-separated people-set numbers 1..5, got {text!r}") from None
+    if any(not 1 <= v <= 5 for v in values):
+        raise ConfigError(f"{key} must use LFW people sets 1..5, got {text!r}")
+    return values
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    choices = get_args(annotation)
+    if choices and all(isinstance(c, str) for c in choices):  # Literal[...]
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+            return math.inf
+    elif annotation is str:
+        return str(value)
+    raise ConfigError(f"{key} must be a {annotation.__name__}, got {value!r}")
+
+
+def parse_run_config(config: Mapping[str, Scalar]) -> RunSettings:
+    """Parse Flower's flat run config into :class:`RunSettings`; unknown keys are errors.
+
+    Keys Flower itself adds (none at the moment) and keys with a leading underscore are ignored.
+    """
+    fields_by_key: dict[str, tuple[type, str, Any]] = {}
+    for cls in (RunSettings, PrivacySettings):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name != "privacy":
+                fields_by_key[_kebab(f.name)] = (cls, f.name, hints[f.name])
+    values: dict[type, dict[str, Any]] = {RunSettings: {}, PrivacySettings: {}}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key not in fields_by_key:
+            close = [k for k in fields_by_key if k.split("-")[0] == key.split("-")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; see simulations/default.toml")
+        cls, name, annotation = fields_by_key[key]
+        values[cls][name] = _coerce(key, value, annotation)
+    privacy = PrivacySettings(**values[PrivacySettings])
+    return RunSettings(**values[RunSettings], privacy=privacy)

@@ -1,0 +1,81 @@
+"""Scoring the two models: LFW verification (10-fold protocol) and FER2013 emotion accuracy / macro-F1.
+
+Used by the server after every round and by ``facefed evaluate``. Face embeddings use flip test-time
+augmentation (the embedding of an image is the normalised sum of its and its mirror's embeddings), as is
+standard for LFW reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data.lfw import LfwData
+from common.data.preprocess import emotion_tensor, face_tensor
+from common.data.types import LabeledImages
+from common.errors import DataError
+from common.metrics import emotion_metrics, lfw_verification
+from common.models import EmotionNet, FaceEmbedder
+
+
+@dataclass(frozen=True)
+class VerificationSet:
+    """Preprocessed faces and the pairs to verify between them."""
+
+    faces: torch.Tensor  # (M, 1, 112, 112)
+    left: np.ndarray  # row into faces, per pair
+    right: np.ndarray
+    same: np.ndarray  # bool per pair
+    folds: np.ndarray  # fold per pair
+
+
+@dataclass(frozen=True)
+class EmotionSet:
+    images: torch.Tensor  # (N, 1, 48, 48)
+    labels: np.ndarray
+
+
+def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> VerificationSet:
+    """The pairs of the given 0-based folds (all folds when None), with only the images they use."""
+    pairs = [p for p in lfw.pairs if folds is None or p.fold in folds]
+    if not pairs:
+        raise DataError("no LFW pairs to evaluate; check the pairs file and lfw-eval-sets")
+    rows = sorted({lfw.image_row[(p.name1, p.num1)] for p in pairs}
+                  | {lfw.image_row[(p.name2, p.num2)] for p in pairs})
+    where = {row: i for i, row in enumerate(rows)}
+    return VerificationSet(
+        faces=face_tensor(lfw.images[rows]),
+        left=np.array([where[lfw.image_row[(p.name1, p.num1)]] for p in pairs]),
+        right=np.array([where[lfw.image_row[(p.name2, p.num2)]] for p in pairs]),
+        same=np.array([p.same for p in pairs], dtype=bool),
+        folds=np.array([p.fold for p in pairs]),
+    )
+
+
+def emotion_set(fer: LabeledImages) -> EmotionSet:
+    return EmotionSet(images=emotion_tensor(fer.images), labels=fer.labels.astype(np.int64))
+
+
+@torch.no_grad()
+def embed(face: FaceEmbedder, faces: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Flip-augmented, L2-normalised embeddings of preprocessed faces."""
+    face.eval()
+    out = [F.normalize(face(x) + face(x.flip(-1)), dim=1) for x in faces.split(batch)]
+    return torch.cat(out)
+
+
+def evaluate_face(face: FaceEmbedder, data: VerificationSet) -> dict[str, float]:
+    emb = embed(face, data.faces)
+    scores = (emb[data.left] * emb[data.right]).sum(dim=1).numpy()
+    result = lfw_verification(scores, data.same, data.folds)
+    return {"lfw_accuracy": result.accuracy, "lfw_std": result.std}
+
+
+@torch.no_grad()
+def evaluate_emotion(emotion: EmotionNet, data: EmotionSet, batch: int = 512) -> dict[str, float]:
+    emotion.eval()
+    preds = torch.cat([emotion(x).argmax(dim=1) for x in data.images.split(batch)]).numpy()
+    return emotion_metrics(preds, data.labels)
