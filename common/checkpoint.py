@@ -49,8 +49,10 @@ def save_checkpoint(
         "round": int(round_),
         "face": {k: v.detach().cpu() for k, v in face.state_dict().items()},
         "emotion": {k: v.detach().cpu() for k, v in emotion.state_dict().items()},
-        "model_config": {"face_width": model_config.face_width,
-                         "emotion_width": model_config.emotion_width},
+        "model_config": {
+            "face_width": model_config.face_width,
+            "emotion_width": model_config.emotion_width,
+        },
         "meta": dict(meta or {}),
     }
     buffer = io.BytesIO()
@@ -66,12 +68,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"checkpoint {p} does not exist; pass the path of a round_*.ckpt file") from None
+        raise DataError(
+            f"checkpoint {p} does not exist; pass the path of a round_*.ckpt file"
+        ) from None
     except OSError as exc:
         raise DataError(f"cannot read checkpoint {p}: {exc.strerror}") from None
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 32:
         raise IntegrityError(f"{p} is not a facefed checkpoint (bad header)")
-    digest, body = raw[len(MAGIC):len(MAGIC) + 32], raw[len(MAGIC) + 32:]
+    digest, body = raw[len(MAGIC) : len(MAGIC) + 32], raw[len(MAGIC) + 32 :]
     if hashlib.sha256(body).digest() != digest:
         raise IntegrityError(f"checkpoint {p} is corrupt (checksum mismatch); use an earlier round")
     try:

@@ -78,14 +78,27 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         positive = (
-            "num_rounds", "num_sites", "cohort_size", "face_width", "emotion_width", "face_batch",
-            "emotion_batch", "face_lr", "emotion_lr", "server_lr",
+            "num_rounds",
+            "num_sites",
+            "cohort_size",
+            "face_width",
+            "emotion_width",
+            "face_batch",
+            "emotion_batch",
+            "face_lr",
+            "emotion_lr",
+            "server_lr",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("face_steps", "emotion_steps", "face_train_limit", "emotion_train_limit",
-                     "emotion_eval_limit"):
+        for name in (
+            "face_steps",
+            "emotion_steps",
+            "face_train_limit",
+            "emotion_train_limit",
+            "emotion_eval_limit",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
         if self.face_steps == 0 and self.emotion_steps == 0:
@@ -143,7 +156,9 @@ def _int_list(text: str, key: str) -> tuple[int, ...]:
     try:
         values = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"{key} must be comma-separated people-set numbers 1..5, got {text!r}") from None
+        raise ConfigError(
+            f"{key} must be comma-separated people-set numbers 1..5, got {text!r}"
+        ) from None
     if any(not 1 <= v <= 5 for v in values):
         raise ConfigError(f"{key} must use LFW people sets 1..5, got {text!r}")
     return values

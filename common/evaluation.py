@@ -43,8 +43,10 @@ def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> Veri
     pairs = [p for p in lfw.pairs if folds is None or p.fold in folds]
     if not pairs:
         raise DataError("no LFW pairs to evaluate; check the pairs file and lfw-eval-sets")
-    rows = sorted({lfw.image_row[(p.name1, p.num1)] for p in pairs}
-                  | {lfw.image_row[(p.name2, p.num2)] for p in pairs})
+    rows = sorted(
+        {lfw.image_row[(p.name1, p.num1)] for p in pairs}
+        | {lfw.image_row[(p.name2, p.num2)] for p in pairs}
+    )
     where = {row: i for i, row in enumerate(rows)}
     return VerificationSet(
         faces=face_tensor(lfw.images[rows]),

@@ -32,7 +32,7 @@ def from_arrays(arrays: ArrayRecord, face: FaceEmbedder, emotion: EmotionNet) ->
     """Load an ArrayRecord produced by :func:`to_arrays` into the two models (strict)."""
     state = arrays.to_torch_state_dict()
     for prefix, model in (("face.", face), ("emotion.", emotion)):
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model.load_state_dict(part, strict=True)
     extra = [k for k in state if not k.startswith(SHARED_PREFIXES)]
     if extra:

@@ -22,6 +22,8 @@ def test_round_trip_restores_both_models(checkpoint) -> None:
     face2, emotion2, meta = load_models(path)
     x = torch.randn(2, 1, 112, 112)
     torch.testing.assert_close(face2(x), face.eval()(x))
+    e = torch.randn(2, 1, 48, 48)
+    torch.testing.assert_close(emotion2(e), emotion.eval()(e))
     assert meta == {"k": "v", "round": 1}
     assert not face2.training and not emotion2.training
 

@@ -34,7 +34,10 @@ def test_infinite_epsilon_is_accepted_as_text() -> None:
         ({"num-rounds": "three"}, "num-rounds must be a int"),
         ({"strategy": "fedsgd"}, "strategy must be one of fedavg, fedadam"),
         ({"cohort-size": 5, "num-sites": 4}, "cohort-size .5. exceeds num-sites .4."),
-        ({"lfw-train-sets": "1,4", "lfw-eval-sets": "4,5"}, "both lfw-train-sets and lfw-eval-sets"),
+        (
+            {"lfw-train-sets": "1,4", "lfw-eval-sets": "4,5"},
+            "both lfw-train-sets and lfw-eval-sets",
+        ),
         ({"delta": 1.0}, "delta must be in"),
         ({"face-sources": "lfw,vggface"}, "face-sources must list"),
         ({"lfw-eval-sets": "9,10"}, "people sets 1..5"),

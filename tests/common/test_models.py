@@ -17,8 +17,13 @@ from common.models import (
 
 @pytest.mark.parametrize(
     "model",
-    [FaceEmbedder(), FaceEmbedder(width=32), EmotionNet(), EmotionNet(width=32),
-     FaceTrainer(FaceEmbedder(), CosineHead(10))],
+    [
+        FaceEmbedder(),
+        FaceEmbedder(width=32),
+        EmotionNet(),
+        EmotionNet(width=32),
+        FaceTrainer(FaceEmbedder(), CosineHead(10)),
+    ],
     ids=["face16", "face32", "emotion16", "emotion32", "face-trainer"],
 )
 def test_every_model_passes_opacus_strict_validation(model: torch.nn.Module) -> None:

@@ -1,0 +1,125 @@
+"""One federated round on a site: budget check, DP-SGD on both models, the reply content.
+
+Kept apart from ``client/app.py`` so that it can be called and tested without Flower's runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.privacy_state import SitePrivacyState, calibrate_noise
+from client.train import SiteTensors, planned_events, train_round
+from common.config import RunSettings
+from common.errors import DataError, PrivacyBudgetError
+from common.models import CosineHead, EmotionNet, FaceEmbedder
+from common.serde import from_arrays, to_arrays
+
+logger = logging.getLogger(__name__)
+
+HEAD_KEY = "local-head"
+
+
+def site_budget(settings: RunSettings, node_config: dict[str, object]) -> float:
+    """The site's own epsilon budget: the run's, or the node's ``max-epsilon`` if that is stricter."""
+    budget = settings.privacy.max_epsilon
+    if "max-epsilon" in node_config:
+        node_budget = float(node_config["max-epsilon"])  # type: ignore[arg-type]
+        if not node_budget > 0:
+            raise PrivacyBudgetError(f"node max-epsilon must be > 0, got {node_budget}")
+        budget = min(budget, node_budget)
+    return budget
+
+
+def _load_head(state: RecordDict, num_classes: int, generator: torch.Generator) -> CosineHead:
+    head = CosineHead(num_classes)
+    if HEAD_KEY in state.array_records:
+        weight = state.array_records[HEAD_KEY].to_torch_state_dict()["weight"]
+        if tuple(weight.shape) == tuple(head.weight.shape):
+            head.weight.data.copy_(weight)
+            return head
+        logger.warning("local identity count changed; re-initialising the local head")
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+    return head
+
+
+def run_round(
+    arrays: ArrayRecord,
+    server_round: int,
+    state: RecordDict,
+    data: SiteTensors,
+    settings: RunSettings,
+    budget: float,
+    site_index: int,
+) -> RecordDict:
+    """Train on the site for one round and build the reply (shared arrays + scalar metrics).
+
+    Raises:
+        PrivacyBudgetError: if this round would take the site past ``budget`` (nothing is trained).
+    """
+    if settings.face_steps and data.num_identities < 2:
+        raise DataError(
+            f"site {site_index} holds faces of {data.num_identities} person(s); the margin loss needs "
+            "at least 2 identities: add people to the site's face data or set face-steps = 0"
+        )
+    p = settings.privacy
+    privacy = SitePrivacyState.load(state, p.accountant)
+    if p.dp:
+        if privacy.noise_multiplier is None:
+            # Calibrate once, for the site taking part in every round: the exact event list it would
+            # accumulate, so the accountant sees the same composition it was calibrated on.
+            per_round = [(q, n) for _, q, n in planned_events(settings, data, 1.0)]
+            privacy.noise_multiplier = calibrate_noise(
+                per_round * settings.num_rounds, budget, p.delta, p.accountant
+            )
+            logger.info(
+                "site %d: noise multiplier %.4f for epsilon %.3g over %d rounds",
+                site_index,
+                privacy.noise_multiplier,
+                budget,
+                settings.num_rounds,
+            )
+        planned = planned_events(settings, data, privacy.noise_multiplier)
+        spent = privacy.epsilon(p.delta)
+        projected = privacy.epsilon(p.delta, extra=planned)
+        if projected > budget:
+            raise PrivacyBudgetError(
+                f"site {site_index}: round {server_round} would raise epsilon from {spent:.3f} to "
+                f"{projected:.3f}, above the site's budget {budget:g}; refusing to train"
+            )
+
+    seed = np.random.SeedSequence([settings.seed, site_index, server_round]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    face = FaceEmbedder(width=settings.face_width)
+    emotion = EmotionNet(width=settings.emotion_width)
+    from_arrays(arrays, face, emotion)
+    head = _load_head(state, data.num_identities, generator)
+
+    outcome = train_round(face, head, emotion, data, settings, privacy, generator)
+
+    state.array_records[HEAD_KEY] = ArrayRecord(torch_state_dict={"weight": head.weight.detach()})
+    privacy.rounds.append(server_round)
+    privacy.save(state)
+    epsilon = privacy.epsilon(p.delta) if p.dp else math.inf
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data.face_y) + len(data.emotion_y),
+            "site-index": site_index,
+            "epsilon": epsilon,
+            "delta": p.delta,
+            "steps": sum(n for _, _, n in privacy.history),
+            "noise-multiplier": privacy.noise_multiplier or 0.0,
+            "face-loss": outcome.face_loss,
+            "emotion-loss": outcome.emotion_loss,
+        }
+    )
+    return RecordDict({"arrays": to_arrays(face, emotion), "metrics": metrics})
+
+
+def round_from_config(config: ConfigRecord) -> int:
+    return int(config.get("server-round", 0))  # type: ignore[arg-type]

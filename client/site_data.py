@@ -1,0 +1,120 @@
+"""Each site's local training data, as preprocessed tensors.
+
+In simulation a site is one partition of the shared datasets: face data split **by identity** (each person
+at exactly one site) and emotion data split IID or label-skewed by Dirichlet(alpha). In a deployment the
+same code runs with the site's own ``node_config`` (``data-dir``, ``partition-id``, ``num-partitions``),
+so one ClientApp serves both.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.train import SiteTensors
+from common.config import RunSettings
+from common.data.fer2013 import load_fer2013
+from common.data.lfw import lfw_train_subset, load_lfw
+from common.data.npz_sets import load_extended_yale_b
+from common.data.orl import load_orl
+from common.data.partition import partition_by_identity, partition_dirichlet, partition_iid
+from common.data.preprocess import emotion_tensor, face_tensor
+from common.errors import ConfigError
+from common.paths import data_dir as resolve_data_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Which slice of the data a site holds."""
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, object], settings: RunSettings) -> SiteSpec:
+        try:
+            pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+            num = int(node_config.get("num-partitions", settings.num_sites))  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                "node config needs an integer partition-id (and num-partitions); "
+                "start the SuperNode with --node-config 'partition-id=0 num-partitions=2 data-dir=...'"
+            ) from None
+        if not 0 <= pid < num:
+            raise ConfigError(f"partition-id {pid} is outside 0..{num - 1}")
+        data = str(node_config.get("data-dir", "") or settings.data_dir)
+        return cls(partition_id=pid, num_partitions=num, data_dir=data)
+
+
+def face_pool(settings: RunSettings, data_dir: Path) -> tuple[list[torch.Tensor], np.ndarray]:
+    """All training faces of the configured sources, as per-source tensors and disjoint identity labels."""
+    parts: list[torch.Tensor] = []
+    labels: list[np.ndarray] = []
+    offset = 0
+    for source in settings.face_source_list:
+        if source == "lfw":
+            lfw = load_lfw(data_dir=data_dir)
+            sets = [s - 1 for s in settings.lfw_train_set_list]
+            imgs = lfw_train_subset(lfw, sets, min_images=2)
+        elif source == "orl":
+            imgs = load_orl(data_dir=data_dir)
+        else:
+            imgs = load_extended_yale_b(data_dir=data_dir)
+        parts.append(face_tensor(imgs.images))
+        _, dense = np.unique(imgs.labels, return_inverse=True)
+        labels.append(dense.astype(np.int64) + offset)
+        offset += int(dense.max()) + 1
+    return parts, np.concatenate(labels)
+
+
+def _subsample(indices: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if limit and len(indices) > limit:
+        return np.sort(rng.choice(indices, size=limit, replace=False))
+    return indices
+
+
+@functools.lru_cache(maxsize=2)
+def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
+    """Build (and cache per process) the site's preprocessed training tensors."""
+    root = resolve_data_dir(site.data_dir or None)
+    rng = np.random.default_rng([settings.seed, site.partition_id])
+
+    parts, identities = face_pool(settings, root)
+    face_x_all = torch.cat(parts)
+    if len(np.unique(identities)) < site.num_partitions:
+        raise ConfigError(
+            f"only {len(np.unique(identities))} identities for "
+            f"{site.num_partitions} sites; add face-sources or use fewer sites"
+        )
+    face_idx = partition_by_identity(identities, site.num_partitions, seed=settings.seed)
+    mine = _subsample(face_idx[site.partition_id], settings.face_train_limit, rng)
+    _, local_labels = np.unique(identities[mine], return_inverse=True)
+    face_x = face_x_all[torch.from_numpy(mine)]
+    face_y = torch.from_numpy(local_labels.astype(np.int64))
+
+    fer = load_fer2013("Training", data_dir=root)
+    if settings.partition == "iid":
+        emo_idx = partition_iid(len(fer), site.num_partitions, seed=settings.seed)
+    else:
+        emo_idx = partition_dirichlet(
+            fer.labels, site.num_partitions, alpha=settings.dirichlet_alpha, seed=settings.seed
+        )
+    emo = _subsample(emo_idx[site.partition_id], settings.emotion_train_limit, rng)
+    emotion_x = emotion_tensor(fer.images[emo])
+    emotion_y = torch.from_numpy(fer.labels[emo].astype(np.int64))
+    logger.info(
+        "site %d: %d face images of %d people, %d emotion images",
+        site.partition_id,
+        len(face_y),
+        int(face_y.max()) + 1,
+        len(emotion_y),
+    )
+    return SiteTensors(face_x=face_x, face_y=face_y, emotion_x=emotion_x, emotion_y=emotion_y)

@@ -1,0 +1,114 @@
+"""Aggregation strategies: Flower's FedAvg / FedAdam plus facefed's cohort sampling and reply capture.
+
+Two changes to Flower's behaviour:
+* the cohort is sampled with an injected, seeded generator (Flower's ``sample_nodes`` uses the global
+  ``random`` module), always exactly ``cohort_size`` sites, waiting until all ``num_sites`` are connected;
+* every valid training reply's scalar metrics are kept per site and round (Flower only keeps the weighted
+  average), because each site's epsilon must be reported on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from common.config import RunSettings
+
+logger = logging.getLogger(__name__)
+
+
+class CohortMixin:
+    """Seeded fixed-size cohort sampling and per-site capture of training replies."""
+
+    settings: RunSettings
+    rng: np.random.Generator
+    site_metrics: dict[int, dict[int, dict[str, Any]]]  # round -> node id -> metrics
+    failures: dict[int, list[str]]
+
+    def _init_cohort(self, settings: RunSettings) -> None:
+        self.settings = settings
+        self.rng = np.random.default_rng([settings.seed, 7919])
+        self.site_metrics = {}
+        self.failures = {}
+        self.wait_timeout_s = 600.0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._wait_for_nodes(grid)
+        # Sample positions, not ids: node ids are uint64 and would not survive a numpy array.
+        picks = self.rng.choice(len(nodes), self.settings.cohort_size, replace=False)
+        cohort = sorted(nodes[int(i)] for i in picks)
+        logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
+        config["server-round"] = server_round
+        from flwr.app import MessageType, RecordDict
+
+        record = RecordDict({"arrays": arrays, "config": config})
+        return self._construct_messages(record, cohort, MessageType.TRAIN)  # type: ignore[attr-defined]
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_timeout_s
+        while len(nodes := sorted(grid.get_node_ids())) < self.settings.num_sites:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of {self.settings.num_sites} sites connected within "
+                    f"{self.wait_timeout_s:.0f} s"
+                )
+            time.sleep(0.5)
+        return nodes
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        per_site: dict[int, dict[str, Any]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = reply.error.reason.strip().splitlines()[-1][:300]
+                self.failures.setdefault(server_round, []).append(f"node {node}: {reason}")
+                logger.warning("round %d: node %s failed: %s", server_round, node, reason)
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None:
+                per_site[node] = dict(metrics)
+        self.site_metrics[server_round] = per_site
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+
+class FacefedFedAvg(CohortMixin, FedAvg):
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=settings.cohort_size,
+            min_available_nodes=settings.num_sites,
+            min_evaluate_nodes=0,
+        )
+        self._init_cohort(settings)
+
+
+class FacefedFedAdam(CohortMixin, FedAdam):
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=settings.cohort_size,
+            min_available_nodes=settings.num_sites,
+            min_evaluate_nodes=0,
+            eta=settings.server_lr,
+            eta_l=settings.face_lr,
+        )
+        self._init_cohort(settings)
+
+
+def make_strategy(settings: RunSettings) -> FacefedFedAvg | FacefedFedAdam:
+    """The configured strategy."""
+    return FacefedFedAdam(settings) if settings.strategy == "fedadam" else FacefedFedAvg(settings)

@@ -1,0 +1,194 @@
+"""A site's federated rounds: cumulative epsilon, budget refusal, and what leaves the site.
+
+These call the client's round logic and the ClientApp itself directly, on a small slice of real faces
+(ORL identities, FER2013 training images).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from client.privacy_state import STATE_KEY, SitePrivacyState
+from client.round import HEAD_KEY, run_round
+from client.train import SiteTensors
+from common.config import parse_run_config
+from common.data.fer2013 import load_fer2013
+from common.data.orl import load_orl
+from common.data.preprocess import emotion_tensor, face_tensor
+from common.errors import DataError, PrivacyBudgetError
+from common.models import EmotionNet, FaceEmbedder
+from common.serde import to_arrays
+
+SMALL = {
+    "face-steps": 2,
+    "emotion-steps": 2,
+    "face-batch": 16,
+    "emotion-batch": 32,
+    "num-rounds": 3,
+    "accountant": "rdp",
+    "max-epsilon": 8.0,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_site() -> SiteTensors:
+    orl = load_orl()
+    keep = orl.labels < 5  # 5 people x 10 images
+    fer = load_fer2013("Training")
+    rows = np.random.default_rng(0).choice(len(fer), 200, replace=False)
+    return SiteTensors(
+        face_x=face_tensor(orl.images[keep]),
+        face_y=torch.from_numpy(orl.labels[keep]),
+        emotion_x=emotion_tensor(fer.images[rows]),
+        emotion_y=torch.from_numpy(fer.labels[rows]),
+    )
+
+
+def initial_arrays(settings):
+    torch.manual_seed(0)
+    return to_arrays(FaceEmbedder(settings.face_width), EmotionNet(settings.emotion_width))
+
+
+def run(state: RecordDict, server_round: int, **overrides):
+    settings = parse_run_config({**SMALL, **overrides})
+    return run_round(
+        initial_arrays(settings),
+        server_round,
+        state,
+        tiny_site(),
+        settings,
+        budget=settings.privacy.max_epsilon,
+        site_index=0,
+    )
+
+
+def test_epsilon_grows_each_round_and_matches_opacus_offline() -> None:
+    state = RecordDict()
+    epsilons = [run(state, r)["metrics"]["epsilon"] for r in (1, 2, 3)]
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= SMALL["max-epsilon"]
+
+    history = SitePrivacyState.load(state, "rdp").history
+    assert len(history) == 6  # two models x three rounds, each (sigma, q, steps)
+    offline = RDPAccountant()
+    offline.history = list(history)
+    assert math.isclose(epsilons[-1], offline.get_epsilon(delta=1e-5), rel_tol=1e-9)
+
+
+def test_prv_accountant_is_cumulative_too() -> None:
+    state = RecordDict()
+    eps1 = run(state, 1, accountant="prv")["metrics"]["epsilon"]
+    eps2 = run(state, 2, accountant="prv")["metrics"]["epsilon"]
+    offline = PRVAccountant()
+    offline.history = list(SitePrivacyState.load(state, "prv").history)
+    assert eps1 < eps2
+    assert math.isclose(eps2, offline.get_epsilon(delta=1e-5), rel_tol=1e-6)
+
+
+def test_site_at_its_budget_refuses_to_train_and_state_is_untouched() -> None:
+    state = RecordDict()
+    for r in (1, 2, 3):  # calibrated to spend the whole budget in exactly num-rounds rounds
+        run(state, r)
+    before = state.config_records[STATE_KEY].copy() if hasattr(state, "copy") else None
+    history_before = list(SitePrivacyState.load(state, "rdp").history)
+    with pytest.raises(PrivacyBudgetError, match="above the site's budget 8"):
+        run(state, 4)
+    assert SitePrivacyState.load(state, "rdp").history == history_before
+    del before
+
+
+def test_tighter_node_budget_is_enforced_from_the_first_round() -> None:
+    state = RecordDict()
+    settings = parse_run_config(SMALL)
+    # The noise was calibrated for 8.0 by another run; a site whose own budget is 0.01 refuses.
+    SitePrivacyState("rdp", noise_multiplier=0.8).save(state)
+    with pytest.raises(PrivacyBudgetError, match="refusing to train"):
+        run_round(
+            initial_arrays(settings), 1, state, tiny_site(), settings, budget=0.01, site_index=0
+        )
+
+
+def test_corrupt_accountant_state_fails_closed() -> None:
+    state = RecordDict()
+    run(state, 1)
+    record = state.config_records[STATE_KEY]
+    record["steps"] = [1]  # lengths no longer agree
+    with pytest.raises(PrivacyBudgetError, match="unreadable"):
+        run(state, 2)
+
+
+def test_switching_accountant_mid_run_is_refused() -> None:
+    state = RecordDict()
+    run(state, 1, accountant="rdp")
+    with pytest.raises(PrivacyBudgetError, match="refusing to mix accountants"):
+        run(state, 2, accountant="prv")
+
+
+def test_reply_carries_shared_arrays_and_scalars_only_and_head_stays_local() -> None:
+    state = RecordDict()
+    reply = run(state, 1)
+    assert set(reply.array_records) == {"arrays"}
+    keys = list(reply.array_records["arrays"].keys())
+    assert all(k.startswith(("face.", "emotion.")) for k in keys)
+    assert HEAD_KEY in state.array_records  # the identity head is kept in the site's own state
+    metrics = reply["metrics"]
+    assert {"epsilon", "delta", "steps", "noise-multiplier", "num-examples"} <= set(metrics)
+    assert metrics["steps"] == 4
+
+
+def test_a_site_with_one_person_gets_a_clear_error() -> None:
+    data = tiny_site()
+    one = SiteTensors(
+        face_x=data.face_x[:10],
+        face_y=torch.zeros(10, dtype=torch.int64),
+        emotion_x=data.emotion_x,
+        emotion_y=data.emotion_y,
+    )
+    settings = parse_run_config(SMALL)
+    with pytest.raises(DataError, match="at least 2 identities"):
+        run_round(initial_arrays(settings), 1, RecordDict(), one, settings, 8.0, 0)
+
+
+def test_non_private_mode_reports_infinite_epsilon() -> None:
+    reply = run(RecordDict(), 1, dp=False)
+    assert math.isinf(reply["metrics"]["epsilon"])
+
+
+def test_client_app_can_be_called_directly() -> None:
+    from client.app import build_client_app
+
+    settings = parse_run_config(SMALL)
+    app = build_client_app(settings.to_flat())
+    content = RecordDict(
+        {"arrays": initial_arrays(settings), "config": ConfigRecord({"server-round": 1})}
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=MessageType.TRAIN,
+    )
+    msg = Message(content=content, metadata=metadata)
+    context = Context(
+        run_id=1,
+        node_id=1,
+        state=RecordDict(),
+        run_config={},
+        node_config={"partition-id": 0, "num-partitions": 8},
+    )
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    assert reply.content["metrics"]["epsilon"] > 0
+    assert STATE_KEY in context.state
