@@ -1,0 +1,414 @@
+"""``facefed site ...``: enrol, verify, identify and read emotions on the device.
+
+Templates are stored encrypted (:mod:`client.templates`).
+
+Every command reads and checks all of its input (images, key, identity) before it writes anything,
+so a bad input leaves the store unchanged. Human-readable output by default, one JSON object with
+``--json``. ``verify`` exits 0 on a match and 1 on no match; errors exit >= 2 (see
+:mod:`common.errors`).
+
+Environment: ``FACEFED_SITE_DIR`` (store), ``FACEFED_SITE_KEY`` (key file),
+``FACEFED_SITE_PASSPHRASE`` (passphrase), ``FACEFED_KEY_DIR`` (where ``init`` puts key files by
+default), ``FACEFED_CHECKPOINT``, ``FACEFED_DETECTOR_MODEL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.calibration import DEFAULT_FAR, Calibration, calibrate_on_lfw
+from client.imageio import read_image
+from client.pipeline import FacePipeline, PipelineConfig, load_pipeline
+from client.templates import TemplateStore, validate_identity
+from common.crypto import keys
+from common.errors import ConfigError, DataError
+
+STORE_ENV = "FACEFED_SITE_DIR"
+KEY_ENV = "FACEFED_SITE_KEY"
+PASSPHRASE_ENV = "FACEFED_SITE_PASSPHRASE"
+KEY_DIR_ENV = "FACEFED_KEY_DIR"
+CHECKPOINT_ENV = "FACEFED_CHECKPOINT"
+DETECTOR_ENV = "FACEFED_DETECTOR_MODEL"
+NO_MATCH_EXIT = 1
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else None
+
+
+def _store_dir(args: argparse.Namespace) -> Path:
+    explicit = args.store or _env_path(STORE_ENV)
+    return Path(explicit or Path.home() / ".local" / "share" / "facefed" / "site").expanduser()
+
+
+def _default_key_path(store_id: str) -> Path:
+    directory = _env_path(KEY_DIR_ENV) or Path.home() / ".config" / "facefed" / "keys"
+    return directory / f"{store_id}.key"
+
+
+def _key_path(args: argparse.Namespace, store_id: str) -> Path:
+    return Path(args.key_file or _env_path(KEY_ENV) or _default_key_path(store_id)).expanduser()
+
+
+def _read_passphrase(file: Path | None, env_name: str | None, prompt: str) -> str | None:
+    if file is not None:
+        return keys.read_passphrase_file(Path(file))
+    if env_name:
+        if env_name not in os.environ:
+            raise ConfigError(f"environment variable {env_name} (from --passphrase-env) is not set")
+        return os.environ[env_name]
+    if prompt and sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return None
+
+
+def _unlock(store: TemplateStore, args: argparse.Namespace) -> None:
+    info = store.key_info
+    if info.kind == "keyfile":
+        store.unlock(keys.load_key_file(_key_path(args, store.store_id), info))
+        return
+    passphrase = _read_passphrase(args.passphrase_file, args.passphrase_env, "")
+    if passphrase is None:
+        passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None and sys.stdin.isatty():
+        passphrase = getpass.getpass("store passphrase: ")
+    if passphrase is None:
+        raise ConfigError(
+            "this store is protected by a passphrase; pass --passphrase-file PATH or "
+            f"--passphrase-env VAR, or set {PASSPHRASE_ENV}"
+        )
+    store.unlock(keys.passphrase_key(passphrase, info))
+
+
+def _open(args: argparse.Namespace) -> TemplateStore:
+    store = TemplateStore.open(_store_dir(args))
+    try:
+        _unlock(store, args)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _pipeline(args: argparse.Namespace) -> tuple[FacePipeline, dict[str, Any]]:
+    checkpoint = args.checkpoint or _env_path(CHECKPOINT_ENV)
+    if checkpoint is None:
+        raise ConfigError(
+            f"no model checkpoint given; pass --checkpoint PATH or set {CHECKPOINT_ENV} "
+            "to a trained "
+            "facefed checkpoint"
+        )
+    config = PipelineConfig(
+        min_face=args.min_face, multi_face="largest" if args.largest else "error"
+    )
+    detector = args.detector_model or _env_path(DETECTOR_ENV)
+    return load_pipeline(Path(checkpoint), detector_model=detector, config=config)
+
+
+def _images(paths: list[Path]) -> list[np.ndarray]:
+    return [read_image(p) for p in paths]
+
+
+def _calibration(
+    args: argparse.Namespace, store: TemplateStore, pipeline: FacePipeline, meta: dict[str, Any]
+) -> Calibration:
+    tag = pipeline.model_tag
+    if args.threshold is not None:
+        return Calibration.manual(args.threshold, tag)
+    stored = store.get_meta(f"calibration:{tag}")
+    if stored is None and isinstance(meta.get("calibration"), dict):
+        stored = dict(meta["calibration"]) | {"model_tag": tag}
+    if stored is None:
+        raise ConfigError(
+            f"no verification threshold calibrated for model {tag}; run `facefed site calibrate` "
+            "with this checkpoint (or pass --threshold T)"
+        )
+    return Calibration.from_dict(stored)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    print(json.dumps(payload, sort_keys=True) if args.json else text)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = _store_dir(args)
+    if (directory / "templates.db").exists():
+        raise ConfigError(
+            f"a template store already exists in {directory}; use it or pick another --store"
+        )
+    store_id = uuid.uuid4().hex
+    passphrase = _read_passphrase(
+        args.passphrase_file,
+        args.passphrase_env,
+        "new store passphrase: " if args.passphrase else "",
+    )
+    key_file: Path | None = None
+    if passphrase is not None:
+        master = keys.new_passphrase_key(passphrase)
+    else:
+        key_file = _key_path(args, store_id).resolve()
+        if key_file.parent == directory.resolve() or directory.resolve() in key_file.parents:
+            raise ConfigError(
+                f"key file {key_file} is inside the store {directory}; keep the key apart from the "
+                f"database: pass --key-file PATH elsewhere (default {_default_key_path(store_id)})"
+            )
+        key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        master = keys.new_key_file(key_file)
+    try:
+        store = TemplateStore.create(directory, master, dim=args.dim, store_id=store_id)
+    except BaseException:
+        if key_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                key_file.unlink()
+        raise
+    store.close()
+    where = f"key file {key_file}" if key_file else "passphrase (scrypt)"
+    _emit(
+        args,
+        {
+            "store": str(directory),
+            "store_id": store_id,
+            "key": master.info.kind,
+            "key_file": str(key_file) if key_file else None,
+        },
+        f"created template store {directory} (id {store_id}), protected by {where}",
+    )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    pipeline, _ = _pipeline(args)
+    with _open(args) as store:
+        cal = calibrate_on_lfw(
+            pipeline.embed_faces, model_tag=pipeline.model_tag, far=args.far, data_dir=args.data_dir
+        )
+        store.set_meta(f"calibration:{pipeline.model_tag}", cal.to_dict())
+    _emit(args, cal.to_dict(), f"model {cal.model_tag}: {cal.describe()}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    identity = validate_identity(args.id)
+    images = _images(args.images)
+    pipeline, _ = _pipeline(args)
+    template = pipeline.template(images, [str(p) for p in args.images])
+    with _open(args) as store:
+        version = store.enroll(
+            identity, template, model_tag=pipeline.model_tag, n_images=len(images)
+        )
+    _emit(
+        args,
+        {
+            "id": identity,
+            "version": version,
+            "images": len(images),
+            "model_tag": pipeline.model_tag,
+        },
+        f"enrolled {identity} from {len(images)} image(s) (template version {version})",
+    )
+    return 0
+
+
+def _check_tag(identity: str, stored_tag: str, pipeline: FacePipeline) -> None:
+    if stored_tag != pipeline.model_tag:
+        raise DataError(
+            f"{identity} was enrolled with model {stored_tag} but the checkpoint is model "
+            f"{pipeline.model_tag}; templates of different models are not comparable: enrol again"
+        )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    pipeline, meta = _pipeline(args)
+    with _open(args) as store:
+        stored = store.get(args.id)
+        _check_tag(args.id, stored.model_tag, pipeline)
+        cal = _calibration(args, store, pipeline, meta)
+    probe = pipeline.embed(image, str(args.image))
+    score = float(np.dot(probe, stored.embedding))
+    match = score > cal.threshold
+    _emit(
+        args,
+        {
+            "id": args.id,
+            "match": match,
+            "score": round(score, 6),
+            "threshold": cal.threshold,
+            "far": cal.far,
+            "calibration": cal.to_dict(),
+        },
+        f"{'MATCH' if match else 'NO MATCH'}: {args.id} score {score:.4f} vs {cal.describe()}",
+    )
+    return 0 if match else NO_MATCH_EXIT
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    pipeline, meta = _pipeline(args)
+    with _open(args) as store:
+        cal = _calibration(args, store, pipeline, meta)
+        templates = [t for t in store.iter_templates() if t.model_tag == pipeline.model_tag]
+    if not templates:
+        raise DataError(
+            "no templates enrolled with this model; enrol people with `facefed site enroll` first"
+        )
+    probe = pipeline.embed(image, str(args.image))
+    scores = np.stack([t.embedding for t in templates]) @ probe
+    order = np.argsort(-scores)[: args.top_k]
+    top = [
+        {
+            "id": templates[i].identity,
+            "score": round(float(scores[i]), 6),
+            "match": bool(scores[i] > cal.threshold),
+        }
+        for i in order
+    ]
+    lines = [f"top {len(top)} of {len(templates)} enrolled ({cal.describe()}):"]
+    lines += [f"  {r['id']:<32} {r['score']:.4f} {'MATCH' if r['match'] else ''}" for r in top]
+    _emit(args, {"candidates": top, "threshold": cal.threshold, "far": cal.far}, "\n".join(lines))
+    return 0
+
+
+def cmd_emotion(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    pipeline, _ = _pipeline(args)
+    result = pipeline.emotion(image, str(args.image))
+    best = sorted(result.probabilities.items(), key=lambda kv: -kv[1])[:3]
+    _emit(
+        args,
+        {"emotion": result.label, "index": result.index, "probabilities": result.probabilities},
+        f"{result.label} ({', '.join(f'{k} {v:.2f}' for k, v in best)})",
+    )
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        if store.key_info.kind == "keyfile":
+            path = _key_path(args, store.store_id)
+            new = keys.stage_key_file(path)
+            count = store.rotate(new)
+            keys.commit_key_file(path)
+            where = f"key file {path}"
+        else:
+            passphrase = _read_passphrase(
+                args.new_passphrase_file, args.new_passphrase_env, "new store passphrase: "
+            )
+            if passphrase is None:
+                raise ConfigError(
+                    "rotating a passphrase store needs the new passphrase; pass "
+                    "--new-passphrase-file PATH or --new-passphrase-env VAR"
+                )
+            count = store.rotate(keys.new_passphrase_key(passphrase))
+            where = "the new passphrase"
+    _emit(args, {"rewrapped": count}, f"re-wrapped {count} template key(s) under {where}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        store.delete(args.id)
+    _emit(args, {"deleted": args.id}, f"deleted the template of {args.id} (revoked)")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        ids = store.identities()
+    _emit(args, {"identities": ids}, "\n".join(ids) if ids else "(no identities enrolled)")
+    return 0
+
+
+# ---------------------------------------------------------------------- parsers
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--store", type=Path, help=f"template store folder (env {STORE_ENV})")
+    store.add_argument("--json", action="store_true", help="print one JSON object")
+    key = argparse.ArgumentParser(add_help=False)
+    key.add_argument("--key-file", type=Path, help=f"master key file, mode 0600 (env {KEY_ENV})")
+    key.add_argument("--passphrase-file", type=Path, help="file holding the passphrase (mode 0600)")
+    key.add_argument(
+        "--passphrase-env", metavar="VAR", help="environment variable holding the passphrase"
+    )
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--checkpoint", type=Path, help=f"trained facefed checkpoint (env {CHECKPOINT_ENV})"
+    )
+    model.add_argument(
+        "--detector-model", type=Path, help=f"YuNet ONNX model; default Haar (env {DETECTOR_ENV})"
+    )
+    model.add_argument(
+        "--largest", action="store_true", help="use the largest face if several are found"
+    )
+    model.add_argument(
+        "--min-face", type=int, default=40, help="smallest usable face side in pixels"
+    )
+    thr = argparse.ArgumentParser(add_help=False)
+    thr.add_argument(
+        "--threshold", type=float, help="override the calibrated threshold (FAR unknown)"
+    )
+    return {"store": store, "key": key, "model": model, "thr": thr}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``site`` command group to the ``facefed`` parser."""
+    p = _parents()
+    site = subparsers.add_parser(
+        "site", help="on-device face pipeline and encrypted template store"
+    )
+    sub = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
+
+    def add(name: str, func: Any, help_text: str, *parents: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text, parents=[p[k] for k in parents])
+        parser.set_defaults(func=func)
+        return parser
+
+    init = add("init", cmd_init, "create the master key and an empty store", "store", "key")
+    init.add_argument(
+        "--passphrase", action="store_true", help="protect the store with a prompted passphrase"
+    )
+    init.add_argument("--dim", type=int, default=128, help="embedding size")
+    cal = add(
+        "calibrate", cmd_calibrate, "calibrate the threshold on LFW folds", "store", "key", "model"
+    )
+    cal.add_argument("--far", type=float, default=DEFAULT_FAR, help="target false-accept rate")
+    cal.add_argument("--data-dir", type=Path, help="folder holding the LFW archive")
+    enroll = add(
+        "enroll", cmd_enroll, "enrol a person from one or more photos", "store", "key", "model"
+    )
+    enroll.add_argument("--id", required=True, help="identity id")
+    enroll.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    verify = add(
+        "verify", cmd_verify, "1:1 match against an enrolled id", "store", "key", "model", "thr"
+    )
+    verify.add_argument("--id", required=True, help="identity id")
+    verify.add_argument("image", type=Path, metavar="IMAGE")
+    ident = add(
+        "identify", cmd_identify, "top-k enrolled ids for a photo", "store", "key", "model", "thr"
+    )
+    ident.add_argument("image", type=Path, metavar="IMAGE")
+    ident.add_argument("--top-k", type=int, default=5)
+    emo = add("emotion", cmd_emotion, "facial expression of the face in a photo", "store", "model")
+    emo.add_argument("image", type=Path, metavar="IMAGE")
+    rot = add(
+        "rotate-key", cmd_rotate, "re-wrap all templates under a new master key", "store", "key"
+    )
+    rot.add_argument("--new-passphrase-file", type=Path, help="new passphrase (passphrase stores)")
+    rot.add_argument(
+        "--new-passphrase-env", metavar="VAR", help="variable holding the new passphrase"
+    )
+    delete = add("delete", cmd_delete, "revoke an identity's template", "store", "key")
+    delete.add_argument("--id", required=True, help="identity id")
+    add("list", cmd_list, "list enrolled identity ids", "store", "key")

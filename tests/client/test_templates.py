@@ -1,0 +1,319 @@
+"""Encrypted template store: round trip, wrong key, tampering, swapping, rotation, revocation.
+
+Also a scan of the files on disk for plaintext.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from client.templates import DB_NAME, TemplateStore
+from common.crypto import envelope, keys
+from common.errors import ConfigError, DataError, IntegrityError
+
+TAG = "model-a"
+
+
+def unit(seed: int, dim: int = 128) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def store(tmp_path: Path, key_file: keys.MasterKey) -> TemplateStore:
+    s = TemplateStore.create(tmp_path / "store", key_file, dim=128)
+    s.enroll("alice", unit(1), model_tag=TAG, n_images=2)
+    s.enroll("bob", unit(2), model_tag=TAG, n_images=1)
+    return s
+
+
+def raw_rows(store: TemplateStore) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(store.path)
+    conn.row_factory = sqlite3.Row
+    rows = {r["identity"]: dict(r) for r in conn.execute("SELECT * FROM templates")}
+    conn.close()
+    return rows
+
+
+def poke(store: TemplateStore, sql: str, *params: object) -> None:
+    conn = sqlite3.connect(store.path)
+    conn.execute(sql, params)
+    conn.commit()
+    conn.close()
+
+
+# ---------------------------------------------------------------------- envelope primitives
+def test_envelope_round_trip_and_aad_binding() -> None:
+    wrapping = bytes(range(32))
+    env = envelope.seal(wrapping, b"template bytes", b"alice|1")
+    assert envelope.open_envelope(wrapping, env, b"alice|1") == b"template bytes"
+    with pytest.raises(IntegrityError):
+        envelope.open_envelope(wrapping, env, b"bob|1")
+    with pytest.raises(IntegrityError):
+        envelope.open_envelope(bytes(32), env, b"alice|1")
+
+
+def test_rewrap_keeps_ciphertext_and_old_key_stops_working() -> None:
+    old, new = bytes(range(32)), bytes(range(32, 64))
+    env = envelope.seal(old, b"x" * 512, b"aad")
+    fresh = envelope.rewrap(old, new, env, b"aad")
+    assert fresh.ciphertext == env.ciphertext and fresh.nonce == env.nonce
+    assert envelope.open_envelope(new, fresh, b"aad") == b"x" * 512
+    with pytest.raises(IntegrityError):
+        envelope.open_envelope(old, fresh, b"aad")
+
+
+# ---------------------------------------------------------------------- store round trip
+def test_enrolled_template_decrypts_to_the_same_float32_vector(store: TemplateStore) -> None:
+    got = store.get("alice")
+    np.testing.assert_array_equal(got.embedding, unit(1))
+    assert (got.version, got.model_tag, got.n_images) == (1, TAG, 2)
+    assert store.identities() == ["alice", "bob"]
+
+
+def test_store_files_are_private(store: TemplateStore) -> None:
+    assert store.directory.stat().st_mode & 0o777 == 0o700
+    for path in store.directory.iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_unknown_identity_is_a_data_error(store: TemplateStore) -> None:
+    with pytest.raises(DataError, match="unknown identity 'carol'"):
+        store.get("carol")
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "a" * 129, "name with space", "-x"])
+def test_invalid_identity_ids_are_refused(store: TemplateStore, bad: str) -> None:
+    with pytest.raises(DataError, match="invalid identity"):
+        store.enroll(bad, unit(3), model_tag=TAG, n_images=1)
+
+
+def test_non_normalised_or_wrong_size_template_is_refused(store: TemplateStore) -> None:
+    with pytest.raises(DataError, match="L2-normalised"):
+        store.enroll("carol", unit(3) * 2, model_tag=TAG, n_images=1)
+    with pytest.raises(DataError, match="128 finite floats"):
+        store.enroll("carol", unit(3, dim=64), model_tag=TAG, n_images=1)
+
+
+# ---------------------------------------------------------------------- wrong keys
+def test_wrong_master_key_fails(store: TemplateStore, tmp_path: Path) -> None:
+    other = keys.new_key_file(tmp_path / "other.key")
+    reopened = TemplateStore.open(store.directory)
+    with pytest.raises(IntegrityError, match="does not open"):
+        reopened.unlock(other)
+    with pytest.raises(IntegrityError):
+        keys.load_key_file(tmp_path / "other.key", reopened.key_info)
+
+
+def test_wrong_key_cannot_unwrap_any_record_even_bypassing_the_verifier(
+    store: TemplateStore, tmp_path: Path
+) -> None:
+    other = keys.new_key_file(tmp_path / "other.key")
+    store._wrapping_key = other.wrapping_key  # skip unlock(): the crypto itself must refuse
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        store.get("alice")
+
+
+def test_wrong_passphrase_fails_and_stored_params_hold_no_key(tmp_path: Path) -> None:
+    master = keys.new_passphrase_key("correct horse battery", n=2**14)
+    store = TemplateStore.create(tmp_path / "s", master, dim=128)
+    store.enroll("alice", unit(1), model_tag=TAG, n_images=1)
+    info = TemplateStore.open(tmp_path / "s").key_info
+    with pytest.raises(IntegrityError, match="wrong passphrase"):
+        keys.passphrase_key("correct horse battery!", info)
+    assert keys.passphrase_key("correct horse battery", info).secret == master.secret
+    db = (tmp_path / "s" / DB_NAME).read_bytes()
+    for secret in (master.secret, master.wrapping_key):
+        assert secret not in db and secret.hex().encode() not in db
+    assert info.verifier != master.secret
+
+
+def test_group_readable_key_file_is_refused(tmp_path: Path) -> None:
+    master = keys.new_key_file(tmp_path / "k.key")
+    (tmp_path / "k.key").chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        keys.load_key_file(tmp_path / "k.key", master.info)
+
+
+def test_missing_key_file_names_the_fix(tmp_path: Path) -> None:
+    master = keys.new_key_file(tmp_path / "k.key")
+    with pytest.raises(ConfigError, match="--key-file"):
+        keys.load_key_file(tmp_path / "missing.key", master.info)
+
+
+def test_key_file_is_created_0600(tmp_path: Path) -> None:
+    keys.new_key_file(tmp_path / "k.key")
+    assert (tmp_path / "k.key").stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------------- tampering
+@pytest.mark.parametrize("column", ["ciphertext", "nonce", "wrapped_key", "wrap_nonce"])
+def test_flipped_byte_fails_authentication(store: TemplateStore, column: str) -> None:
+    blob = bytearray(raw_rows(store)["alice"][column])
+    blob[len(blob) // 2] ^= 0x01
+    poke(store, f"UPDATE templates SET {column} = ? WHERE identity = 'alice'", bytes(blob))
+    with pytest.raises(IntegrityError):
+        store.get("alice")
+    assert store.get("bob").identity == "bob"
+
+
+def test_record_swapped_between_identities_fails(store: TemplateStore) -> None:
+    rows = raw_rows(store)
+    cols = ["nonce", "ciphertext", "wrap_nonce", "wrapped_key"]
+    for who, other in (("alice", "bob"), ("bob", "alice")):
+        poke(
+            store,
+            "UPDATE templates SET nonce=?, ciphertext=?, wrap_nonce=?, wrapped_key=? "
+            "WHERE identity=?",
+            *[rows[other][c] for c in cols],
+            who,
+        )
+    for who in ("alice", "bob"):
+        with pytest.raises(IntegrityError):
+            store.get(who)
+
+
+def test_changed_version_or_model_tag_fails(store: TemplateStore) -> None:
+    poke(store, "UPDATE templates SET version = 7 WHERE identity = 'alice'")
+    poke(store, "UPDATE versions SET version = 7 WHERE identity = 'alice'")
+    with pytest.raises(IntegrityError):
+        store.get("alice")
+    poke(store, "UPDATE templates SET model_tag = 'model-b' WHERE identity = 'bob'")
+    with pytest.raises(IntegrityError):
+        store.get("bob")
+
+
+# ---------------------------------------------------------------------- rotation
+def test_after_rotation_old_key_opens_nothing_and_new_key_opens_everything(
+    store: TemplateStore, key_file: keys.MasterKey, tmp_path: Path
+) -> None:
+    before = raw_rows(store)
+    new = keys.new_key_file(tmp_path / "new.key")
+    assert store.rotate(new) == 2
+    after = raw_rows(store)
+    for who in ("alice", "bob"):  # ciphertexts untouched, wrapped keys replaced
+        assert after[who]["ciphertext"] == before[who]["ciphertext"]
+        assert after[who]["wrapped_key"] != before[who]["wrapped_key"]
+    reopened = TemplateStore.open(store.directory)
+    with pytest.raises(IntegrityError):
+        reopened.unlock(key_file)
+    reopened._wrapping_key = key_file.wrapping_key  # bypass the verifier: every record must refuse
+    for who in ("alice", "bob"):
+        with pytest.raises(IntegrityError):
+            reopened.get(who)
+    reopened.unlock(new)
+    assert {t.identity for t in reopened.iter_templates()} == {"alice", "bob"}
+    np.testing.assert_array_equal(reopened.get("alice").embedding, unit(1))
+
+
+def test_interrupted_rotation_leaves_the_store_under_the_old_key(
+    store: TemplateStore, key_file: keys.MasterKey, tmp_path: Path
+) -> None:
+    before = raw_rows(store)
+    new = keys.new_key_file(tmp_path / "new.key")
+
+    def crash(done: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.rotate(new, after_row=crash)
+    assert raw_rows(store) == before
+    reopened = TemplateStore.open(store.directory)
+    with pytest.raises(IntegrityError):
+        reopened.unlock(new)
+    reopened.unlock(key_file)
+    assert len(list(reopened.iter_templates())) == 2
+
+
+def test_rotation_killed_mid_transaction_is_rolled_back(
+    store: TemplateStore, key_file: keys.MasterKey, tmp_path: Path
+) -> None:
+    key_path = tmp_path / "keys" / "site.key"
+    script = f"""
+import os
+from pathlib import Path
+from client.templates import TemplateStore
+from common.crypto import keys
+store = TemplateStore.open(Path({str(store.directory)!r}))
+store.unlock(keys.load_key_file(Path({str(key_path)!r}), store.key_info))
+new = keys.stage_key_file(Path({str(key_path)!r}))
+store.rotate(new, after_row=lambda n: os._exit(9) if n == 1 else None)
+"""
+    store.close()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    assert proc.returncode == 9
+    reopened = TemplateStore.open(store.directory)
+    reopened.unlock(keys.load_key_file(key_path, reopened.key_info))  # discards the staged key
+    assert not keys.pending_key_path(key_path).exists()
+    assert len(list(reopened.iter_templates())) == 2
+
+
+def test_key_file_rotation_interrupted_after_commit_recovers_the_new_key(
+    store: TemplateStore, tmp_path: Path
+) -> None:
+    key_path = tmp_path / "keys" / "site.key"
+    new = keys.stage_key_file(key_path)
+    store.rotate(new)  # the store committed; the process "dies" before commit_key_file()
+    reopened = TemplateStore.open(store.directory)
+    loaded = keys.load_key_file(key_path, reopened.key_info)
+    assert loaded.secret == new.secret
+    assert not keys.pending_key_path(key_path).exists()
+    reopened.unlock(loaded)
+    assert len(list(reopened.iter_templates())) == 2
+
+
+# ---------------------------------------------------------------------- revocation and disk
+def scan(directory: Path, needle: bytes) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.is_file() and needle in p.read_bytes()]
+
+
+def test_delete_revokes_and_zeroes_the_old_record(store: TemplateStore) -> None:
+    old = raw_rows(store)["alice"]
+    store.delete("alice")
+    with pytest.raises(DataError, match="unknown identity"):
+        store.get("alice")
+    for column in ("ciphertext", "wrapped_key"):
+        assert scan(store.directory, old[column]) == []
+    assert store.enroll("alice", unit(5), model_tag=TAG, n_images=1) == 2
+
+
+def test_renewal_makes_the_old_record_useless(store: TemplateStore) -> None:
+    old = raw_rows(store)["alice"]
+    assert store.enroll("alice", unit(9), model_tag=TAG, n_images=1) == 2
+    assert scan(store.directory, old["ciphertext"]) == []
+    cols = ["version", "nonce", "ciphertext", "wrap_nonce", "wrapped_key"]
+    poke(  # an attacker puts the old record back
+        store,
+        "UPDATE templates SET version=?, nonce=?, ciphertext=?, wrap_nonce=?, wrapped_key=? "
+        "WHERE identity='alice'",
+        *[old[c] for c in cols],
+    )
+    with pytest.raises(IntegrityError, match="revoked record"):
+        store.get("alice")
+
+
+def test_delete_of_unknown_identity_changes_nothing(store: TemplateStore) -> None:
+    with pytest.raises(DataError, match="nothing was deleted"):
+        store.delete("carol")
+    assert store.identities() == ["alice", "bob"]
+
+
+def test_no_plaintext_embedding_anywhere_in_the_store_files(store: TemplateStore) -> None:
+    vectors = [unit(1), unit(2)]
+    for v in vectors:
+        raw = v.astype("<f4").tobytes()
+        for needle in (raw, raw[:16], raw[200:216], v.astype(">f4").tobytes()[:16]):
+            assert scan(store.directory, needle) == []
+    assert {p.name for p in store.directory.iterdir()} <= {
+        DB_NAME,
+        f"{DB_NAME}-wal",
+        f"{DB_NAME}-shm",
+    }
