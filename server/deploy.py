@@ -1,0 +1,412 @@
+"""Startup kits for a real Flower federation, and the SuperLink / SuperNode command lines.
+
+``facefed deploy init`` provisions one directory tree (NVIDIA FLARE calls these startup kits)::
+
+    OUT/ca/                      ca.crt, ca.key (0600)       keep offline: rotation, adding sites
+    OUT/coordinator/             coordinator.toml, start-coordinator.sh, submit.sh
+        certs/                   ca.crt, server.crt, server.key (0600)
+        sites/<site>.pub         public keys to register (and <site>.node-id once registered)
+        flwr-home/config.toml    SuperLink connection "facefed" for the ``flwr`` CLI
+        state/ logs/             SuperLink database and log files (created on first start)
+    OUT/sites/<site>/            site.toml, start-site.sh, certs/ca.crt,
+        keys/                    supernode.key (0600), supernode.pub
+
+Flower 1.41 serves its Fleet, Control and Runtime APIs over HTTPS on ONE port (``--host/--port``);
+the SuperLink's own SuperExec dials that port on loopback, hence loopback in the certificate SANs.
+Kit files store paths relative to the kit; commands are built with absolute paths.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+from common.crypto import pki
+from common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONNECTION = "facefed"
+DEFAULT_PORT = 9093
+DEFAULT_SITE_RUNTIME_PORT = 9094
+SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Air-gapped: no telemetry, no PyPI version check (the two outbound calls flwr makes on its own).
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorConfig:
+    """``coordinator.toml``: how the SuperLink is started and which sites belong."""
+
+    host: str
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    sites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        pki.san_entry(self.host)  # raises ConfigError for a malformed host
+        _check_port(self.port, "port")
+        for site in self.sites:
+            check_site_id(site)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as SuperNodes and the ``flwr`` CLI dial it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    """``site.toml``: one site's SuperNode. ``data_dir`` is filled in by the site's IT team."""
+
+    site_id: str
+    superlink: str
+    data_dir: str
+    max_epsilon: float
+    runtime_port: int = DEFAULT_SITE_RUNTIME_PORT
+    face_dir: str = ""
+    emotion_dir: str = ""
+    partition_id: int | None = None
+    num_partitions: int | None = None
+
+    def __post_init__(self) -> None:
+        check_site_id(self.site_id)
+        if (self.partition_id is None) != (self.num_partitions is None) or (
+            self.partition_id is not None
+            and self.num_partitions is not None
+            and not 0 <= self.partition_id < self.num_partitions
+        ):
+            raise ConfigError(
+                f"partition-id = {self.partition_id}, num-partitions = {self.num_partitions} in "
+                "site.toml: set both, with 0 <= partition-id < num-partitions, or neither"
+            )
+        _check_port(self.runtime_port, "runtime-port")
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(
+                f"max-epsilon = {self.max_epsilon} in site.toml must be a finite number > 0; "
+                "set the privacy budget this site agreed to, e.g. 8.0"
+            )
+        if ":" not in self.superlink:
+            raise ConfigError(
+                f"superlink = {self.superlink!r} must be host:port, e.g. fl.example.org:9093"
+            )
+
+    def node_config(self) -> dict[str, str | float | int]:
+        """Key/values the ClientApp reads from ``context.node_config`` in deployment."""
+        cfg: dict[str, str | float | int] = {
+            "data-dir": self.data_dir,
+            "site-id": self.site_id,
+            "max-epsilon": float(self.max_epsilon),
+        }
+        if self.face_dir:
+            cfg["face-dir"] = self.face_dir
+        if self.emotion_dir:
+            cfg["emotion-dir"] = self.emotion_dir
+        if self.partition_id is not None and self.num_partitions is not None:
+            cfg["partition-id"] = self.partition_id
+            cfg["num-partitions"] = self.num_partitions
+        return cfg
+
+
+def check_site_id(site_id: str) -> str:
+    """Return ``site_id`` if it is a safe directory / key-comment name, else raise ConfigError."""
+    if not SITE_ID_RE.match(site_id):
+        raise ConfigError(
+            f"site id {site_id!r} must be 1-63 lowercase letters, digits, '-' or '_', starting "
+            "with a letter or digit (it names a directory and a key), e.g. uni-hospital-1"
+        )
+    return site_id
+
+
+def _check_port(port: int, key: str) -> None:
+    if not (isinstance(port, int) and 0 < port < 65536):
+        raise ConfigError(f"{key} = {port!r} must be a TCP port between 1 and 65535")
+
+
+def format_node_config(values: Mapping[str, str | float | int | bool]) -> str:
+    """Render ``--node-config`` for Flower 1.41.
+
+    Flower splits the string with ``(\\S+?)=('[^']*'|"[^"]*"|\\S+)`` and parses each value as TOML,
+    so strings must be quoted (unquoted ``8`` is an int, ``8.0`` a float), and a quoted string
+    cannot contain its own quote character. Strings go in single quotes (TOML literal strings:
+    no escape processing, so Windows paths survive).
+
+    Raises:
+        ConfigError: for a value Flower's parser cannot carry intact.
+    """
+    parts = []
+    for key, value in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ConfigError(f"node-config key {key!r} may only use letters, digits, '-' and '_'")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            if not math.isfinite(value):
+                raise ConfigError(f"node-config {key} = {value} must be finite")
+            text = repr(float(value)) if isinstance(value, float) else str(value)
+        elif "'" not in value and "\n" not in value:
+            text = f"'{value}'"
+        else:
+            raise ConfigError(
+                f"node-config {key} = {value!r}: Flower cannot pass a value containing a single "
+                "quote or newline; rename the directory"
+            )
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _read_toml(path: Path, what: str) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path} not found; pass --kit pointing at the {what} kit made by `facefed deploy init`"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid TOML ({exc}); fix the file or re-provision"
+        ) from exc
+
+
+def _table(doc: Mapping[str, object], name: str, path: Path) -> dict[str, object]:
+    table = doc.get(name)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path} has no [{name}] table; re-provision with `facefed deploy init`")
+    return table
+
+
+def _typed(
+    table: Mapping[str, object], key: str, kind: type, path: Path, default: object = None
+) -> object:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{path}: key {key!r} is missing; add it (see docs/deploy.md)")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise ConfigError(f"{path}: {key} = {value!r} must be a {kind.__name__}")
+    return value
+
+
+def load_coordinator(kit: Path) -> CoordinatorConfig:
+    """Read and validate ``coordinator.toml`` in a coordinator kit."""
+    path = kit / "coordinator.toml"
+    doc = _read_toml(path, "coordinator")
+    table = _table(doc, "coordinator", path)
+    known = {"host", "port", "bind"}
+    if unknown := set(table) - known:
+        raise ConfigError(
+            f"{path}: unknown key(s) {sorted(unknown)} in [coordinator]; known: {sorted(known)}"
+        )
+    sites = doc.get("sites", {})
+    if not isinstance(sites, dict):
+        raise ConfigError(f"{path}: [sites] must be a table of site ids")
+    return CoordinatorConfig(
+        host=str(_typed(table, "host", str, path)),
+        port=int(_typed(table, "port", int, path, DEFAULT_PORT)),  # type: ignore[call-overload]
+        bind=str(_typed(table, "bind", str, path, "0.0.0.0")),
+        sites=tuple(sorted(sites)),
+    )
+
+
+def load_site(kit: Path) -> SiteConfig:
+    """Read and validate ``site.toml`` in a site kit."""
+    path = kit / "site.toml"
+    table = _table(_read_toml(path, "site"), "site", path)
+    known = {
+        "site-id",
+        "superlink",
+        "data-dir",
+        "max-epsilon",
+        "runtime-port",
+        "face-dir",
+        "emotion-dir",
+        "partition-id",
+        "num-partitions",
+    }
+    if unknown := set(table) - known:
+        raise ConfigError(
+            f"{path}: unknown key(s) {sorted(unknown)} in [site]; known: {sorted(known)}"
+        )
+    return SiteConfig(
+        site_id=str(_typed(table, "site-id", str, path)),
+        superlink=str(_typed(table, "superlink", str, path)),
+        data_dir=str(_typed(table, "data-dir", str, path)),
+        max_epsilon=float(_typed(table, "max-epsilon", float, path)),  # type: ignore[arg-type]
+        runtime_port=int(_typed(table, "runtime-port", int, path, DEFAULT_SITE_RUNTIME_PORT)),  # type: ignore[call-overload]
+        face_dir=str(_typed(table, "face-dir", str, path, "")),
+        emotion_dir=str(_typed(table, "emotion-dir", str, path, "")),
+        partition_id=_optional_int(table, "partition-id", path),
+        num_partitions=_optional_int(table, "num-partitions", path),
+    )
+
+
+def _optional_int(table: Mapping[str, object], key: str, path: Path) -> int | None:
+    return None if key not in table else int(_typed(table, key, int, path))  # type: ignore[call-overload]
+
+
+def superlink_command(kit: Path, cfg: CoordinatorConfig) -> list[str]:
+    """The ``flower-superlink`` argument list: TLS, node auth, offline, database on disk."""
+    kit = kit.resolve()
+    return [
+        _flwr_bin("flower-superlink"),
+        "--ssl-ca-certfile", str(kit / "certs" / "ca.crt"),
+        "--ssl-certfile", str(kit / "certs" / "server.crt"),
+        "--ssl-keyfile", str(kit / "certs" / "server.key"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(kit / "state" / "superlink.db"),
+        "--log-file", str(kit / "logs" / "superlink.log"),
+        "--host", cfg.bind,
+        "--port", str(cfg.port),
+    ]  # fmt: skip
+
+
+def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
+    """The ``flower-supernode`` argument list for a site kit.
+
+    Runtime dependency installation is off by default for SuperNodes in 1.41 (only
+    ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it.
+    """
+    kit = kit.resolve()
+    return [
+        _flwr_bin("flower-supernode"),
+        "--superlink", cfg.superlink,
+        "--root-certificates", str(kit / "certs" / "ca.crt"),
+        "--auth-supernode-private-key", str(kit / "keys" / "supernode.key"),
+        "--node-config", format_node_config(cfg.node_config()),
+        "--host", "127.0.0.1",
+        "--port", str(cfg.runtime_port),
+    ]  # fmt: skip
+
+
+def flwr_env(kit: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: offline switches, this venv first on PATH, FLWR_HOME.
+
+    ``flower-superlink`` starts ``flower-superexec`` by name, so the venv's ``bin`` must be on PATH.
+    ``FLWR_HOME`` is the kit's ``flwr-home``: the ``flwr`` CLI connection file on the coordinator,
+    the installed app bundles on a site, so that kits on one machine never share state.
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(OFFLINE_ENV)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if kit is not None:
+        env["FLWR_HOME"] = str(kit.resolve() / "flwr-home")
+    return env
+
+
+def _flwr_bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def connection_toml(address: str, ca_cert: Path) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink for ``flwr run/ls/supernode``."""
+    return (
+        "# Written by `facefed deploy init`. Flower 1.41 reads SuperLink connections from here\n"
+        "# ($FLWR_HOME/config.toml), not from pyproject.toml.\n"
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f"address = {_toml_str(address)}\n"
+        f"root-certificates = {_toml_str(str(ca_cert.resolve()))}\n"
+    )
+
+
+def _toml_str(value: str) -> str:
+    return "'" + value + "'" if "'" not in value and "\n" not in value else repr_toml_basic(value)
+
+
+def repr_toml_basic(value: str) -> str:
+    """A TOML basic string (JSON escaping is a subset of TOML's)."""
+    import json
+
+    return json.dumps(value)
+
+
+def start_script(kit_kind: str, repo: Path) -> str:
+    """A POSIX shell script starting this kit's process (FACEFED_PYTHON, FACEFED_REPO override)."""
+    return (
+        "#!/bin/sh\n"
+        f"# Start this facefed {kit_kind}. Written by `facefed deploy init`; safe to edit.\n"
+        "set -eu\n"
+        'KIT="$(cd "$(dirname "$0")" && pwd)"\n'
+        f'FACEFED_PYTHON="${{FACEFED_PYTHON:-{shlex.quote(sys.executable)}}}"\n'
+        f'FACEFED_REPO="${{FACEFED_REPO:-{shlex.quote(str(repo))}}}"\n'
+        'export PYTHONPATH="$FACEFED_REPO${PYTHONPATH:+:$PYTHONPATH}"\n'
+        f'exec "$FACEFED_PYTHON" -m common.cli deploy {kit_kind} --kit "$KIT" "$@"\n'
+    )
+
+
+def now_utc() -> dt.datetime:
+    """The current UTC time (a seam for tests)."""
+    return dt.datetime.now(dt.UTC)
+
+
+def write_text(path: Path, text: str, *, force: bool, executable: bool = False) -> None:
+    """Write a kit text file, refusing to replace an existing one unless ``force``."""
+    if path.exists() and not force:
+        raise ConfigError(
+            f"{path} already exists; choose a new --out, or pass --force to re-provision"
+        )
+    atomic_write_text(path, text, mode=0o755 if executable else 0o644)
+
+
+def site_toml(cfg: SiteConfig) -> str:
+    """Render ``site.toml``; ``data-dir`` carries a comment telling IT what to put there."""
+    return (
+        "# facefed site kit. Edit data-dir (and optionally face-dir / emotion-dir), then run\n"
+        "# ./start-site.sh. Everything else was set by the coordinator's provisioning.\n"
+        "[site]\n"
+        f"site-id = {_toml_str(cfg.site_id)}\n"
+        f"superlink = {_toml_str(cfg.superlink)}\n"
+        f"data-dir = {_toml_str(cfg.data_dir)}   # absolute path to this site's face data\n"
+        f"max-epsilon = {float(cfg.max_epsilon)!r}   # privacy budget this site accepts\n"
+        f"runtime-port = {cfg.runtime_port}   # loopback only; change if taken\n"
+        f"# face-dir = '/srv/facefed/faces'\n# emotion-dir = '/srv/facefed/emotions'\n"
+        + (
+            "# Demo only (sites sharing one dataset): which slice of data-dir this site uses.\n"
+            "# Delete both lines when the site trains on its own data.\n"
+            f"partition-id = {cfg.partition_id}\nnum-partitions = {cfg.num_partitions}\n"
+            if cfg.partition_id is not None
+            else ""
+        )
+    )
+
+
+def coordinator_toml(cfg: CoordinatorConfig, site_epsilons: Mapping[str, float]) -> str:
+    """Render ``coordinator.toml``."""
+    lines = [
+        "# facefed coordinator kit. Sites listed here are registered by `facefed deploy register`.",
+        "[coordinator]",
+        f"host = {_toml_str(cfg.host)}   # the name sites dial; it is in the server certificate",
+        f"port = {cfg.port}   # HTTPS: Fleet + Control + Runtime APIs; open to sites",
+        f"bind = {_toml_str(cfg.bind)}",
+        "",
+    ]
+    for site in sorted(site_epsilons):
+        lines += [f"[sites.{site}]", f"max-epsilon = {float(site_epsilons[site])!r}", ""]
+    return "\n".join(lines)
+
+
+def site_ids(sites: int | Sequence[str]) -> list[str]:
+    """``site-1..site-N`` for a count, or the validated given names (unique)."""
+    if isinstance(sites, int):
+        if sites < 1:
+            raise ConfigError(f"--sites {sites}: a federation needs at least one site")
+        return [f"site-{i}" for i in range(1, sites + 1)]
+    names = [check_site_id(s) for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site names {names} contain duplicates; give each site a unique id")
+    return names

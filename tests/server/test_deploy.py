@@ -1,0 +1,234 @@
+"""Startup kits and the Flower command lines built from them, checked with Flower's own parsers."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.common.config import parse_config_args
+from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+from common.cli import main
+from common.errors import ConfigError
+from server import deploy, deploy_provision
+
+SITES = ("site-1", "site-2")
+
+
+@pytest.fixture
+def kits(tmp_path: Path) -> Path:
+    plan = deploy_provision.ProvisionPlan(
+        out=tmp_path / "kits", coordinator_host="fl.example.org", sites=SITES, port=9443
+    )
+    deploy_provision.provision(plan)
+    return tmp_path / "kits"
+
+
+def _all_files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_every_private_key_in_every_kit_is_0600(kits: Path) -> None:
+    keys = [p for p in kits.rglob("*.key")]
+
+    assert len(keys) == 2 + len(SITES)  # CA, server, one per site
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keys)
+
+
+def test_site_kits_hold_only_their_own_private_key(kits: Path) -> None:
+    site1 = {
+        p.relative_to(kits / "sites" / "site-1") for p in (kits / "sites" / "site-1").rglob("*")
+    }
+
+    assert Path("keys/supernode.key") in site1
+    assert not any(p.name in ("ca.key", "server.key") for p in site1)
+
+
+def test_coordinator_holds_the_public_half_of_each_site_key(kits: Path) -> None:
+    for site in SITES:
+        private = load_ssh_private_key(
+            (kits / "sites" / site / "keys" / "supernode.key").read_bytes(), None
+        )
+        public = load_ssh_public_key((kits / "coordinator" / "sites" / f"{site}.pub").read_bytes())
+        assert public.public_numbers() == private.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+def test_rerunning_init_refuses_and_changes_nothing(kits: Path) -> None:
+    before = _all_files(kits)
+    plan = deploy_provision.ProvisionPlan(out=kits, coordinator_host="fl.example.org", sites=SITES)
+
+    with pytest.raises(ConfigError, match="never overwrites keys silently"):
+        deploy_provision.provision(plan)
+    assert _all_files(kits) == before
+
+
+def test_forced_reinit_replaces_keys_and_keeps_backups(kits: Path) -> None:
+    old = (kits / "sites" / "site-1" / "keys" / "supernode.key").read_bytes()
+    plan = deploy_provision.ProvisionPlan(
+        out=kits, coordinator_host="fl.example.org", sites=SITES, force=True
+    )
+
+    deploy_provision.provision(plan)
+
+    assert (kits / "sites" / "site-1" / "keys" / "supernode.key").read_bytes() != old
+    backups = list((kits / "sites" / "site-1" / "keys").glob("supernode.key.*.bak"))
+    assert [b.read_bytes() for b in backups] == [old]
+
+
+def test_superlink_command_is_tls_node_auth_offline_and_persistent(kits: Path) -> None:
+    coord = kits / "coordinator"
+    cmd = deploy.superlink_command(coord, deploy.load_coordinator(coord))
+
+    args = _parse_args_run_superlink().parse_args(cmd[1:])
+
+    assert not args.insecure
+    assert args.enable_supernode_auth
+    assert args.runtime_dependency_install is False
+    assert args.database == str((coord / "state" / "superlink.db").resolve())
+    assert (args.host, args.port) == ("0.0.0.0", 9443)
+    assert all(
+        Path(f).is_file() for f in (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
+    )
+
+
+def test_supernode_command_carries_tls_key_and_typed_node_config(kits: Path) -> None:
+    site = kits / "sites" / "site-2"
+    cfg = deploy.load_site(site)
+
+    args = _parse_args_run_supernode().parse_args(deploy.supernode_command(site, cfg)[1:])
+
+    assert not args.insecure and not args.runtime_dependency_install
+    assert args.superlink == "fl.example.org:9443"
+    assert Path(args.root_certificates).read_bytes() == (kits / "ca" / "ca.crt").read_bytes()
+    assert Path(args.auth_supernode_private_key).name == "supernode.key"
+    assert parse_config_args([args.node_config]) == {
+        "data-dir": "/srv/facefed/data",
+        "site-id": "site-2",
+        "max-epsilon": 8.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "path", ["/srv/data with spaces", r"C:\data\faces", '/srv/"quoted"', "/srv/ünïcode"]
+)
+def test_node_config_paths_survive_flowers_parser(path: str) -> None:
+    values: dict[str, str | float] = {"data-dir": path, "site-id": "007", "max-epsilon": 3.0}
+
+    parsed = parse_config_args([deploy.format_node_config(values)])
+
+    assert parsed == values
+    assert isinstance(parsed["site-id"], str) and isinstance(parsed["max-epsilon"], float)
+
+
+def test_node_config_value_flower_cannot_carry_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="single quote"):
+        deploy.format_node_config({"data-dir": "/srv/o'brien"})
+
+
+@pytest.mark.parametrize("epsilon", ["0.0", "-1.0", "inf", "nan"])
+def test_site_toml_with_unusable_budget_is_rejected(kits: Path, epsilon: str) -> None:
+    site_toml = kits / "sites" / "site-1" / "site.toml"
+    text = site_toml.read_text().replace("max-epsilon = 8.0", f"max-epsilon = {epsilon}")
+    site_toml.write_text(text)
+
+    with pytest.raises(ConfigError, match="max-epsilon"):
+        deploy.load_site(kits / "sites" / "site-1")
+
+
+def test_site_toml_with_unknown_key_is_rejected(kits: Path) -> None:
+    site_toml = kits / "sites" / "site-1" / "site.toml"
+    site_toml.write_text(site_toml.read_text() + "dta-dir = '/typo'\n")
+
+    with pytest.raises(ConfigError, match="dta-dir"):
+        deploy.load_site(kits / "sites" / "site-1")
+
+
+def test_flwr_cli_reads_the_kit_connection(kits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    coord = kits / "coordinator"
+    monkeypatch.setenv("FLWR_HOME", deploy.flwr_env(coord)["FLWR_HOME"])
+
+    conn = read_superlink_connection(None)
+
+    assert conn.name == deploy.CONNECTION
+    assert conn.address == "fl.example.org:9443"
+    assert conn.root_certificates == str((coord / "certs" / "ca.crt").resolve())
+    assert not conn.insecure
+
+
+def test_add_site_and_rotate_keep_the_ca(kits: Path) -> None:
+    ca_before = (kits / "ca" / "ca.crt").read_bytes()
+    server_before = (kits / "coordinator" / "certs" / "server.crt").read_bytes()
+
+    deploy_provision.add_site(kits, "clinic-3", max_epsilon=2.0, data_dir="/d")
+    deploy_provision.rotate_server_cert(kits)
+
+    assert set(deploy.load_coordinator(kits / "coordinator").sites) == {*SITES, "clinic-3"}
+    assert deploy.load_site(kits / "sites" / "clinic-3").max_epsilon == 2.0
+    assert (kits / "sites" / "clinic-3" / "certs" / "ca.crt").read_bytes() == ca_before
+    assert (kits / "coordinator" / "certs" / "server.crt").read_bytes() != server_before
+    assert list((kits / "coordinator" / "certs").glob("server.key.*.bak"))
+
+
+def test_cli_init_then_rerun_fails_with_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "deploy",
+        "init",
+        "--sites",
+        "2",
+        "--coordinator",
+        "10.1.2.3",
+        "--out",
+        str(tmp_path / "k"),
+    ]
+
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("facefed: error:") and "--force" in err[0]
+
+
+def test_cli_site_refuses_to_start_without_its_data_dir(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["deploy", "site", "--kit", str(kits / "sites" / "site-1")]) == 2
+
+    assert "data-dir /srv/facefed/data" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_site_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "deploy",
+        "init",
+        "--site-names",
+        "ok,../etc",
+        "--coordinator",
+        "h",
+        "--out",
+        str(tmp_path),
+    ]
+
+    assert main(argv) == 2
+    assert "site id '../etc'" in capsys.readouterr().err
+
+
+def test_demo_partitions_reach_node_config_as_ints(tmp_path: Path) -> None:
+    plan = deploy_provision.ProvisionPlan(
+        out=tmp_path, coordinator_host="127.0.0.1", sites=SITES, partitions=True
+    )
+    deploy_provision.provision(plan)
+    site = tmp_path / "sites" / "site-2"
+
+    args = _parse_args_run_supernode().parse_args(
+        deploy.supernode_command(site, deploy.load_site(site))[1:]
+    )
+
+    parsed = parse_config_args([args.node_config])
+    assert (parsed["partition-id"], parsed["num-partitions"]) == (1, 2)
