@@ -7,21 +7,42 @@ which gives ClientApps no run config of their own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from client.round import round_from_config, run_round, site_budget
+from client.egress import EgressGuard, make_egress_guard
+from client.round import run_round, site_budget
 from client.site_data import SiteSpec, load_site_tensors
+from client.site_keys import site_signing_key
 from common.config import Scalar, parse_run_config
+from common.models import EmotionNet, FaceEmbedder
+from common.serde import manifest
+
+
+@functools.lru_cache(maxsize=4)
+def _guard_for(face_width: int, emotion_width: int) -> EgressGuard:
+    return make_egress_guard(manifest(FaceEmbedder(face_width), EmotionNet(emotion_width)))
 
 
 def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> ClientApp:
-    """A ClientApp whose run config is ``injected_config`` overlaid with the context's own."""
-    client_app = ClientApp()
+    """A ClientApp whose run config is ``injected_config`` overlaid with the context's own.
+
+    Every reply passes the egress guard: only the agreed model arrays, scalar metrics and the signed
+    privacy record may leave the site.
+    """
     injected = dict(injected_config or {})
+
+    def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        settings = parse_run_config({**injected, **context.run_config})
+        guard = _guard_for(settings.face_width, settings.emotion_width)
+        return guard(msg, context, call_next)
+
+    client_app = ClientApp(mods=[egress])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -32,12 +53,13 @@ def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> Cli
         site = SiteSpec.from_node_config(node_config, settings)
         content = run_round(
             arrays=msg.content.array_records["arrays"],
-            server_round=round_from_config(msg.content.config_records["config"]),
+            train_config=msg.content.config_records["config"],
             state=context.state,
             data=load_site_tensors(settings, site),
             settings=settings,
-            budget=site_budget(settings, node_config),
-            site_index=site.partition_id,
+            budget=site_budget(settings, node_config, site.site_index),
+            site_index=site.site_index,
+            signing_key=site_signing_key(context.state, node_config),
         )
         return Message(content=content, reply_to=msg)
 

@@ -7,26 +7,33 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.privacy_state import SitePrivacyState, calibrate_noise
+from client.privacy_state import SitePrivacyState
 from client.train import SiteTensors, planned_events, train_round
 from common.config import RunSettings
+from common.crypto.signing import canonical_bytes, sign
 from common.errors import DataError, PrivacyBudgetError
 from common.models import CosineHead, EmotionNet, FaceEmbedder
-from common.serde import from_arrays, to_arrays
+from common.privacy.accounting import calibrate_noise, compute_epsilon
+from common.privacy.site_record import RECORD_NAME, RoundReport
+from common.serde import arrays_digest, from_arrays, to_arrays
 
 logger = logging.getLogger(__name__)
 
 HEAD_KEY = "local-head"
 
 
-def site_budget(settings: RunSettings, node_config: dict[str, object]) -> float:
-    """The site's own epsilon budget: the run's, or the node's ``max-epsilon`` if that is stricter."""
-    budget = settings.privacy.max_epsilon
+def site_budget(settings: RunSettings, node_config: dict[str, object], site_index: int) -> float:
+    """The site's epsilon budget: the run's (or its per-site entry), or the node's own ``max-epsilon``
+    if that is stricter."""
+    budget = settings.privacy.budget_for(site_index)
     if "max-epsilon" in node_config:
         node_budget = float(node_config["max-epsilon"])  # type: ignore[arg-type]
         if not node_budget > 0:
@@ -48,20 +55,48 @@ def _load_head(state: RecordDict, num_classes: int, generator: torch.Generator) 
     return head
 
 
+def _calibrated_noise(
+    settings: RunSettings, data: SiteTensors, budget: float, site_index: int
+) -> float:
+    """The site's noise multiplier: the configured one, or calibrated to spend ``budget`` over the run.
+
+    Calibration assumes the site takes part in every planned round, and uses the exact event list it
+    would accumulate, so the accountant later sees the same composition it was calibrated on.
+    """
+    p = settings.privacy
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    per_round = [(e.sample_rate, e.steps) for e in planned_events(settings, data, 1.0)]
+    sigma = calibrate_noise(per_round * settings.num_rounds, budget, p.delta, p.accountant)
+    logger.info(
+        "site %d: noise multiplier %.4f for epsilon %.3g over %d rounds",
+        site_index,
+        sigma,
+        budget,
+        settings.num_rounds,
+    )
+    return sigma
+
+
 def run_round(
     arrays: ArrayRecord,
-    server_round: int,
+    train_config: ConfigRecord,
     state: RecordDict,
     data: SiteTensors,
     settings: RunSettings,
     budget: float,
     site_index: int,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> RecordDict:
-    """Train on the site for one round and build the reply (shared arrays + scalar metrics).
+    """Train on the site for one round and build the reply.
+
+    The reply holds the shared arrays, scalar metrics and, with DP on, the signed privacy record for
+    the coordinator's ledger (``signing_key`` is then required).
 
     Raises:
         PrivacyBudgetError: if this round would take the site past ``budget`` (nothing is trained).
     """
+    server_round = round_from_config(train_config)
     if settings.face_steps and data.num_identities < 2:
         raise DataError(
             f"site {site_index} holds faces of {data.num_identities} person(s); the margin loss needs "
@@ -70,20 +105,10 @@ def run_round(
     p = settings.privacy
     privacy = SitePrivacyState.load(state, p.accountant)
     if p.dp:
+        if signing_key is None:
+            raise PrivacyBudgetError("a DP round needs the site's signing key for the ledger")
         if privacy.noise_multiplier is None:
-            # Calibrate once, for the site taking part in every round: the exact event list it would
-            # accumulate, so the accountant sees the same composition it was calibrated on.
-            per_round = [(q, n) for _, q, n in planned_events(settings, data, 1.0)]
-            privacy.noise_multiplier = calibrate_noise(
-                per_round * settings.num_rounds, budget, p.delta, p.accountant
-            )
-            logger.info(
-                "site %d: noise multiplier %.4f for epsilon %.3g over %d rounds",
-                site_index,
-                privacy.noise_multiplier,
-                budget,
-                settings.num_rounds,
-            )
+            privacy.noise_multiplier = _calibrated_noise(settings, data, budget, site_index)
         planned = planned_events(settings, data, privacy.noise_multiplier)
         spent = privacy.epsilon(p.delta)
         projected = privacy.epsilon(p.delta, extra=planned)
@@ -92,7 +117,7 @@ def run_round(
                 f"site {site_index}: round {server_round} would raise epsilon from {spent:.3f} to "
                 f"{projected:.3f}, above the site's budget {budget:g}; refusing to train"
             )
-
+    started = time.time()
     seed = np.random.SeedSequence([settings.seed, site_index, server_round]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(seed))
     face = FaceEmbedder(width=settings.face_width)
@@ -112,13 +137,32 @@ def run_round(
             "site-index": site_index,
             "epsilon": epsilon,
             "delta": p.delta,
-            "steps": sum(n for _, _, n in privacy.history),
+            "steps": sum(e.steps for e in privacy.history),
             "noise-multiplier": privacy.noise_multiplier or 0.0,
             "face-loss": outcome.face_loss,
             "emotion-loss": outcome.emotion_loss,
         }
     )
-    return RecordDict({"arrays": to_arrays(face, emotion), "metrics": metrics})
+    reply = RecordDict({"arrays": to_arrays(face, emotion), "metrics": metrics})
+    if p.dp and signing_key is not None:
+        report = RoundReport(
+            site_index=site_index,
+            round=server_round,
+            mechanisms=tuple(outcome.events),
+            delta=p.delta,
+            budget_epsilon=budget,
+            epsilon_round=compute_epsilon(outcome.events, p.delta, p.accountant),
+            epsilon_cumulative=epsilon,
+            started_at=started,
+            finished_at=time.time(),
+        )
+        body = report.entry_body(
+            str(train_config.get("run-id", "")), arrays_digest(arrays), p.accountant
+        )
+        signature = sign(signing_key, canonical_bytes(body))
+        public = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        reply.config_records[RECORD_NAME] = report.to_record(signature, public)
+    return reply
 
 
 def round_from_config(config: ConfigRecord) -> int:

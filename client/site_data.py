@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,21 +38,60 @@ class SiteSpec:
     partition_id: int
     num_partitions: int
     data_dir: str = ""
+    site_index: int = 0  # names the site in the privacy ledger ("site-<index>")
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, object], settings: RunSettings) -> SiteSpec:
+        """Read the site's slice and ledger index from its node config.
+
+        Simulation: Flower sets ``partition-id`` and ``num-partitions``; the index is the partition.
+        Deployment: a site with its own data sets ``data-dir`` and uses all of it, and is named by
+        ``site-index`` or a ``site-N`` ``site-id`` (what ``facefed deploy init`` writes);
+        ``partition-id``/``num-partitions`` may be set to rehearse with slices of one shared dataset.
+        """
+        data = str(node_config.get("data-dir", "") or settings.data_dir)
         try:
-            pid = int(node_config["partition-id"])  # type: ignore[call-overload]
-            num = int(node_config.get("num-partitions", settings.num_sites))  # type: ignore[call-overload]
-        except (KeyError, TypeError, ValueError):
+            pid = int(node_config.get("partition-id", 0))  # type: ignore[call-overload]
+            num = int(
+                node_config.get(
+                    "num-partitions", 1 if "partition-id" not in node_config else settings.num_sites
+                )
+            )  # type: ignore[call-overload]
+        except (TypeError, ValueError):
             raise ConfigError(
-                "node config needs an integer partition-id (and num-partitions); "
-                "start the SuperNode with --node-config 'partition-id=0 num-partitions=2 data-dir=...'"
+                "node config partition-id and num-partitions must be integers, e.g. "
+                "--node-config 'partition-id=0 num-partitions=2'"
             ) from None
         if not 0 <= pid < num:
             raise ConfigError(f"partition-id {pid} is outside 0..{num - 1}")
-        data = str(node_config.get("data-dir", "") or settings.data_dir)
-        return cls(partition_id=pid, num_partitions=num, data_dir=data)
+        return cls(
+            partition_id=pid,
+            num_partitions=num,
+            data_dir=data,
+            site_index=_site_index(node_config, pid),
+        )
+
+
+def _site_index(node_config: dict[str, object], partition_id: int) -> int:
+    if "site-index" in node_config:
+        value = node_config["site-index"]
+    elif "site-id" in node_config:
+        match = re.fullmatch(r"site-(\d+)", str(node_config["site-id"]))
+        if match is None:
+            raise ConfigError(
+                f"site-id {node_config['site-id']!r} is not of the form site-N; add site-index = N "
+                "(a unique integer per site, used to name it in the privacy ledger) to the node config"
+            )
+        value = match.group(1)
+    else:
+        value = partition_id
+    try:
+        index = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"site-index must be an integer >= 0, got {value!r}") from None
+    if index < 0:
+        raise ConfigError(f"site-index must be an integer >= 0, got {index}")
+    return index
 
 
 def face_pool(settings: RunSettings, data_dir: Path) -> tuple[list[torch.Tensor], np.ndarray]:

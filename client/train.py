@@ -19,10 +19,11 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy_state import Event, SitePrivacyState
+from client.privacy_state import SitePrivacyState
 from common.config import RunSettings
 from common.errors import DataError
 from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
+from common.privacy.events import DpSgdEvent
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class RoundOutcome:
 
     face_loss: float
     emotion_loss: float
-    events: list[Event]
+    events: list[DpSgdEvent]
 
 
 def expected_batch(batch: int, n: int) -> int:
@@ -62,16 +63,41 @@ def sample_rate(batch: int, n: int) -> float:
     return 1.0 / math.ceil(n / expected_batch(batch, n))
 
 
-def planned_events(settings: RunSettings, data: SiteTensors, sigma: float) -> list[Event]:
-    """The (sigma, q, steps) this round will add to the history, before any step is taken."""
-    events: list[Event] = []
-    for batch, n, steps in (
-        (settings.face_batch, len(data.face_y), settings.face_steps),
-        (settings.emotion_batch, len(data.emotion_y), settings.emotion_steps),
+def planned_events(settings: RunSettings, data: SiteTensors, sigma: float) -> list[DpSgdEvent]:
+    """The DP-SGD events this round will add to the history, known before any step is taken."""
+    p = settings.privacy
+    events: list[DpSgdEvent] = []
+    for name, batch, n, steps, clip in (
+        ("face", settings.face_batch, len(data.face_y), settings.face_steps, p.face_clip),
+        (
+            "emotion",
+            settings.emotion_batch,
+            len(data.emotion_y),
+            settings.emotion_steps,
+            p.emotion_clip,
+        ),
     ):
         if steps > 0:
-            events.append((sigma, sample_rate(batch, n), steps))
+            events.append(
+                DpSgdEvent(
+                    noise_multiplier=sigma,
+                    sample_rate=sample_rate(batch, n),
+                    steps=steps,
+                    clip_norm=clip,
+                    name=name,
+                )
+            )
     return events
+
+
+def make_optimizer(
+    module: nn.Module, kind: str, lr: float, momentum: float
+) -> torch.optim.Optimizer:
+    """The local optimizer. With DP it only post-processes the noised gradient, so any choice keeps the
+    guarantee; Adam copes best with few, noisy steps."""
+    if kind == "adam":
+        return torch.optim.Adam(module.parameters(), lr=lr)
+    return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
 
 
 def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -102,17 +128,20 @@ def _run_steps(
             loss = loss_fn(module(_flip(x, generator)), y)  # type: ignore[operator]
             if not torch.isfinite(loss):
                 raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus's hooks on the first layer fire although the input needs no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _same_events(a: list[Event], b: list[Event]) -> bool:
-    return len(a) == len(b) and all(
-        math.isclose(x[0], y[0]) and math.isclose(x[1], y[1]) and x[2] == y[2]
-        for x, y in zip(a, b, strict=True)
+def _matches(recorded: list[tuple[float, float, int]], planned: list[DpSgdEvent]) -> bool:
+    return len(recorded) == len(planned) and all(
+        math.isclose(s, e.noise_multiplier) and math.isclose(q, e.sample_rate) and n == e.steps
+        for (s, q, n), e in zip(recorded, planned, strict=True)
     )
 
 
@@ -136,7 +165,9 @@ def train_round(
             raise ValueError("noise multiplier must be calibrated before training")
         # A fresh accountant records exactly this round's events; the site's cumulative history lives
         # in ``privacy`` and is appended below, after checking the events match the plan.
-        engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG turned off": see docs/audit.md
+            engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
 
     face_loss = emotion_loss = float("nan")
     jobs = (
@@ -172,7 +203,7 @@ def train_round(
             shuffle=not p.dp,
             generator=generator,
         )
-        optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=settings.momentum)
+        optimizer = make_optimizer(module, settings.local_optimizer, lr, settings.momentum)
         if engine is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter(
@@ -194,13 +225,11 @@ def train_round(
             emotion_loss = loss
         logger.debug("%s: %d steps, loss %.4f", name, steps, loss)
 
-    events: list[Event] = []
+    events: list[DpSgdEvent] = []
     if engine is not None:
-        events = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
-        planned = planned_events(settings, data, float(privacy.noise_multiplier))  # type: ignore[arg-type]
-        if not _same_events(events, planned):
-            raise RuntimeError(
-                f"accountant recorded {events}, planned {planned}; refusing to report"
-            )
+        recorded = [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]
+        events = planned_events(settings, data, float(privacy.noise_multiplier))  # type: ignore[arg-type]
+        if not _matches(recorded, events):
+            raise RuntimeError(f"Opacus recorded {recorded}, planned {events}; refusing to report")
         privacy.history.extend(events)
     return RoundOutcome(face_loss=face_loss, emotion_loss=emotion_loss, events=events)

@@ -29,8 +29,15 @@ class PrivacySettings:
     accountant: Literal["prv", "rdp"] = "prv"
     face_clip: float = 1.0
     emotion_clip: float = 1.0
+    noise_multiplier: float = 0.0  # 0: calibrate per site to spend max-epsilon over num-rounds
+    site_budgets: str = ""  # per-site budgets, e.g. "0=1.5,3=4" (site index = epsilon)
 
     def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or math.isnan(self.noise_multiplier):
+            raise ConfigError(
+                f"noise-multiplier must be >= 0 (0 = calibrate), got {self.noise_multiplier}"
+            )
+        self.budget_for(0)  # validates site-budgets
         if not self.max_epsilon > 0 or math.isnan(self.max_epsilon):
             raise ConfigError(
                 f"max-epsilon must be a positive number, got {self.max_epsilon}; "
@@ -41,6 +48,23 @@ class PrivacySettings:
         for name in ("face_clip", "emotion_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+
+    def budget_for(self, site_index: int) -> float:
+        """The epsilon budget of one site: its ``site-budgets`` entry, else ``max-epsilon``."""
+        budgets: dict[int, float] = {}
+        for item in filter(None, (s.strip() for s in self.site_budgets.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                site, epsilon = int(key), float(value)
+            except ValueError:
+                site, epsilon = -1, math.nan
+            if not sep or site < 0 or not epsilon > 0:
+                raise ConfigError(
+                    f"site-budgets entry {item!r} is invalid; use site=epsilon pairs with epsilon > 0, "
+                    'e.g. site-budgets = "0=1.5,3=4"'
+                )
+            budgets[site] = epsilon
+        return min(budgets.get(site_index, self.max_epsilon), self.max_epsilon)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,13 +90,14 @@ class RunSettings:
     emotion_eval_limit: int = 0
     # models and local optimisation
     face_width: int = 16
-    emotion_width: int = 16
-    face_steps: int = 20
-    emotion_steps: int = 20
+    emotion_width: int = 32
+    face_steps: int = 25
+    emotion_steps: int = 40
     face_batch: int = 64
     emotion_batch: int = 128
-    face_lr: float = 0.5
-    emotion_lr: float = 0.5
+    local_optimizer: Literal["adam", "sgd"] = "adam"
+    face_lr: float = 0.002
+    emotion_lr: float = 0.002
     momentum: float = 0.9
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 

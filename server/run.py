@@ -25,7 +25,8 @@ from common.evaluation import emotion_set, evaluate_emotion, evaluate_face, veri
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
-from server.strategy import make_strategy
+from server.ledger_keeper import LedgerKeeper
+from server.strategy import BudgetExhausted, make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunRecorder:
             )
         self.fer = emotion_set(fer)
         self.rounds: list[dict[str, Any]] = []
+        self.ledger: str | None = None
         self.checkpoint: str | None = None
         self.started = time.monotonic()
         self.round_started = self.started
@@ -143,6 +145,7 @@ class RunRecorder:
             "config": self.settings.to_flat(),
             "rounds": self.rounds,
             "checkpoint": self.checkpoint,
+            "ledger": self.ledger,
             "wall_time_s": round(time.monotonic() - self.started, 2),
         }
         atomic_write_text(
@@ -157,6 +160,13 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     emotion = EmotionNet(width=settings.emotion_width)
     strategy = make_strategy(settings)
     recorder = RunRecorder(settings, strategy)
+    if settings.privacy.dp:
+        strategy.keeper = LedgerKeeper(
+            Path(settings.out_dir) / "ledger.db",
+            settings.privacy.accountant,
+            settings.privacy.delta,
+        )
+        recorder.ledger = str(strategy.keeper.ledger.path)
     try:
         strategy.start(
             grid=grid,
@@ -165,9 +175,16 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
             train_config=ConfigRecord({}),
             evaluate_fn=recorder.evaluate,
         )
+    except BudgetExhausted as exc:
+        logger.warning("%s", exc)
+        recorder.write(status="stopped", error=str(exc))
+        return recorder
     except Exception as exc:
         recorder.write(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if strategy.keeper is not None:
+            strategy.keeper.finish(f"run ended after {len(recorder.rounds)} rounds")
     done = len(recorder.rounds) == settings.num_rounds
     recorder.write(
         status="completed" if done else "failed",

@@ -20,8 +20,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from common.config import RunSettings
+from common.errors import FacefedError
+from common.privacy.site_record import RECORD_NAME
+from common.serde import arrays_digest
+from server.ledger_keeper import LedgerKeeper
 
 logger = logging.getLogger(__name__)
+
+
+class BudgetExhausted(FacefedError):
+    """Too few sites can train within their budgets: the run stops cleanly after the last round."""
+
+    exit_code = 0
 
 
 class CohortMixin:
@@ -34,6 +44,8 @@ class CohortMixin:
 
     def _init_cohort(self, settings: RunSettings) -> None:
         self.settings = settings
+        self.keeper: LedgerKeeper | None = None
+        self.model_hash = ""
         self.rng = np.random.default_rng([settings.seed, 7919])
         self.site_metrics = {}
         self.failures = {}
@@ -43,11 +55,21 @@ class CohortMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._wait_for_nodes(grid)
+        eligible = [n for n in nodes if self.keeper is None or self.keeper.can_train(n)]
+        if len(eligible) < self.settings.cohort_size:
+            raise BudgetExhausted(
+                f"stopped before round {server_round}: only {len(eligible)} of {len(nodes)} sites can "
+                f"train another round within their privacy budget (cohort-size "
+                f"{self.settings.cohort_size})"
+            )
         # Sample positions, not ids: node ids are uint64 and would not survive a numpy array.
-        picks = self.rng.choice(len(nodes), self.settings.cohort_size, replace=False)
-        cohort = sorted(nodes[int(i)] for i in picks)
+        picks = self.rng.choice(len(eligible), self.settings.cohort_size, replace=False)
+        cohort = sorted(eligible[int(i)] for i in picks)
         logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
         config["server-round"] = server_round
+        self.model_hash = arrays_digest(arrays)
+        if self.keeper is not None:
+            config["run-id"] = self.keeper.run_id
         from flwr.app import MessageType, RecordDict
 
         record = RecordDict({"arrays": arrays, "config": config})
@@ -67,20 +89,34 @@ class CohortMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        accepted: list[Message] = []
         per_site: dict[int, dict[str, Any]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                reason = reply.error.reason.strip().splitlines()[-1][:300]
-                self.failures.setdefault(server_round, []).append(f"node {node}: {reason}")
-                logger.warning("round %d: node %s failed: %s", server_round, node, reason)
+                self._refuse(server_round, node, reply.error.reason.strip().splitlines()[-1])
                 continue
+            if self.keeper is not None:
+                try:
+                    self.keeper.record(
+                        node,
+                        server_round,
+                        self.model_hash,
+                        reply.content.config_records.get(RECORD_NAME),
+                    )
+                except FacefedError as exc:
+                    self._refuse(server_round, node, f"privacy record refused: {exc}")
+                    continue
+            accepted.append(reply)
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None:
                 per_site[node] = dict(metrics)
         self.site_metrics[server_round] = per_site
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+
+    def _refuse(self, server_round: int, node: int, reason: str) -> None:
+        self.failures.setdefault(server_round, []).append(f"node {node}: {reason[:300]}")
+        logger.warning("round %d: update of node %s refused: %s", server_round, node, reason[:300])
 
 
 class FacefedFedAvg(CohortMixin, FedAvg):

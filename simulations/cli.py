@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(results: dict[str, Any]) -> str:
+    if not results["rounds"]:
+        return f"facefed simulate: no round completed: {results.get('error')}"
     last = results["rounds"][-1]
     eps = {k: v["epsilon"] for k, v in last["clients"].items()}
     lines = [
@@ -108,5 +110,8 @@ def summary(results: dict[str, Any]) -> str:
             f"{k} {v}" if not isinstance(v, float) else f"{k} {v:.2f}" for k, v in eps.items()
         ),
         f"  checkpoint: {results['checkpoint']}",
+        f"  privacy ledger: {results.get('ledger')} (check it with: facefed audit verify LEDGER)",
     ]
+    if results.get("status") == "stopped":
+        lines.insert(1, f"  stopped early: {results.get('error')}")
     return "\n".join(lines)

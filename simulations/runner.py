@@ -80,7 +80,9 @@ def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, An
             f"the simulation ended without writing {results_path}; see the log above"
         )
     results: dict[str, Any] = json.loads(results_path.read_text())
-    if results.get("status") != "completed":
+    if results.get("status") == "stopped":  # budgets exhausted: a clean, designed stop
+        logger.warning("%s", results.get("error"))
+    elif results.get("status") != "completed":
         raise FacefedError(
             f"the simulation failed: {results.get('error') or 'unknown error'} "
             f"(details in {results_path})"

@@ -52,3 +52,13 @@ def test_privacy_settings_are_kept_apart_from_performance_settings() -> None:
     settings = parse_run_config({"max-epsilon": 3.0, "face-steps": 5})
     assert settings.privacy.max_epsilon == 3.0
     assert settings.face_steps == 5
+
+
+def test_flower_app_config_in_pyproject_lists_every_key_with_its_default() -> None:
+    import tomllib
+
+    from common.paths import REPO_ROOT
+
+    table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert parse_run_config(table) == RunSettings()
+    assert set(table) == set(RunSettings().to_flat())

@@ -1,0 +1,152 @@
+"""The privacy record a site attaches to each training reply, and the ledger entry both sides rebuild.
+
+The site signs the canonical JSON of its ledger entry body (:mod:`common.privacy.entry`) with its Ed25519
+key. The egress guard lets only finite scalars and two fixed-size byte strings leave a site, so the
+record carries the entry's *numbers* and the signature; the coordinator rebuilds the very same body with
+:func:`entry_body` from those numbers plus what it already knows (run id, the hash of the model it sent,
+the accountant), then appends it to the ledger, which verifies the signature and recomputes epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from common.errors import IntegrityError
+from common.privacy.accounting import Accountant
+from common.privacy.entry import make_entry_body
+from common.privacy.events import DpSgdEvent
+
+RECORD_NAME = "privacy"
+MODELS = ("face", "emotion")
+SCALAR_FIELDS = (
+    "site-index",
+    "round",
+    "noise-multiplier",
+    "delta",
+    "budget-epsilon",
+    "epsilon-round",
+    "epsilon-cumulative",
+    "started-at",
+    "finished-at",
+    *(f"{m}-{f}" for m in MODELS for f in ("sample-rate", "steps", "clip")),
+)
+SIGNATURE_FIELD, PUBLIC_KEY_FIELD = "site-signature", "site-public-key"
+BYTES_FIELDS = {SIGNATURE_FIELD: 64, PUBLIC_KEY_FIELD: 32}
+
+
+def site_id(index: int) -> str:
+    return f"site-{index}"
+
+
+def _iso(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundReport:
+    """The numbers of one site's round, as sent in the privacy record."""
+
+    site_index: int
+    round: int
+    mechanisms: tuple[DpSgdEvent, ...]
+    delta: float
+    budget_epsilon: float
+    epsilon_round: float
+    epsilon_cumulative: float
+    started_at: float
+    finished_at: float
+
+    def entry_body(self, run_id: str, model_hash: str, accountant: Accountant) -> dict[str, Any]:
+        """The ledger entry body this report stands for (identical on the site and the server)."""
+        return make_entry_body(
+            run_id=run_id,
+            site_id=site_id(self.site_index),
+            round=self.round,
+            mechanisms=list(self.mechanisms),
+            accountant=accountant,
+            epsilon_round=self.epsilon_round,
+            epsilon_cumulative=self.epsilon_cumulative,
+            delta=self.delta,
+            budget_epsilon=self.budget_epsilon,
+            model_hash=model_hash,
+            started_at=_iso(self.started_at),
+            finished_at=_iso(self.finished_at),
+        )
+
+    def to_record(self, signature: bytes, public_key: bytes) -> ConfigRecord:
+        by_name = {m.name: m for m in self.mechanisms}
+        fields: dict[str, Any] = {
+            "site-index": self.site_index,
+            "round": self.round,
+            "noise-multiplier": self.mechanisms[0].noise_multiplier,
+            "delta": self.delta,
+            "budget-epsilon": self.budget_epsilon,
+            "epsilon-round": self.epsilon_round,
+            "epsilon-cumulative": self.epsilon_cumulative,
+            "started-at": self.started_at,
+            "finished-at": self.finished_at,
+        }
+        for model in MODELS:  # a model trained for 0 steps is sent as steps 0
+            event = by_name.get(model)
+            fields[f"{model}-sample-rate"] = event.sample_rate if event else 0.0
+            fields[f"{model}-steps"] = event.steps if event else 0
+            fields[f"{model}-clip"] = event.clip_norm if event else 0.0
+        fields[SIGNATURE_FIELD] = signature
+        fields[PUBLIC_KEY_FIELD] = public_key
+        return ConfigRecord(fields)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> tuple[RoundReport, bytes, bytes]:
+        """Parse a received privacy record; any malformed field is an IntegrityError."""
+        unknown = set(record) - set(SCALAR_FIELDS) - set(BYTES_FIELDS)
+        missing = (set(SCALAR_FIELDS) | set(BYTES_FIELDS)) - set(record)
+        if unknown or missing:
+            raise IntegrityError(
+                f"privacy record has unknown {sorted(unknown)} / missing {sorted(missing)} fields"
+            )
+        for key in SCALAR_FIELDS:
+            value = record[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise IntegrityError(f"privacy record field {key!r} is not a finite number")
+        for key, size in BYTES_FIELDS.items():
+            if not isinstance(record[key], bytes) or len(record[key]) != size:
+                raise IntegrityError(f"privacy record field {key!r} must be {size} bytes")
+        sigma = float(record["noise-multiplier"])
+        mechanisms = []
+        try:
+            for model in MODELS:
+                steps = int(record[f"{model}-steps"])
+                if steps > 0:
+                    mechanisms.append(
+                        DpSgdEvent(
+                            noise_multiplier=sigma,
+                            sample_rate=float(record[f"{model}-sample-rate"]),
+                            steps=steps,
+                            clip_norm=float(record[f"{model}-clip"]),
+                            name=model,
+                        )
+                    )
+        except Exception as exc:  # ConfigError from the event's own validation
+            raise IntegrityError(f"privacy record has an invalid mechanism: {exc}") from None
+        report = cls(
+            site_index=int(record["site-index"]),
+            round=int(record["round"]),
+            mechanisms=tuple(mechanisms),
+            delta=float(record["delta"]),
+            budget_epsilon=float(record["budget-epsilon"]),
+            epsilon_round=float(record["epsilon-round"]),
+            epsilon_cumulative=float(record["epsilon-cumulative"]),
+            started_at=float(record["started-at"]),
+            finished_at=float(record["finished-at"]),
+        )
+        return report, record[SIGNATURE_FIELD], record[PUBLIC_KEY_FIELD]

@@ -1,0 +1,97 @@
+"""The coordinator's side of the privacy ledger: record every site's signed round, and enforce budgets.
+
+* Every training reply of a DP run must carry the site's signed privacy record. The coordinator rebuilds
+  the entry body from it (:mod:`common.privacy.site_record`), and the ledger verifies the signature,
+  recomputes epsilon and countersigns. A reply whose record is missing, malformed, mis-signed or over
+  budget is refused, and its update is not aggregated (fail closed).
+* Before each round the coordinator leaves out every site whose next round, at the mechanisms it ran
+  last time, would take its recorded cumulative epsilon past its recorded budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from common.crypto.signing import (
+    generate_private_key,
+    load_private_key,
+    public_key_from_bytes,
+    save_private_key,
+    save_public_key,
+)
+from common.errors import FacefedError, IntegrityError
+from common.privacy.accounting import Accountant, would_exceed
+from common.privacy.ledger import Ledger
+from common.privacy.site_record import RoundReport, site_id
+
+logger = logging.getLogger(__name__)
+
+
+def coordinator_key(out_dir: Path) -> Ed25519PrivateKey:
+    """The coordinator's signing key in ``OUT/keys/``, created on first use (0600)."""
+    private, public = out_dir / "keys" / "coordinator.key", out_dir / "keys" / "coordinator.pub"
+    if private.exists():
+        return load_private_key(private)
+    key = generate_private_key()
+    save_private_key(key, private)
+    save_public_key(key.public_key(), public)
+    return key
+
+
+class LedgerKeeper:
+    """Owns the run's ledger; maps Flower node ids to sites as their records arrive."""
+
+    def __init__(self, path: Path, accountant: Accountant, delta: float, run_id: str | None = None):
+        self.run_id = run_id or uuid.uuid4().hex
+        self.accountant = accountant
+        self.delta = delta
+        self.ledger = Ledger.open(
+            path, run_id=self.run_id, coordinator_key=coordinator_key(path.parent)
+        )
+        self.site_of_node: dict[int, str] = {}
+        self.last_mechanisms: dict[str, tuple] = {}
+
+    def record(
+        self, node_id: int, server_round: int, model_hash: str, record: object
+    ) -> RoundReport:
+        """Verify and append one reply's privacy record; raise FacefedError to refuse the update."""
+        if record is None:
+            raise IntegrityError(
+                "reply carries no privacy record; a DP run accepts none without one"
+            )
+        report, signature, public_key = RoundReport.from_record(record)  # type: ignore[arg-type]
+        if report.round != server_round:
+            raise IntegrityError(f"privacy record is for round {report.round}, not {server_round}")
+        site = site_id(report.site_index)
+        known = self.site_of_node.get(node_id)
+        if known is not None and known != site:
+            raise IntegrityError(f"node {node_id} reported as {site} after reporting as {known}")
+        body = report.entry_body(self.run_id, model_hash, self.accountant)
+        self.ledger.append(body, public_key_from_bytes(public_key), signature)
+        self.site_of_node[node_id] = site
+        self.last_mechanisms[site] = report.mechanisms
+        return report
+
+    def can_train(self, node_id: int) -> bool:
+        """False if the site's next round would exceed its recorded budget (unknown sites may train)."""
+        site = self.site_of_node.get(node_id)
+        if site is None or site not in self.last_mechanisms:
+            return True
+        budget = self.ledger.budget(site)
+        if budget is None:
+            return True
+        history = self.ledger.history(site)
+        return not would_exceed(
+            history, self.last_mechanisms[site], budget, self.delta, self.accountant
+        )
+
+    def finish(self, reason: str) -> None:
+        try:
+            self.ledger.finish(reason)
+        except FacefedError as exc:
+            logger.warning("could not close the ledger: %s", exc)
+        self.ledger.close()

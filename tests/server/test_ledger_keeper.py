@@ -1,0 +1,92 @@
+"""The coordinator records every site's signed round in the ledger and refuses what does not verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from client.round import run_round
+from common.config import parse_run_config
+from common.errors import IntegrityError, PrivacyBudgetError
+from common.privacy.verify import verify_ledger
+from common.serde import arrays_digest
+from server.ledger_keeper import LedgerKeeper
+from tests.client.test_round import KEY, SMALL, initial_arrays, tiny_site
+
+
+def site_reply(state: RecordDict, server_round: int, run_id: str, **overrides) -> RecordDict:
+    settings = parse_run_config({**SMALL, **overrides})
+    cfg = ConfigRecord({"server-round": server_round, "run-id": run_id})
+    return run_round(
+        initial_arrays(settings),
+        cfg,
+        state,
+        tiny_site(),
+        settings,
+        budget=settings.privacy.max_epsilon,
+        site_index=0,
+        signing_key=KEY,
+    )
+
+
+@pytest.fixture
+def keeper(tmp_path: Path) -> LedgerKeeper:
+    return LedgerKeeper(tmp_path / "ledger.db", accountant="rdp", delta=1e-5)
+
+
+def model_hash() -> str:
+    return arrays_digest(initial_arrays(parse_run_config(SMALL)))
+
+
+def test_signed_rounds_are_recorded_and_the_ledger_verifies(keeper: LedgerKeeper) -> None:
+    state = RecordDict()
+    for r in (1, 2):
+        reply = site_reply(state, r, keeper.run_id)
+        keeper.record(7, r, model_hash(), reply.config_records["privacy"])
+    assert keeper.ledger.last_round("site-0") == 2
+    assert keeper.ledger.cumulative_epsilon("site-0") == pytest.approx(
+        reply["metrics"]["epsilon"], rel=1e-6
+    )
+    path = keeper.ledger.path
+    keeper.finish("test done")
+    assert verify_ledger(path).ok
+
+
+def test_record_for_another_model_version_is_refused(keeper: LedgerKeeper) -> None:
+    reply = site_reply(RecordDict(), 1, keeper.run_id)
+    with pytest.raises(IntegrityError, match="signature"):
+        keeper.record(7, 1, "sha256:not-the-model-we-sent", reply.config_records["privacy"])
+
+
+def test_tampered_epsilon_is_refused(keeper: LedgerKeeper) -> None:
+    record = site_reply(RecordDict(), 1, keeper.run_id).config_records["privacy"]
+    record["epsilon-cumulative"] = record["epsilon-cumulative"] / 2  # under-report
+    with pytest.raises(IntegrityError):
+        keeper.record(7, 1, model_hash(), record)
+
+
+def test_reply_without_a_privacy_record_is_refused(keeper: LedgerKeeper) -> None:
+    with pytest.raises(IntegrityError, match="no privacy record"):
+        keeper.record(7, 1, model_hash(), None)
+
+
+def test_site_out_of_budget_is_not_eligible(keeper: LedgerKeeper) -> None:
+    state = RecordDict()
+    for r in (1, 2, 3):  # calibrated to spend exactly the budget in num-rounds=3 rounds
+        keeper.record(
+            7, r, model_hash(), site_reply(state, r, keeper.run_id).config_records["privacy"]
+        )
+    assert not keeper.can_train(7)
+    assert keeper.can_train(8)  # a site never seen yet may train
+
+
+def test_over_budget_record_is_refused_by_the_ledger(keeper: LedgerKeeper) -> None:
+    state = RecordDict()
+    # A site that claims a budget of 8 but whose noise would exceed it is refused on append.
+    reply = site_reply(state, 1, keeper.run_id, **{"noise-multiplier": 0.3, "max-epsilon": 100.0})
+    record = reply.config_records["privacy"]
+    record["budget-epsilon"] = 1.0
+    with pytest.raises((PrivacyBudgetError, IntegrityError)):
+        keeper.record(7, 1, model_hash(), record)
