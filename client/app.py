@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.egress import EgressGuard, make_egress_guard
+from client.egress import EgressGuard, guard_stats, make_egress_guard
 from client.round import run_round, site_budget
 from client.site_data import SiteSpec, load_site_tensors
 from client.site_keys import site_signing_key
@@ -40,7 +40,15 @@ def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> Cli
     def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         settings = parse_run_config({**injected, **context.run_config})
         guard = _guard_for(settings.face_width, settings.emotion_width)
-        return guard(msg, context, call_next)
+        reply = guard(msg, context, call_next)
+        if not reply.has_error() and "metrics" in reply.content.metric_records:
+            # Stamp the reply with the guard's running count (added after the check: a scalar), so the
+            # coordinator can show that every message the site sent went through the guard.
+            stats = guard_stats(context)
+            metrics = reply.content.metric_records["metrics"]
+            metrics["egress-checked"] = stats.get("messages_seen", 0)
+            metrics["egress-refused"] = stats.get("messages_refused", 0)
+        return reply
 
     client_app = ClientApp(mods=[egress])
 

@@ -63,7 +63,7 @@ class SitePrivacyState:
                 DpSgdEvent(
                     noise_multiplier=s, sample_rate=q, steps=int(n), clip_norm=c, name=str(nm)
                 )
-                for s, q, n, c, nm in zip(*columns, strict=True)  # type: ignore[call-overload]
+                for s, q, n, c, nm in zip(*columns, strict=True)
             ]
             stored_accountant = str(rec["accountant"])
             sigma = float(rec["noise-multiplier"])  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 HEAD_KEY = "local-head"
 
 
-def site_budget(settings: RunSettings, node_config: dict[str, object], site_index: int) -> float:
+def site_budget(settings: RunSettings, node_config: Mapping[str, object], site_index: int) -> float:
     """The site's epsilon budget: the run's (or its per-site entry), or the node's own ``max-epsilon``
     if that is stricter."""
     budget = settings.privacy.budget_for(site_index)

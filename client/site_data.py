@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class SiteSpec:
     site_index: int = 0  # names the site in the privacy ledger ("site-<index>")
 
     @classmethod
-    def from_node_config(cls, node_config: dict[str, object], settings: RunSettings) -> SiteSpec:
+    def from_node_config(cls, node_config: Mapping[str, object], settings: RunSettings) -> SiteSpec:
         """Read the site's slice and ledger index from its node config.
 
         Simulation: Flower sets ``partition-id`` and ``num-partitions``; the index is the partition.
@@ -72,7 +73,7 @@ class SiteSpec:
         )
 
 
-def _site_index(node_config: dict[str, object], partition_id: int) -> int:
+def _site_index(node_config: Mapping[str, object], partition_id: int) -> int:
     if "site-index" in node_config:
         value = node_config["site-index"]
     elif "site-id" in node_config:

@@ -7,6 +7,8 @@ at its first round and keeps it in its own ``Context.state``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from flwr.app import ConfigRecord, RecordDict
@@ -16,7 +18,7 @@ from common.crypto.signing import generate_private_key, load_private_key
 STATE_KEY = "site-signing-key"
 
 
-def site_signing_key(state: RecordDict, node_config: dict[str, object]) -> Ed25519PrivateKey:
+def site_signing_key(state: RecordDict, node_config: Mapping[str, object]) -> Ed25519PrivateKey:
     """The site's key: from ``node_config["site-key"]`` if set, else kept in ``Context.state``."""
     path = node_config.get("site-key")
     if path:

@@ -220,13 +220,16 @@ def parse_run_config(config: Mapping[str, Scalar]) -> RunSettings:
 
     Keys Flower itself adds (none at the moment) and keys with a leading underscore are ignored.
     """
-    fields_by_key: dict[str, tuple[type, str, Any]] = {}
+    fields_by_key: dict[str, tuple[type[RunSettings] | type[PrivacySettings], str, Any]] = {}
     for cls in (RunSettings, PrivacySettings):
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name != "privacy":
                 fields_by_key[_kebab(f.name)] = (cls, f.name, hints[f.name])
-    values: dict[type, dict[str, Any]] = {RunSettings: {}, PrivacySettings: {}}
+    values: dict[type[RunSettings] | type[PrivacySettings], dict[str, Any]] = {
+        RunSettings: {},
+        PrivacySettings: {},
+    }
     for key, value in config.items():
         if key.startswith("_"):
             continue

@@ -91,6 +91,8 @@ class RunRecorder:
                 "noise_multiplier": m["noise-multiplier"],
                 "face_loss": _finite_or_none(m["face-loss"]),
                 "emotion_loss": _finite_or_none(m["emotion-loss"]),
+                "egress_checked": int(m.get("egress-checked", 0)),
+                "egress_refused": int(m.get("egress-refused", 0)),
             }
             for node, m in sorted(self.strategy.site_metrics.get(server_round, {}).items())
         }

@@ -94,7 +94,8 @@ class CohortMixin:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self._refuse(server_round, node, reply.error.reason.strip().splitlines()[-1])
+                reason = (reply.error.reason or f"error code {reply.error.code}").strip()
+                self._refuse(server_round, node, reason.splitlines()[-1] if reason else "error")
                 continue
             if self.keeper is not None:
                 try:

@@ -72,7 +72,7 @@ def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, An
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=build_client_app(flat),
         server_app=server_app,
-        backend_config=backend_config(num_cpus),  # type: ignore[arg-type]
+        backend_config=backend_config(num_cpus),
         server_app_context=context,
     )
     if not results_path.exists():

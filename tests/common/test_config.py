@@ -59,6 +59,8 @@ def test_flower_app_config_in_pyproject_lists_every_key_with_its_default() -> No
 
     from common.paths import REPO_ROOT
 
-    table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    table = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"
+    ]
     assert parse_run_config(table) == RunSettings()
     assert set(table) == set(RunSettings().to_flat())

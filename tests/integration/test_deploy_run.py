@@ -7,6 +7,7 @@ sites) -> two ``start-site.sh`` -> ``facefed deploy submit``. Success is judged 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,11 @@ pytestmark = pytest.mark.slow
 
 SMOKE_APP = Path(__file__).parent / "smoke_app"
 # Run-config overrides for a tiny 2-round facefed run; FACEFED_DEPLOY_RUN_CONFIG overrides them.
-FACEFED_TINY_RUN_CONFIG = os.environ.get("FACEFED_DEPLOY_RUN_CONFIG", "")
+FACEFED_TINY_RUN_CONFIG = os.environ.get(
+    "FACEFED_DEPLOY_RUN_CONFIG",
+    "num-rounds=2 num-sites=2 cohort-size=2 face-steps=3 emotion-steps=3 emotion-eval-limit=400 "
+    'face-sources="orl,eyaleb" accountant="rdp"',
+)
 RUN_TIMEOUT_S = 600.0
 
 
@@ -93,9 +98,18 @@ def test_facefed_app_runs_two_rounds_on_deployed_sites(procs: Procs, tmp_path: P
 
     fed = bring_up(procs, tmp_path / "kits", data_dir())
 
-    result = submit(fed, REPO_ROOT, FACEFED_TINY_RUN_CONFIG)
+    out = tmp_path / "run"
+    result = submit(fed, REPO_ROOT, f'{FACEFED_TINY_RUN_CONFIG} out-dir="{out}"')
 
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = int(result.stdout.split()[1])
     assert deploy_flwr.run_status(fed.env, run_id)["status"] == deploy_flwr.RUN_COMPLETED
+    # The coordinator wrote results and a ledger whose entries the two sites signed.
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed" and len(results["rounds"]) == 2
+    from common.privacy.verify import verify_ledger
+
+    ledger = verify_ledger(out / "ledger.db", require_closed=True)
+    assert ledger.ok
+    assert {s.site_id for s in ledger.sites} == {"site-1", "site-2"}
     assert deploy_provision.coordinator_dir(fed.out).is_dir()

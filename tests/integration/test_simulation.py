@@ -61,6 +61,8 @@ def test_two_site_one_round_simulation_completes(tiny_run) -> None:
     for site in round1["clients"].values():
         assert 0 < site["epsilon"] <= 4.0
         assert site["delta"] == 1e-5 and site["steps"] == 6
+        # The egress guard checked this site's reply and refused nothing.
+        assert site["egress_checked"] == 1 and site["egress_refused"] == 0
     assert 0 <= round1["emotion"]["accuracy"] <= 1 and 0 <= round1["face"]["lfw_accuracy"] <= 1
     assert Path(results["checkpoint"]).is_file()
     assert results["config"]["num-sites"] == 2
