@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.egress import EgressGuard, guard_stats, make_egress_guard
 from client.round import run_round, site_budget
@@ -50,7 +52,15 @@ def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> Cli
             metrics["egress-refused"] = stats.get("messages_refused", 0)
         return reply
 
-    client_app = ClientApp(mods=[egress])
+    def central_clip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # Clip the model update only when the coordinator runs client-level central DP (it then
+        # sends the clipping norm); the egress guard, outermost, checks the clipped reply.
+        config = msg.content.config_records.get("config")
+        if config is not None and KEY_CLIPPING_NORM in config:
+            return fixedclipping_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    client_app = ClientApp(mods=[egress, central_clip])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

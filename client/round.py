@@ -135,6 +135,7 @@ def run_round(
     metrics = MetricRecord(
         {
             "num-examples": len(data.face_y) + len(data.emotion_y),
+            "dp-weight": 1,
             "site-index": site_index,
             "epsilon": epsilon,
             "delta": p.delta,

@@ -30,6 +30,12 @@ class PrivacySettings:
     face_clip: float = 1.0
     emotion_clip: float = 1.0
     noise_multiplier: float = 0.0  # 0: calibrate per site to spend max-epsilon over num-rounds
+    # Optional client-level central DP on top (Flower's client-side fixed clipping + server noise),
+    # recorded in the ledger as a separate guarantee of the coordinator.
+    central_dp: bool = False
+    central_noise_multiplier: float = 1.0
+    central_clip: float = 5.0
+    central_max_epsilon: float = 10.0
     site_budgets: str = ""  # per-site budgets, e.g. "0=1.5,3=4" (site index = epsilon)
 
     def __post_init__(self) -> None:
@@ -38,6 +44,10 @@ class PrivacySettings:
                 f"noise-multiplier must be >= 0 (0 = calibrate), got {self.noise_multiplier}"
             )
         self.budget_for(0)  # validates site-budgets
+        for name in ("central_noise_multiplier", "central_clip", "central_max_epsilon"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{_kebab(name)} must be a positive finite number, got {value}")
         if not self.max_epsilon > 0 or math.isnan(self.max_epsilon):
             raise ConfigError(
                 f"max-epsilon must be a positive number, got {self.max_epsilon}; "

@@ -24,11 +24,15 @@ from common.crypto.signing import (
     save_public_key,
 )
 from common.errors import FacefedError, IntegrityError
-from common.privacy.accounting import Accountant, would_exceed
+from common.privacy.accounting import Accountant, compute_epsilon, would_exceed
+from common.privacy.entry import make_entry_body
+from common.privacy.events import DpSgdEvent
 from common.privacy.ledger import Ledger
 from common.privacy.site_record import RoundReport, site_id
 
 logger = logging.getLogger(__name__)
+
+COORDINATOR = "coordinator"
 
 
 def coordinator_key(out_dir: Path) -> Ed25519PrivateKey:
@@ -53,6 +57,7 @@ class LedgerKeeper:
             path, run_id=self.run_id, coordinator_key=coordinator_key(path.parent)
         )
         self.site_of_node: dict[int, str] = {}
+        self.model_hash = ""
         self.last_mechanisms: dict[str, tuple] = {}
 
     def record(
@@ -88,6 +93,28 @@ class LedgerKeeper:
         return not would_exceed(
             history, self.last_mechanisms[site], budget, self.delta, self.accountant
         )
+
+    def record_central(self, server_round: int, event: DpSgdEvent, budget: float) -> None:
+        """Record one noised release of client-level central DP as the coordinator's own guarantee.
+
+        Sites are sampled as a fixed-size cohort; the sampling rate cohort/sites is accounted as Poisson
+        sampling (the standard approximation, McMahan et al. 2018), with RDP.
+        """
+        history = self.ledger.history(COORDINATOR, guarantee="client-level")
+        body = make_entry_body(
+            run_id=self.run_id,
+            site_id=COORDINATOR,
+            round=server_round,
+            mechanisms=[event],
+            accountant="rdp",
+            epsilon_round=compute_epsilon([event], self.delta, "rdp"),
+            epsilon_cumulative=compute_epsilon([*history, event], self.delta, "rdp"),
+            delta=self.delta,
+            budget_epsilon=budget,
+            model_hash=self.model_hash or "unknown",
+            guarantee="client-level",
+        )
+        self.ledger.append_coordinator(body)
 
     def finish(self, reason: str) -> None:
         try:

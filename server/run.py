@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from common.atomic import atomic_write_text
 from common.checkpoint import ModelConfig, save_checkpoint
@@ -25,6 +26,7 @@ from common.evaluation import emotion_set, evaluate_emotion, evaluate_face, veri
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
+from server.central_dp import CentralDp
 from server.ledger_keeper import LedgerKeeper
 from server.strategy import BudgetExhausted, make_strategy
 
@@ -160,15 +162,16 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     torch.manual_seed(settings.seed)
     face = FaceEmbedder(width=settings.face_width)
     emotion = EmotionNet(width=settings.emotion_width)
-    strategy = make_strategy(settings)
-    recorder = RunRecorder(settings, strategy)
+    inner = make_strategy(settings)
+    recorder = RunRecorder(settings, inner)
     if settings.privacy.dp:
-        strategy.keeper = LedgerKeeper(
+        inner.keeper = LedgerKeeper(
             Path(settings.out_dir) / "ledger.db",
             settings.privacy.accountant,
             settings.privacy.delta,
         )
-        recorder.ledger = str(strategy.keeper.ledger.path)
+        recorder.ledger = str(inner.keeper.ledger.path)
+    strategy: Strategy = CentralDp(inner, settings) if settings.privacy.central_dp else inner
     try:
         strategy.start(
             grid=grid,
@@ -185,8 +188,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
         recorder.write(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if strategy.keeper is not None:
-            strategy.keeper.finish(f"run ended after {len(recorder.rounds)} rounds")
+        if inner.keeper is not None:
+            inner.keeper.finish(f"run ended after {len(recorder.rounds)} rounds")
     done = len(recorder.rounds) == settings.num_rounds
     recorder.write(
         status="completed" if done else "failed",

@@ -44,6 +44,7 @@ class CohortMixin:
 
     def _init_cohort(self, settings: RunSettings) -> None:
         self.settings = settings
+        self.central_dp = settings.privacy.central_dp
         self.keeper: LedgerKeeper | None = None
         self.model_hash = ""
         self.rng = np.random.default_rng([settings.seed, 7919])
@@ -113,6 +114,16 @@ class CohortMixin:
             if metrics is not None:
                 per_site[node] = dict(metrics)
         self.site_metrics[server_round] = per_site
+        if self.central_dp and len(accepted) != self.settings.cohort_size:
+            # The central noise is calibrated for the full cohort; averaging fewer updates under it
+            # would under-noise the release. Refuse the round instead (fail closed).
+            self._refuse(
+                server_round,
+                -1,
+                f"central DP: {len(accepted)} of "
+                f"{self.settings.cohort_size} sampled sites replied; round not aggregated",
+            )
+            return None, None
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
     def _refuse(self, server_round: int, node: int, reason: str) -> None:
@@ -120,9 +131,15 @@ class CohortMixin:
         logger.warning("round %d: update of node %s refused: %s", server_round, node, reason[:300])
 
 
+def _weight_key(settings: RunSettings) -> str:
+    # Central DP's noise (sigma * C / n) assumes a uniform average of the n clipped updates.
+    return "dp-weight" if settings.privacy.central_dp else "num-examples"
+
+
 class FacefedFedAvg(CohortMixin, FedAvg):
     def __init__(self, settings: RunSettings) -> None:
         super().__init__(
+            weighted_by_key=_weight_key(settings),
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=settings.cohort_size,
@@ -135,6 +152,7 @@ class FacefedFedAvg(CohortMixin, FedAvg):
 class FacefedFedAdam(CohortMixin, FedAdam):
     def __init__(self, settings: RunSettings) -> None:
         super().__init__(
+            weighted_by_key=_weight_key(settings),
             fraction_train=1.0,
             fraction_evaluate=0.0,
             min_train_nodes=settings.cohort_size,

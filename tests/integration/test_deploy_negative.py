@@ -25,7 +25,8 @@ from deploy_helpers import (
 from common.crypto import pki
 from server import deploy_flwr
 
-pytestmark = pytest.mark.slow
+# Real SuperLink/SuperNode processes on loopback (~2 min in all): part of the default run, because CI
+# must show that unregistered keys, --insecure, a wrong CA and bad server certificates are refused.
 
 ACCEPTED = "SuperNode ID:"
 

@@ -21,8 +21,6 @@ from common.cli import main
 from common.paths import REPO_ROOT
 from server import deploy, deploy_flwr, deploy_provision
 
-pytestmark = pytest.mark.slow
-
 SMOKE_APP = Path(__file__).parent / "smoke_app"
 # Run-config overrides for a tiny 2-round facefed run; FACEFED_DEPLOY_RUN_CONFIG overrides them.
 FACEFED_TINY_RUN_CONFIG = os.environ.get(
@@ -67,6 +65,7 @@ def submit(fed: Federation, app: Path, run_config: str) -> subprocess.CompletedP
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 120)
 
 
+@pytest.mark.slow  # the minimal-app rehearsal; the facefed run below runs by default
 def test_two_round_run_over_tls_with_node_auth_finishes_and_failures_are_caught(
     procs: Procs, tmp_path: Path
 ) -> None:
@@ -88,11 +87,6 @@ def test_two_round_run_over_tls_with_node_auth_finishes_and_failures_are_caught(
     assert "smoke app asked to fail" in failed.stdout
 
 
-@pytest.mark.skipif(
-    not (REPO_ROOT / "server" / "app.py").exists()
-    or not (REPO_ROOT / "client" / "app.py").exists(),
-    reason="server/app.py and client/app.py (the facefed Flower app) are not written yet",
-)
 def test_facefed_app_runs_two_rounds_on_deployed_sites(procs: Procs, tmp_path: Path) -> None:
     from common.paths import data_dir
 
