@@ -132,12 +132,15 @@ def run_round(
     privacy.rounds.append(server_round)
     privacy.save(state)
     epsilon = privacy.epsilon(p.delta) if p.dp else math.inf
+    # Only finite scalars leave the site (the egress guard refuses inf/NaN): without DP epsilon is
+    # sent as -1 with dp = 0, and a model trained for 0 steps reports loss -1.
     metrics = MetricRecord(
         {
             "num-examples": len(data.face_y) + len(data.emotion_y),
             "dp-weight": 1,
             "site-index": site_index,
-            "epsilon": epsilon,
+            "dp": int(p.dp),
+            "epsilon": epsilon if p.dp else -1.0,
             "delta": p.delta,
             "steps": sum(e.steps for e in privacy.history),
             "noise-multiplier": privacy.noise_multiplier or 0.0,
@@ -165,6 +168,10 @@ def run_round(
         public = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         reply.config_records[RECORD_NAME] = report.to_record(signature, public)
     return reply
+
+
+def _finite_or(value: float, default: float) -> float:
+    return value if math.isfinite(value) else default
 
 
 def round_from_config(config: ConfigRecord) -> int:

@@ -46,7 +46,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> None:
     # Opacus and Flower configure loggers at import; reset the root logger here, in the entry point.
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except FacefedError as exc:

@@ -8,17 +8,22 @@ standard for LFW reporting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data.lfw import LfwData
+from common.config import RunSettings
+from common.data.fer2013 import load_fer2013
+from common.data.lfw import LfwData, load_lfw
 from common.data.preprocess import emotion_tensor, face_tensor
 from common.data.types import LabeledImages
 from common.errors import DataError
 from common.metrics import emotion_metrics, lfw_verification
 from common.models import EmotionNet, FaceEmbedder
+
+EVAL_SUBSET_SALT = 104729  # seeds the emotion-eval-limit subset, apart from the other seeded draws
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,22 @@ def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> Veri
         same=np.array([p.same for p in pairs], dtype=bool),
         folds=np.array([p.fold for p in pairs]),
     )
+
+
+def held_out_sets(settings: RunSettings, root: Path) -> tuple[VerificationSet, EmotionSet]:
+    """The coordinator's evaluation sets: LFW pairs of ``lfw-eval-sets`` and FER2013 PublicTest.
+
+    With ``emotion-eval-limit`` a seeded random subset of PublicTest is drawn (the split is stored class
+    by class, so a prefix would be a single class).
+    """
+    lfw = verification_set(
+        load_lfw(data_dir=root), tuple(s - 1 for s in settings.lfw_eval_set_list)
+    )
+    fer = load_fer2013("PublicTest", data_dir=root)
+    if settings.emotion_eval_limit and settings.emotion_eval_limit < len(fer):
+        rng = np.random.default_rng([settings.seed, EVAL_SUBSET_SALT])
+        fer = fer.subset(np.sort(rng.choice(len(fer), settings.emotion_eval_limit, replace=False)))
+    return lfw, emotion_set(fer)
 
 
 def emotion_set(fer: LabeledImages) -> EmotionSet:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -19,10 +18,8 @@ from flwr.serverapp.strategy import Strategy
 from common.atomic import atomic_write_text
 from common.checkpoint import ModelConfig, save_checkpoint
 from common.config import RunSettings
-from common.data.fer2013 import load_fer2013
-from common.data.lfw import load_lfw
 from common.errors import FacefedError
-from common.evaluation import emotion_set, evaluate_emotion, evaluate_face, verification_set
+from common.evaluation import evaluate_emotion, evaluate_face, held_out_sets
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
@@ -48,16 +45,7 @@ class RunRecorder:
         self.out = Path(settings.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         root = resolve_data_dir(settings.data_dir or None)
-        lfw = load_lfw(data_dir=root)
-        self.lfw = verification_set(lfw, tuple(s - 1 for s in settings.lfw_eval_set_list))
-        fer = load_fer2013("PublicTest", data_dir=root)
-        if settings.emotion_eval_limit and settings.emotion_eval_limit < len(fer):
-            # A seeded random subset: the split is stored class by class, so a prefix is one class.
-            rng = np.random.default_rng([settings.seed, 104729])
-            fer = fer.subset(
-                np.sort(rng.choice(len(fer), settings.emotion_eval_limit, replace=False))
-            )
-        self.fer = emotion_set(fer)
+        self.lfw, self.fer = held_out_sets(settings, root)
         self.rounds: list[dict[str, Any]] = []
         self.ledger: str | None = None
         self.checkpoint: str | None = None
@@ -87,12 +75,12 @@ class RunRecorder:
         clients = {
             f"site-{int(m.get('site-index', node))}": {
                 "node_id": node,
-                "epsilon": _finite_or_none(float(m["epsilon"])),
+                "epsilon": float(m["epsilon"]) if m.get("dp", 1) else "inf",
                 "delta": m["delta"],
                 "steps": int(m["steps"]),
                 "noise_multiplier": m["noise-multiplier"],
-                "face_loss": _finite_or_none(m["face-loss"]),
-                "emotion_loss": _finite_or_none(m["emotion-loss"]),
+                "face_loss": m["face-loss"] if m["face-loss"] >= 0 else None,
+                "emotion_loss": m["emotion-loss"] if m["emotion-loss"] >= 0 else None,
                 "egress_checked": int(m.get("egress-checked", 0)),
                 "egress_refused": int(m.get("egress-refused", 0)),
             }

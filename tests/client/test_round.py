@@ -177,13 +177,15 @@ def test_a_site_with_one_person_gets_a_clear_error() -> None:
 
 def test_non_private_mode_reports_infinite_epsilon() -> None:
     reply = run(RecordDict(), 1, dp=False)
-    assert math.isinf(reply["metrics"]["epsilon"])
+    assert reply["metrics"]["dp"] == 0 and reply["metrics"]["epsilon"] == -1.0
+    assert "privacy" not in reply.config_records  # no DP release, no ledger record
 
 
-def test_client_app_can_be_called_directly() -> None:
+@pytest.mark.parametrize("dp", [True, False], ids=["dp", "non-private"])
+def test_client_app_can_be_called_directly(dp: bool) -> None:
     from client.app import build_client_app
 
-    settings = parse_run_config(SMALL)
+    settings = parse_run_config({**SMALL, "dp": dp})
     app = build_client_app(settings.to_flat())
     content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
     metadata = Metadata(
@@ -207,7 +209,8 @@ def test_client_app_can_be_called_directly() -> None:
     )
     reply = app(msg, context)
     assert not reply.has_error(), reply.error if reply.has_error() else ""
-    assert reply.content["metrics"]["epsilon"] > 0
+    # Every metric leaving the site is finite (the egress guard would refuse inf or NaN).
+    assert reply.content["metrics"]["epsilon"] > 0 if dp else reply.content["metrics"]["dp"] == 0
     assert STATE_KEY in context.state
     # The egress guard saw the reply and found nothing but model arrays, scalars and the ledger record.
     assert guard_stats(context)["messages_seen"] == 1
