@@ -131,37 +131,37 @@ class CohortMixin:
         logger.warning("round %d: update of node %s refused: %s", server_round, node, reason[:300])
 
 
-def _weight_key(settings: RunSettings) -> str:
-    # Central DP's noise (sigma * C / n) assumes a uniform average of the n clipped updates.
-    return "dp-weight" if settings.privacy.central_dp else "num-examples"
+def _common_kwargs(settings: RunSettings) -> dict[str, Any]:
+    """Flower strategy arguments shared by FedAvg and FedAdam: train the fixed cohort, no client eval."""
+    return {
+        # Central DP's noise (sigma * C / n) assumes a uniform average of the n clipped updates.
+        "weighted_by_key": "dp-weight" if settings.privacy.central_dp else "num-examples",
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": settings.cohort_size,
+        "min_available_nodes": settings.num_sites,
+        "min_evaluate_nodes": 0,
+    }
 
 
 class FacefedFedAvg(CohortMixin, FedAvg):
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(
-            weighted_by_key=_weight_key(settings),
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=settings.cohort_size,
-            min_available_nodes=settings.num_sites,
-            min_evaluate_nodes=0,
-        )
+        super().__init__(**_common_kwargs(settings))
         self._init_cohort(settings)
 
 
 class FacefedFedAdam(CohortMixin, FedAdam):
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(
-            weighted_by_key=_weight_key(settings),
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=settings.cohort_size,
-            min_available_nodes=settings.num_sites,
-            min_evaluate_nodes=0,
-            eta=settings.server_lr,
-            eta_l=settings.face_lr,
-        )
+        super().__init__(**_common_kwargs(settings), eta=settings.server_lr)
         self._init_cohort(settings)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # FedOpt remembers the model it sends, to step from it; the cohort mixin replaces FedOpt's
+        # configure_train, so keep that bookkeeping here.
+        self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 def make_strategy(settings: RunSettings) -> FacefedFedAvg | FacefedFedAdam:

@@ -47,6 +47,14 @@ class FakeGrid:
         return list(self.nodes)
 
 
+@pytest.fixture
+def task_identity() -> None:
+    # Messages built outside a Flower runtime need the identity the runtime would set.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
 def test_central_dp_refuses_a_round_with_fewer_replies_than_sampled() -> None:
     settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "central-dp": True})
     strategy = make_strategy(settings)
@@ -55,20 +63,16 @@ def test_central_dp_refuses_a_round_with_fewer_replies_than_sampled() -> None:
     assert any("2 of 3 sampled sites replied" in f for f in strategy.failures[1])
 
 
-def test_without_central_dp_the_remaining_replies_are_aggregated() -> None:
-    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("kind", ["fedavg", "fedadam"])
+def test_without_central_dp_the_remaining_replies_are_aggregated(kind: str) -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "strategy": kind})
     strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
     arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2)])
     assert isinstance(arrays, ArrayRecord)
+    assert list(arrays.keys()) == list(ARRAYS.keys())
     assert set(strategy.site_metrics[1]) == {1, 2}
-
-
-@pytest.fixture
-def task_identity() -> None:
-    # Messages built outside a Flower runtime need the identity the runtime would set.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 @pytest.mark.usefixtures("task_identity")
