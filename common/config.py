@@ -109,6 +109,7 @@ class RunSettings:
     face_lr: float = 0.002
     emotion_lr: float = 0.002
     momentum: float = 0.9
+    max_update_norm: float = 1000.0  # coordinator refuses a site update with a larger L2 norm
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
@@ -123,6 +124,7 @@ class RunSettings:
             "face_lr",
             "emotion_lr",
             "server_lr",
+            "max_update_norm",
         )
         for name in positive:
             if not getattr(self, name) > 0:

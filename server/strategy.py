@@ -24,6 +24,7 @@ from common.errors import FacefedError
 from common.privacy.site_record import RECORD_NAME
 from common.serde import arrays_digest
 from server.ledger_keeper import LedgerKeeper
+from server.validation import validate_reply
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class CohortMixin:
         self.central_dp = settings.privacy.central_dp
         self.keeper: LedgerKeeper | None = None
         self.model_hash = ""
+        self.sent: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng([settings.seed, 7919])
         self.site_metrics = {}
         self.failures = {}
@@ -69,6 +71,7 @@ class CohortMixin:
         logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
         config["server-round"] = server_round
         self.model_hash = arrays_digest(arrays)
+        self.sent = {k: a.numpy() for k, a in arrays.items()}
         if self.keeper is not None:
             config["run-id"] = self.keeper.run_id
         from flwr.app import MessageType, RecordDict
@@ -109,6 +112,11 @@ class CohortMixin:
                 except FacefedError as exc:
                     self._refuse(server_round, node, f"privacy record refused: {exc}")
                     continue
+            try:  # after the ledger: a released update spent privacy even if it is not aggregated
+                validate_reply(reply.content, self.sent, self.settings.max_update_norm)
+            except FacefedError as exc:
+                self._refuse(server_round, node, f"update refused: {exc}")
+                continue
             accepted.append(reply)
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None:

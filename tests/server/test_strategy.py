@@ -35,7 +35,17 @@ def reply(node: int, weight: int = 10) -> Message:
         ttl=60.0,
         message_type=MessageType.TRAIN,
     )
-    metrics = MetricRecord({"num-examples": weight, "dp-weight": 1, "site-index": node})
+    metrics = MetricRecord(
+        {
+            "num-examples": weight,
+            "dp-weight": 1,
+            "site-index": node,
+            "epsilon": 1.0,
+            "delta": 1e-5,
+            "steps": 4,
+            "dp": 1,
+        }
+    )
     return Message(content=RecordDict({"arrays": ARRAYS, "metrics": metrics}), metadata=metadata)
 
 
@@ -55,9 +65,11 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_central_dp_refuses_a_round_with_fewer_replies_than_sampled() -> None:
     settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "central-dp": True})
     strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
     arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2)])  # one site dropped out
     assert arrays is None
     assert any("2 of 3 sampled sites replied" in f for f in strategy.failures[1])
@@ -72,6 +84,21 @@ def test_without_central_dp_the_remaining_replies_are_aggregated(kind: str) -> N
     arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2)])
     assert isinstance(arrays, ArrayRecord)
     assert list(arrays.keys()) == list(ARRAYS.keys())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_poisoned_reply_is_refused_and_the_others_are_aggregated() -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    poisoned = reply(3)
+    state = ARRAYS.to_torch_state_dict()
+    state["face.embed.bias"] = state["face.embed.bias"] * float("nan")
+    poisoned.content.array_records["arrays"] = ArrayRecord(torch_state_dict=state)
+    arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2), poisoned])
+    assert isinstance(arrays, ArrayRecord)
+    assert set(strategy.site_metrics[1]) == {1, 2}
+    assert any("node 3" in f and "NaN" in f for f in strategy.failures[1])
     assert set(strategy.site_metrics[1]) == {1, 2}
 
 

@@ -1,0 +1,76 @@
+"""Poisoned or malformed updates never reach aggregation; well-formed ones do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from common.errors import IntegrityError
+from common.models import EmotionNet, FaceEmbedder
+from common.serde import to_arrays
+from server.validation import validate_reply
+
+SENT = to_arrays(FaceEmbedder(8), EmotionNet(8))
+REFERENCE = {k: a.numpy() for k, a in SENT.items()}
+METRICS = {"num-examples": 10, "site-index": 0, "epsilon": 1.0, "delta": 1e-5, "steps": 4, "dp": 1}
+
+
+def content(state: dict[str, torch.Tensor], metrics: dict | None = None) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord(METRICS if metrics is None else metrics),
+        }
+    )
+
+
+def trained_state(scale: float = 1e-3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        k: torch.from_numpy(v) + scale * torch.randn(v.shape, generator=generator)
+        for k, v in REFERENCE.items()
+    }
+
+
+def test_a_normal_update_passes() -> None:
+    validate_reply(content(trained_state()), REFERENCE, max_update_norm=100.0)
+
+
+@pytest.mark.parametrize(
+    ("poison", "reason"),
+    [
+        (
+            lambda s: s.__setitem__("face.embed.bias", s["face.embed.bias"] * np.nan),
+            "NaN or infinite",
+        ),
+        (
+            lambda s: s.__setitem__(
+                "emotion.classifier.bias", s["emotion.classifier.bias"] + np.inf
+            ),
+            "NaN or infinite",
+        ),
+        (lambda s: s.__setitem__("face.embed.bias", torch.zeros(5)), "expected float32"),
+        (
+            lambda s: s.__setitem__("face.embed.bias", s["face.embed.bias"].double()),
+            "expected float32",
+        ),
+        (lambda s: s.pop("emotion.classifier.weight"), "array keys differ"),
+        (lambda s: s.__setitem__("extra.image", torch.zeros(112, 112)), "array keys differ"),
+        (lambda s: [t.mul_(1e6) for t in s.values()], "exceeds max-update-norm"),
+    ],
+    ids=["nan", "inf", "wrong-shape", "wrong-dtype", "missing-key", "extra-key", "norm-1e6"],
+)
+def test_poisoned_updates_are_refused(poison, reason: str) -> None:
+    state = trained_state()
+    poison(state)
+    with pytest.raises(IntegrityError, match=reason):
+        validate_reply(content(state), REFERENCE, max_update_norm=100.0)
+
+
+@pytest.mark.parametrize("bad", [{"epsilon": float("nan")}, {"steps": [4, 4]}, {"dp": None}])
+def test_metrics_must_be_finite_numbers(bad: dict) -> None:
+    metrics = {k: v for k, v in {**METRICS, **bad}.items() if v is not None}
+    with pytest.raises(IntegrityError, match="metric"):
+        validate_reply(content(trained_state(), metrics), REFERENCE, max_update_norm=100.0)
