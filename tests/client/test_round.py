@@ -62,15 +62,15 @@ def initial_arrays(settings):
 KEY = generate_private_key()
 
 
-def config(server_round: int) -> ConfigRecord:
-    return ConfigRecord({"server-round": server_round, "run-id": "test-run"})
+def config(server_round: int, run_id: str = "test-run") -> ConfigRecord:
+    return ConfigRecord({"server-round": server_round, "run-id": run_id})
 
 
-def run(state: RecordDict, server_round: int, **overrides):
+def run(state: RecordDict, server_round: int, run_id: str = "test-run", **overrides):
     settings = parse_run_config({**SMALL, **overrides})
     return run_round(
         initial_arrays(settings),
-        config(server_round),
+        config(server_round, run_id),
         state,
         tiny_site(),
         settings,

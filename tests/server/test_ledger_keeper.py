@@ -5,30 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from client.round import run_round
 from common.config import parse_run_config
 from common.errors import IntegrityError, PrivacyBudgetError
 from common.privacy.verify import verify_ledger
 from common.serde import arrays_digest
 from server.ledger_keeper import LedgerKeeper
-from tests.client.test_round import KEY, SMALL, initial_arrays, tiny_site
+from tests.client.test_round import SMALL, initial_arrays, run
 
 
 def site_reply(state: RecordDict, server_round: int, run_id: str, **overrides) -> RecordDict:
-    settings = parse_run_config({**SMALL, **overrides})
-    cfg = ConfigRecord({"server-round": server_round, "run-id": run_id})
-    return run_round(
-        initial_arrays(settings),
-        cfg,
-        state,
-        tiny_site(),
-        settings,
-        budget=settings.privacy.max_epsilon,
-        site_index=0,
-        signing_key=KEY,
-    )
+    return run(state, server_round, run_id, **overrides)
 
 
 @pytest.fixture
