@@ -144,8 +144,8 @@ def run_round(
             "delta": p.delta,
             "steps": sum(e.steps for e in privacy.history),
             "noise-multiplier": privacy.noise_multiplier or 0.0,
-            "face-loss": outcome.face_loss,
-            "emotion-loss": outcome.emotion_loss,
+            "face-loss": _finite_or(outcome.face_loss, -1.0),
+            "emotion-loss": _finite_or(outcome.emotion_loss, -1.0),
         }
     )
     reply = RecordDict({"arrays": to_arrays(face, emotion), "metrics": metrics})

@@ -181,11 +181,13 @@ def test_non_private_mode_reports_infinite_epsilon() -> None:
     assert "privacy" not in reply.config_records  # no DP release, no ledger record
 
 
-@pytest.mark.parametrize("dp", [True, False], ids=["dp", "non-private"])
-def test_client_app_can_be_called_directly(dp: bool) -> None:
+@pytest.mark.parametrize(
+    ("dp", "face_steps"), [(True, 2), (False, 2), (True, 0)], ids=["dp", "non-private", "no-face"]
+)
+def test_client_app_can_be_called_directly(dp: bool, face_steps: int) -> None:
     from client.app import build_client_app
 
-    settings = parse_run_config({**SMALL, "dp": dp})
+    settings = parse_run_config({**SMALL, "dp": dp, "face-steps": face_steps})
     app = build_client_app(settings.to_flat())
     content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
     metadata = Metadata(
@@ -211,6 +213,8 @@ def test_client_app_can_be_called_directly(dp: bool) -> None:
     assert not reply.has_error(), reply.error if reply.has_error() else ""
     # Every metric leaving the site is finite (the egress guard would refuse inf or NaN).
     assert reply.content["metrics"]["epsilon"] > 0 if dp else reply.content["metrics"]["dp"] == 0
+    if face_steps == 0:  # no face loss to report: sent as -1, never NaN
+        assert reply.content["metrics"]["face-loss"] == -1.0
     assert STATE_KEY in context.state
     # The egress guard saw the reply and found nothing but model arrays, scalars and the ledger record.
     assert guard_stats(context)["messages_seen"] == 1
