@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
@@ -74,8 +74,6 @@ class CohortMixin:
         self.sent = {k: a.numpy() for k, a in arrays.items()}
         if self.keeper is not None:
             config["run-id"] = self.keeper.run_id
-        from flwr.app import MessageType, RecordDict
-
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, cohort, MessageType.TRAIN)  # type: ignore[attr-defined]
 
