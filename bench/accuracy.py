@@ -36,7 +36,7 @@ import torch
 from bench.centralised import run_centralised
 from bench.report import markdown_table
 from common.atomic import atomic_write_text
-from common.cli import configure_logging
+from common.cli import configure_logging, report_errors
 from common.config import Scalar
 from common.errors import ConfigError, FacefedError
 from simulations.scenarios import load_scenario, resolve
@@ -257,14 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(args_list)
     configure_logging(args.verbose)
-    try:
-        return run(args, args_list)
-    except FacefedError as exc:
-        print(f"bench.accuracy: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("bench.accuracy: interrupted", file=sys.stderr)
-        return 130
+    return report_errors("bench.accuracy", lambda: run(args, args_list))
 
 
 if __name__ == "__main__":

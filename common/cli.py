@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from common.errors import FacefedError
 
@@ -71,13 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     configure_logging(args.verbose)
+    return report_errors("facefed", lambda: int(args.func(args) or 0))
+
+
+def report_errors(prog: str, command: Callable[[], int]) -> int:
+    """Run ``command``; turn a FacefedError into one ``prog: error: ...`` line and its exit code."""
     try:
-        return int(args.func(args) or 0)
+        return command()
     except FacefedError as exc:
-        print(f"facefed: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("facefed: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

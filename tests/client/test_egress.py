@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -13,8 +12,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -28,6 +25,7 @@ from client.egress import (
     manifest_from_state_dict,
 )
 from common.models import EmotionNet, FaceEmbedder
+from tests.messages import train_message
 
 Reply = Callable[[], RecordDict]
 
@@ -39,19 +37,8 @@ def params(small_models: tuple[FaceEmbedder, EmotionNet]) -> dict[str, np.ndarra
 
 
 def instruction() -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type=MessageType.TRAIN,
-    )
     content = RecordDict({"config": ConfigRecord({"server-round": 1})})
-    return Message(content, metadata=metadata)  # type: ignore[call-overload]
+    return train_message(content, dst_node_id=7)
 
 
 def run_client(params: dict[str, np.ndarray], content: RecordDict) -> tuple[Message, Context]:

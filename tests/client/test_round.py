@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.egress import guard_stats
@@ -28,6 +27,7 @@ from common.data.preprocess import emotion_tensor, face_tensor
 from common.errors import DataError, PrivacyBudgetError
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import to_arrays
+from tests.messages import train_message
 
 SMALL = {
     "face-steps": 2,
@@ -190,18 +190,7 @@ def test_client_app_can_be_called_directly(dp: bool, face_steps: int) -> None:
     settings = parse_run_config({**SMALL, "dp": dp, "face-steps": face_steps})
     app = build_client_app(settings.to_flat())
     content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=MessageType.TRAIN,
-    )
-    msg = Message(content=content, metadata=metadata)
+    msg = train_message(content)
     context = Context(
         run_id=1,
         node_id=1,

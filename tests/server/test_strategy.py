@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -19,22 +15,12 @@ from common.config import parse_run_config
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import to_arrays
 from server.strategy import BudgetExhausted, make_strategy
+from tests.messages import train_message
 
 ARRAYS = to_arrays(FaceEmbedder(8), EmotionNet(8))
 
 
 def reply(node: int, weight: int = 10) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"r{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
     metrics = MetricRecord(
         {
             "num-examples": weight,
@@ -46,7 +32,13 @@ def reply(node: int, weight: int = 10) -> Message:
             "dp": 1,
         }
     )
-    return Message(content=RecordDict({"arrays": ARRAYS, "metrics": metrics}), metadata=metadata)
+    return train_message(
+        RecordDict({"arrays": ARRAYS, "metrics": metrics}),
+        src_node_id=node,
+        dst_node_id=0,
+        message_id=f"r{node}",
+        reply_to="m",
+    )
 
 
 class FakeGrid:
