@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,6 @@ from server.ledger_keeper import LedgerKeeper
 from server.strategy import BudgetExhausted, make_strategy
 
 logger = logging.getLogger(__name__)
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else "inf"
-    return value
 
 
 class RunRecorder:
@@ -140,9 +133,7 @@ class RunRecorder:
             "ledger": self.ledger,
             "wall_time_s": round(time.monotonic() - self.started, 2),
         }
-        atomic_write_text(
-            self.out / "results.json", json.dumps(results, indent=2, default=_finite_or_none)
-        )
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
