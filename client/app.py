@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
@@ -18,12 +19,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.egress import EgressGuard, guard_stats, make_egress_guard
-from client.round import run_round, site_budget
+from client.round import round_from_config, run_round, site_budget
 from client.site_data import SiteSpec, load_site_tensors
 from client.site_keys import site_signing_key
+from client.site_store import SiteStore
 from common.config import Scalar, parse_run_config
 from common.models import EmotionNet, FaceEmbedder
-from common.serde import manifest
+from common.privacy.site_record import site_id
+from common.serde import arrays_digest, manifest
 
 
 @functools.lru_cache(maxsize=4)
@@ -31,11 +34,15 @@ def _guard_for(face_width: int, emotion_width: int) -> EgressGuard:
     return make_egress_guard(manifest(FaceEmbedder(face_width), EmotionNet(emotion_width)))
 
 
-def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> ClientApp:
+def build_client_app(
+    injected_config: Mapping[str, Scalar] | None = None, state_root: str | Path | None = None
+) -> ClientApp:
     """A ClientApp whose run config is ``injected_config`` overlaid with the context's own.
 
     Every reply passes the egress guard: only the agreed model arrays, scalar metrics and the signed
-    privacy record may leave the site.
+    privacy record may leave the site. A site keeps its durable state (:mod:`client.site_store`) in
+    ``node_config["state-dir"]``, else in ``state_root/site-N`` when ``state_root`` is given (the
+    simulation's ``OUT/sites``), else only in memory for the life of the process.
     """
     injected = dict(injected_config or {})
 
@@ -69,19 +76,51 @@ def build_client_app(injected_config: Mapping[str, Scalar] | None = None) -> Cli
         settings = parse_run_config({**injected, **context.run_config})
         node_config = dict(context.node_config)
         site = SiteSpec.from_node_config(node_config, settings)
+        arrays = msg.content.array_records["arrays"]
+        train_config = msg.content.config_records["config"]
+        store = _site_store(node_config, state_root, site.site_index)
+        if store is None:
+            signing_key = site_signing_key(context.state, node_config)
+        else:
+            run_id, server_round = (
+                str(train_config.get("run-id", "")),
+                round_from_config(train_config),
+            )
+            model_hash = arrays_digest(arrays)
+            store.restore(context.state, run_id)
+            stored = store.replay(run_id, server_round, model_hash)
+            if stored is not None:
+                return Message(content=stored, reply_to=msg)
+            signing_key = (
+                site_signing_key(context.state, node_config)
+                if "site-key" in node_config
+                else store.signing_key()
+            )
         content = run_round(
-            arrays=msg.content.array_records["arrays"],
-            train_config=msg.content.config_records["config"],
+            arrays=arrays,
+            train_config=train_config,
             state=context.state,
             data=load_site_tensors(settings, site),
             settings=settings,
             budget=site_budget(settings, node_config, site.site_index),
             site_index=site.site_index,
-            signing_key=site_signing_key(context.state, node_config),
+            signing_key=signing_key,
         )
+        if store is not None:  # durable before the reply can leave: a crash after it is replayed
+            store.commit(run_id, server_round, model_hash, context.state, content)
         return Message(content=content, reply_to=msg)
 
     return client_app
+
+
+def _site_store(
+    node_config: Mapping[str, object], state_root: str | Path | None, site_index: int
+) -> SiteStore | None:
+    if node_config.get("state-dir"):
+        return SiteStore(str(node_config["state-dir"]))
+    if state_root is not None:
+        return SiteStore(Path(state_root) / site_id(site_index))
+    return None
 
 
 app = build_client_app()

@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from common.failpoints import failpoint
+
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -31,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        failpoint("atomic.before-rename")
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -42,8 +42,12 @@ def save_checkpoint(
     model_config: ModelConfig,
     round_: int,
     meta: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; return its path."""
+    """Write a checkpoint atomically; return its path.
+
+    ``server`` optionally carries the coordinator's state for resuming (tensors and text only).
+    """
     payload = {
         "format": FORMAT,
         "round": int(round_),
@@ -55,6 +59,8 @@ def save_checkpoint(
         },
         "meta": dict(meta or {}),
     }
+    if server is not None:
+        payload["server"] = server
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     body = buffer.getvalue()

@@ -110,6 +110,13 @@ class RunSettings:
     emotion_lr: float = 0.002
     momentum: float = 0.9
     max_update_norm: float = 1000.0  # coordinator refuses a site update with a larger L2 norm
+    dp_path: Literal["opacus", "fast"] = "opacus"  # how per-sample gradients are clipped
+    # reliability
+    aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
+    trim_fraction: float = 0.25  # trimmed-mean: fraction cut from each end, per coordinate
+    min_replies: int = 1  # fewer valid replies than this: the round is not aggregated
+    round_timeout: float = 1800.0  # seconds to wait for a round's replies; late sites are dropouts
+    resume: bool = False  # continue the run in out-dir from its last completed round
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,8 @@ class RunSettings:
             "emotion_lr",
             "server_lr",
             "max_update_norm",
+            "min_replies",
+            "round_timeout",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -144,6 +153,23 @@ class RunSettings:
             raise ConfigError(
                 f"cohort-size ({self.cohort_size}) exceeds num-sites ({self.num_sites}); "
                 "lower cohort-size or add sites"
+            )
+        if self.min_replies > self.cohort_size:
+            raise ConfigError(
+                f"min-replies ({self.min_replies}) exceeds cohort-size ({self.cohort_size}); "
+                "no round could ever be aggregated"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.aggregation != "mean" and self.strategy != "fedavg":
+            raise ConfigError(
+                f"aggregation = {self.aggregation!r} replaces the server optimiser; use it with "
+                'strategy = "fedavg"'
+            )
+        if self.aggregation != "mean" and self.privacy.central_dp:
+            raise ConfigError(
+                f"aggregation = {self.aggregation!r} cannot be combined with central-dp: the central "
+                'noise is calibrated to the sensitivity of a plain mean; use aggregation = "mean"'
             )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")

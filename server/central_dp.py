@@ -21,13 +21,13 @@ from common.config import RunSettings
 from common.privacy.accounting import would_exceed
 from common.privacy.events import DpSgdEvent
 from server.ledger_keeper import COORDINATOR
-from server.strategy import BudgetExhausted, FacefedFedAdam, FacefedFedAvg
+from server.strategy import BudgetExhausted, FacefedStrategy
 
 
 class CentralDp(DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed-clipping DP wrapper, recording each release in the ledger."""
 
-    def __init__(self, inner: FacefedFedAvg | FacefedFedAdam, settings: RunSettings) -> None:
+    def __init__(self, inner: FacefedStrategy, settings: RunSettings) -> None:
         p = settings.privacy
         super().__init__(
             inner,

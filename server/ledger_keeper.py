@@ -17,15 +17,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.crypto.signing import (
+    canonical_bytes,
     generate_private_key,
     load_private_key,
     public_key_from_bytes,
     save_private_key,
     save_public_key,
+    verify,
 )
 from common.errors import FacefedError, IntegrityError
 from common.privacy.accounting import Accountant, compute_epsilon, would_exceed
-from common.privacy.entry import make_entry_body
+from common.privacy.entry import b64encode, make_entry_body, parse_entry_body
 from common.privacy.events import DpSgdEvent
 from common.privacy.ledger import Ledger
 from common.privacy.site_record import RoundReport, site_id
@@ -59,6 +61,9 @@ class LedgerKeeper:
         self.site_of_node: dict[int, str] = {}
         self.model_hash = ""
         self.last_mechanisms: dict[str, tuple] = {}
+        for entry in self.ledger.entries():  # a resumed run: what each site ran last
+            if entry.guarantee == "example-level":
+                self.last_mechanisms[entry.site_id] = entry.mechanisms
 
     def record(
         self, node_id: int, server_round: int, model_hash: str, record: object
@@ -76,10 +81,30 @@ class LedgerKeeper:
         if known is not None and known != site:
             raise IntegrityError(f"node {node_id} reported as {site} after reporting as {known}")
         body = report.entry_body(self.run_id, model_hash, self.accountant)
-        self.ledger.append(body, public_key_from_bytes(public_key), signature)
+        if self._already_recorded(site, body, public_key, signature):
+            logger.info("%s round %d is already in the ledger (resumed round)", site, server_round)
+        else:
+            self.ledger.append(body, public_key_from_bytes(public_key), signature)
         self.site_of_node[node_id] = site
         self.last_mechanisms[site] = report.mechanisms
         return report
+
+    def _already_recorded(self, site: str, body: dict, public_key: bytes, signature: bytes) -> bool:
+        """True if the ledger holds exactly this entry: a site resending a round after a resume.
+
+        Sites resend a stored reply byte for byte (:mod:`client.site_store`), so the signed body is
+        identical and is not charged again; any other entry for a recorded round is refused by
+        :meth:`Ledger.append` (rounds must increase).
+        """
+        recorded = [e for e in self.ledger.entries() if e.stream == (site, "example-level")]
+        if not recorded or recorded[-1].round < int(body["round"]):
+            return False
+        key = public_key_from_bytes(public_key)
+        if self.ledger.site_key(site) != b64encode(public_key) or not verify(
+            key, canonical_bytes(body), signature
+        ):
+            raise IntegrityError(f"{site} resent round {body['round']} without its valid signature")
+        return parse_entry_body(body) in recorded
 
     def can_train(self, node_id: int) -> bool:
         """False if the site's next round would exceed its recorded budget (unknown sites may train)."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -19,12 +20,14 @@ from common.checkpoint import ModelConfig, save_checkpoint
 from common.config import RunSettings
 from common.errors import FacefedError
 from common.evaluation import evaluate_emotion, evaluate_face, held_out_sets
+from common.failpoints import failpoint
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
 from server.central_dp import CentralDp
-from server.ledger_keeper import LedgerKeeper
-from server.strategy import BudgetExhausted, make_strategy
+from server.ledger_keeper import COORDINATOR, LedgerKeeper
+from server.run_dir import resume_point, server_state, start_run
+from server.strategy import BudgetExhausted, FacefedStrategy, make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +43,29 @@ class RunRecorder:
         root = resolve_data_dir(settings.data_dir or None)
         self.lfw, self.fer = held_out_sets(settings, root)
         self.rounds: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []
+        self.dropouts: dict[int, list[int]] = {}
+        self.state_fn: Callable[[ArrayRecord], dict[str, Any]] | None = None
         self.ledger: str | None = None
         self.checkpoint: str | None = None
         self.started = time.monotonic()
         self.round_started = self.started
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            self.round_started = time.monotonic()
-            return None
+    def history(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "resumes": self.resumes}
+
+    def restore(self, history: dict[str, Any], after_round: int) -> None:
+        """Continue an interrupted run's record: its rounds so far, and note the resume."""
+        self.rounds = [r for r in history.get("rounds", []) if r["round"] <= after_round]
+        self.resumes = [
+            *history.get("resumes", []),
+            {"after_round": after_round, "at": time.time()},
+        ]
+        if self.rounds:
+            self.checkpoint = self.rounds[-1]["checkpoint"]
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Evaluate the round's global model; checkpoint it with the coordinator state; record it."""
         face = FaceEmbedder(width=self.settings.face_width)
         emotion = EmotionNet(width=self.settings.emotion_width)
         from_arrays(arrays, face, emotion)
@@ -56,15 +73,7 @@ class RunRecorder:
         face_metrics = evaluate_face(face, self.lfw)
         emotion_metrics = evaluate_emotion(emotion, self.fer)
         eval_s = time.monotonic() - t0
-        ckpt = save_checkpoint(
-            self.out / "checkpoints" / f"round_{server_round:03d}.ckpt",
-            face,
-            emotion,
-            ModelConfig(self.settings.face_width, self.settings.emotion_width),
-            server_round,
-            meta={"model_hash": arrays_digest(arrays)},
-        )
-        self.checkpoint = str(ckpt)
+        ckpt_path = self.out / "checkpoints" / f"round_{server_round:03d}.ckpt"
         clients = {
             f"site-{int(m.get('site-index', node))}": {
                 "node_id": node,
@@ -97,12 +106,23 @@ class RunRecorder:
             },
             "clients": clients,
             "failures": self.strategy.failures.get(server_round, []),
+            "dropouts": self.dropouts.get(server_round, []),
             "time_s": round(now - self.round_started, 2),
             "eval_s": round(eval_s, 2),
-            "checkpoint": self.checkpoint,
+            "checkpoint": str(ckpt_path),
         }
         self.round_started = now
         self.rounds.append(record)
+        save_checkpoint(
+            ckpt_path,
+            face,
+            emotion,
+            ModelConfig(self.settings.face_width, self.settings.emotion_width),
+            server_round,
+            meta={"model_hash": arrays_digest(arrays)},
+            server=self.state_fn(arrays) if self.state_fn is not None else None,
+        )
+        self.checkpoint = str(ckpt_path)
         self.write(status="running")
         eps = [c["epsilon"] for c in clients.values()]
         eps_text = ", ".join(f"{e:.2f}" if isinstance(e, float) else str(e) for e in eps)
@@ -116,12 +136,6 @@ class RunRecorder:
             eps_text,
             record["time_s"],
         )
-        return MetricRecord(
-            {
-                "emotion-accuracy": emotion_metrics["accuracy"],
-                "lfw-accuracy": face_metrics["lfw_accuracy"],
-            }
-        )
 
     def write(self, status: str, error: str | None = None) -> None:
         results = {
@@ -129,6 +143,7 @@ class RunRecorder:
             "error": error,
             "config": self.settings.to_flat(),
             "rounds": self.rounds,
+            "resumes": self.resumes,
             "checkpoint": self.checkpoint,
             "ledger": self.ledger,
             "wall_time_s": round(time.monotonic() - self.started, 2),
@@ -137,41 +152,113 @@ class RunRecorder:
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
-    """Run all rounds; ``results.json`` is rewritten after every round and marked complete at the end."""
-    torch.manual_seed(settings.seed)
-    face = FaceEmbedder(width=settings.face_width)
-    emotion = EmotionNet(width=settings.emotion_width)
+    """Run all rounds (or, with ``resume``, the rest of an interrupted run).
+
+    ``results.json`` is rewritten after every round and marked complete at the end. A run that fails
+    leaves its ledger open, so that ``--resume`` can continue it.
+    """
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    point = resume_point(out, settings) if settings.resume else None
+    run_id = point.run_id if point is not None else start_run(out, settings)
     inner = make_strategy(settings)
+    inner.run_id = run_id
     recorder = RunRecorder(settings, inner)
     if settings.privacy.dp:
         inner.keeper = LedgerKeeper(
-            Path(settings.out_dir) / "ledger.db",
-            settings.privacy.accountant,
-            settings.privacy.delta,
+            out / "ledger.db", settings.privacy.accountant, settings.privacy.delta, run_id=run_id
         )
         recorder.ledger = str(inner.keeper.ledger.path)
     strategy: Strategy = CentralDp(inner, settings) if settings.privacy.central_dp else inner
+    recorder.state_fn = lambda arrays: server_state(
+        arrays, inner.sampling_state(), _moments(inner), recorder.history()
+    )
+    torch.manual_seed(settings.seed)
+    arrays = to_arrays(
+        FaceEmbedder(width=settings.face_width), EmotionNet(width=settings.emotion_width)
+    )
+    first = 1
+    if point is not None:
+        first = point.round + 1
+        if point.arrays is not None:
+            arrays = point.arrays
+            inner.restore_sampling(json.loads(point.server["sampling"]))
+            _restore_moments(inner, point.server.get("moments", {}))
+            recorder.restore(json.loads(point.server["history"]), point.round)
+        if settings.privacy.central_dp and inner.keeper is not None:
+            _check_central_resume(inner.keeper, point.round)
+    status, error = "completed", None
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=to_arrays(face, emotion),
-            num_rounds=settings.num_rounds,
-            train_config=ConfigRecord({}),
-            evaluate_fn=recorder.evaluate,
-        )
+        for server_round in range(first, settings.num_rounds + 1):
+            arrays = _train_round(grid, strategy, inner, recorder, server_round, arrays, settings)
     except BudgetExhausted as exc:
         logger.warning("%s", exc)
-        recorder.write(status="stopped", error=str(exc))
-        return recorder
+        status, error = "stopped", str(exc)
     except Exception as exc:
         recorder.write(status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
         if inner.keeper is not None:
-            inner.keeper.finish(f"run ended after {len(recorder.rounds)} rounds")
-    done = len(recorder.rounds) == settings.num_rounds
-    recorder.write(
-        status="completed" if done else "failed",
-        error=None if done else "some rounds produced no aggregate; see failures",
-    )
+            inner.keeper.ledger.close()
+            logger.info("ledger left open: continue the run with --resume")
+        raise
+    if inner.keeper is not None:
+        inner.keeper.finish(f"run ended after {len(recorder.rounds)} rounds ({status})")
+    recorder.write(status=status, error=error)
     return recorder
+
+
+def _train_round(
+    grid: Grid,
+    strategy: Strategy,
+    inner: FacefedStrategy,
+    recorder: RunRecorder,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: RunSettings,
+) -> ArrayRecord:
+    """One round: sample, send, wait up to ``round-timeout``, validate, aggregate, evaluate, save."""
+    logger.info("round %d/%d: start", server_round, settings.num_rounds)
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    failpoint("round.replied")
+    answered = {r.metadata.src_node_id for r in replies}
+    missing = sorted(
+        m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered
+    )
+    if missing:
+        recorder.dropouts[server_round] = missing
+        for node in missing:
+            inner._refuse(
+                server_round, node, f"no reply within round-timeout {settings.round_timeout:g} s"
+            )
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    if aggregated is None:
+        failures = "; ".join(inner.failures.get(server_round, [])) or "no replies"
+        raise FacefedError(f"round {server_round} was not aggregated ({failures})")
+    failpoint("round.aggregated")
+    recorder.evaluate(server_round, aggregated)
+    return aggregated
+
+
+def _moments(strategy: FacefedStrategy) -> dict[str, Any]:
+    """The server optimiser's state (FedAdam's first and second moments), if it has one."""
+    return {
+        name: value
+        for name in ("m_t", "v_t")
+        if (value := getattr(strategy, name, None)) is not None
+    }
+
+
+def _restore_moments(strategy: FacefedStrategy, moments: dict[str, Any]) -> None:
+    for name, value in moments.items():
+        setattr(strategy, name, {k: t.numpy() for k, t in value.items()})
+
+
+def _check_central_resume(keeper: LedgerKeeper, after_round: int) -> None:
+    """Fail closed: a client-level release recorded after the checkpoint cannot be re-run uncharged."""
+    last = keeper.ledger.last_round(COORDINATOR, guarantee="client-level")
+    if last is not None and last > after_round:
+        raise FacefedError(
+            f"the ledger records a central-DP release for round {last}, after the last usable "
+            f"checkpoint (round {after_round}); re-running it would release fresh noise uncharged. "
+            "Start a new run"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from common.config import RunSettings
 from common.errors import FacefedError
@@ -52,38 +52,63 @@ class CohortMixin:
         self.rng = np.random.default_rng([settings.seed, 7919])
         self.site_metrics = {}
         self.failures = {}
-        self.wait_timeout_s = 600.0
+        self.run_id = ""  # set by run_federation; sites key their stored replies on it
+        self.wait_timeout_s = 600.0  # before round 1: every site must connect
+        self.rejoin_grace_s = 30.0  # later rounds: how long to wait for a missing site to return
+        self.rounds_started = 0
+
+    def restore_sampling(self, state: dict[str, Any]) -> None:
+        """Continue the cohort sampling stream of an interrupted run (see ``sampling_state``)."""
+        self.rng.bit_generator.state = state
+        self.rounds_started = 1
+
+    def sampling_state(self) -> dict[str, Any]:
+        return dict(self.rng.bit_generator.state)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        nodes = self._wait_for_nodes(grid)
+        first, self.rounds_started = self.rounds_started == 0, self.rounds_started + 1
+        nodes = self._wait_for_nodes(grid, first)
         eligible = [n for n in nodes if self.keeper is None or self.keeper.can_train(n)]
-        if len(eligible) < self.settings.cohort_size:
+        size = self.settings.cohort_size
+        if len(eligible) < size and len(eligible) < len(nodes):
             raise BudgetExhausted(
                 f"stopped before round {server_round}: only {len(eligible)} of {len(nodes)} sites can "
-                f"train another round within their privacy budget (cohort-size "
-                f"{self.settings.cohort_size})"
+                f"train another round within their privacy budget (cohort-size {size})"
             )
+        if len(eligible) < size:  # sites dropped out of the federation and did not come back
+            if self.central_dp or len(eligible) < self.settings.min_replies:
+                raise FacefedError(
+                    f"round {server_round}: only {len(eligible)} of {self.settings.num_sites} sites "
+                    f"are connected; cohort-size {size} (central DP needs the full cohort) and "
+                    f"min-replies {self.settings.min_replies} cannot be met"
+                )
+            self._refuse(
+                server_round, -1, f"only {len(eligible)} sites connected; cohort shrunk to them"
+            )
+            size = len(eligible)
         # Sample positions, not ids: node ids are uint64 and would not survive a numpy array.
-        picks = self.rng.choice(len(eligible), self.settings.cohort_size, replace=False)
+        picks = self.rng.choice(len(eligible), size, replace=False)
         cohort = sorted(eligible[int(i)] for i in picks)
         logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
         config["server-round"] = server_round
         self.model_hash = arrays_digest(arrays)
         self.sent = {k: a.numpy() for k, a in arrays.items()}
-        if self.keeper is not None:
-            config["run-id"] = self.keeper.run_id
+        config["run-id"] = self.run_id
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, cohort, MessageType.TRAIN)  # type: ignore[attr-defined]
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.wait_timeout_s
+    def _wait_for_nodes(self, grid: Grid, first: bool) -> list[int]:
+        """Every site before the first round; later, whoever is back within ``rejoin_grace_s``."""
+        deadline = time.monotonic() + (self.wait_timeout_s if first else self.rejoin_grace_s)
         while len(nodes := sorted(grid.get_node_ids())) < self.settings.num_sites:
             if time.monotonic() > deadline:
-                raise TimeoutError(
+                if not first:
+                    return nodes
+                raise FacefedError(
                     f"only {len(nodes)} of {self.settings.num_sites} sites connected within "
-                    f"{self.wait_timeout_s:.0f} s"
+                    f"{self.wait_timeout_s:.0f} s; start the missing SuperNodes or lower num-sites"
                 )
             time.sleep(0.5)
         return nodes
@@ -120,6 +145,14 @@ class CohortMixin:
             if metrics is not None:
                 per_site[node] = dict(metrics)
         self.site_metrics[server_round] = per_site
+        if len(accepted) < self.settings.min_replies:
+            self._refuse(
+                server_round,
+                -1,
+                f"{len(accepted)} valid replies, fewer than min-replies "
+                f"{self.settings.min_replies}; round not aggregated",
+            )
+            return None, None
         if self.central_dp and len(accepted) != self.settings.cohort_size:
             # The central noise is calibrated for the full cohort; averaging fewer updates under it
             # would under-noise the release. Refuse the round instead (fail closed).
@@ -170,6 +203,29 @@ class FacefedFedAdam(CohortMixin, FedAdam):
         return super().configure_train(server_round, arrays, config, grid)
 
 
-def make_strategy(settings: RunSettings) -> FacefedFedAvg | FacefedFedAdam:
-    """The configured strategy."""
+class FacefedFedTrimmedAvg(CohortMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al., 2018): robust to a minority of poisoned updates."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(**_common_kwargs(settings), beta=settings.trim_fraction)
+        self._init_cohort(settings)
+
+
+class FacefedFedMedian(CohortMixin, FedMedian):
+    """Coordinate-wise median (Yin et al., 2018): robust to up to half the updates being poisoned."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        super().__init__(**_common_kwargs(settings))
+        self._init_cohort(settings)
+
+
+FacefedStrategy = FacefedFedAvg | FacefedFedAdam | FacefedFedTrimmedAvg | FacefedFedMedian
+
+
+def make_strategy(settings: RunSettings) -> FacefedStrategy:
+    """The configured strategy: server optimiser (FedAvg / FedAdam) or a robust aggregate."""
+    if settings.aggregation == "trimmed-mean":
+        return FacefedFedTrimmedAvg(settings)
+    if settings.aggregation == "median":
+        return FacefedFedMedian(settings)
     return FacefedFedAdam(settings) if settings.strategy == "fedadam" else FacefedFedAvg(settings)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
-from common.config import Scalar
+from common.config import RunSettings, Scalar, parse_run_config
+from common.errors import ConfigError
 from simulations.scenarios import load_scenario, parse_assignment, resolve
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override any run-config key, e.g. --set face-steps=40 (repeatable)",
     )
+    p.add_argument(
+        "--resume",
+        metavar="OUT",
+        help="continue the interrupted run in OUT from its last completed round (same config)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout at the end")
     p.set_defaults(func=run)
@@ -75,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
     for assignment in args.set:
         key, value = parse_assignment(assignment)
         overrides[key] = value
-    settings = resolve(load_scenario(args.scenario), overrides)
+    if args.resume:
+        if overrides or args.scenario != "default":
+            raise ConfigError(
+                "--resume continues a run with its own config; drop the other settings "
+                f"({', '.join(sorted(overrides)) or '--scenario'})"
+            )
+        settings = resume_settings(Path(args.resume))
+    else:
+        settings = resolve(load_scenario(args.scenario), overrides)
     logger.info(
         "simulating %d sites x %d rounds (cohort %d), epsilon <= %g, out %s",
         settings.num_sites,
@@ -90,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(results))
     return 0
+
+
+def resume_settings(out: Path) -> RunSettings:
+    """The settings of the run in ``out``, marked for resuming."""
+    from server.run_dir import stored_config
+
+    return parse_run_config({**stored_config(out), "resume": True, "out-dir": str(out)})
 
 
 def summary(results: dict[str, Any]) -> str:

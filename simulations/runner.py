@@ -61,7 +61,8 @@ def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, An
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results_path.unlink(missing_ok=True)
+    if not settings.resume:
+        results_path.unlink(missing_ok=True)
     flat = {**settings.to_flat(), "data-dir": str(root), "out-dir": str(out.resolve())}
 
     context = Context(
@@ -70,7 +71,7 @@ def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, An
     _run_simulation(
         num_supernodes=settings.num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=build_client_app(flat),
+        client_app=build_client_app(flat, state_root=out.resolve() / "sites"),
         server_app=server_app,
         backend_config=backend_config(num_cpus),
         server_app_context=context,

@@ -38,6 +38,7 @@ from common.crypto.signing import (
     verify,
 )
 from common.errors import IntegrityError, PrivacyBudgetError
+from common.failpoints import failpoint
 from common.privacy.accounting import compute_epsilon
 from common.privacy.chain import ChainCheck, KeyRow, StoredRow, check_chain
 from common.privacy.entry import (
@@ -235,6 +236,10 @@ class Ledger:
         stream = self._stream(site_id, guarantee)
         return stream[-1].budget_epsilon if stream else None
 
+    def site_key(self, site_id: str) -> str | None:
+        """The base64 public key the site registered with its first entry, or None."""
+        return self._site_keys.get(site_id)
+
     @property
     def closed(self) -> bool:
         """True once :meth:`finish` has recorded the end of the run."""
@@ -347,6 +352,7 @@ class Ledger:
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (seq, record["kind"], site_id, rnd, data, digest, signature),
             )
+            failpoint("ledger.before-commit")
             if new_key is not None and body is not None:
                 conn.execute("INSERT INTO keys VALUES (?, ?, ?)", (body.site_id, new_key, seq))
             conn.execute("COMMIT")

@@ -78,3 +78,21 @@ def test_over_budget_record_is_refused_by_the_ledger(keeper: LedgerKeeper) -> No
     record["budget-epsilon"] = 1.0
     with pytest.raises((PrivacyBudgetError, IntegrityError)):
         keeper.record(7, 1, model_hash(), record)
+
+
+def test_a_round_resent_after_a_resume_is_recorded_once(tmp_path: Path) -> None:
+    keeper = LedgerKeeper(tmp_path / "ledger.db", accountant="rdp", delta=1e-5)
+    reply = site_reply(RecordDict(), 1, keeper.run_id)
+    keeper.record(7, 1, model_hash(), reply.config_records["privacy"])
+    keeper.ledger.close()  # the coordinator is killed and resumed: a new keeper on the same ledger
+    resumed = LedgerKeeper(
+        tmp_path / "ledger.db", accountant="rdp", delta=1e-5, run_id=keeper.run_id
+    )
+    resumed.record(9, 1, model_hash(), reply.config_records["privacy"])  # the stored reply, again
+    assert [(e.site_id, e.round) for e in resumed.ledger.entries()] == [("site-0", 1)]
+    assert resumed.last_mechanisms["site-0"]  # budget checks know what the site ran last
+    forged = site_reply(RecordDict(), 1, keeper.run_id)  # a second, different release of round 1
+    with pytest.raises(IntegrityError):
+        resumed.record(9, 1, model_hash(), forged.config_records["privacy"])
+    resumed.finish("test done")
+    assert verify_ledger(tmp_path / "ledger.db").ok

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -12,6 +14,7 @@ from flwr.app import (
 )
 
 from common.config import parse_run_config
+from common.errors import ConfigError, FacefedError
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import to_arrays
 from server.strategy import BudgetExhausted, make_strategy
@@ -120,3 +123,79 @@ def test_run_stops_when_too_few_sites_remain_in_budget() -> None:
     strategy.keeper = Exhausted()  # type: ignore[assignment]
     with pytest.raises(BudgetExhausted, match="only 1 of 2 sites"):
         list(strategy.configure_train(2, ARRAYS, ConfigRecord({}), FakeGrid([1, 2])))
+
+
+def shifted_reply(node: int, shift: float) -> Message:
+    """A well-formed reply whose every weight is the sent model's plus ``shift``."""
+    arrays = ArrayRecord({k: Array(a.numpy() + np.float32(shift)) for k, a in ARRAYS.items()})
+    message = reply(node)
+    message.content["arrays"] = arrays
+    return message
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("aggregation", ["trimmed-mean", "median"])
+def test_robust_aggregation_ignores_a_poisoned_minority(aggregation: str) -> None:
+    settings = parse_run_config(
+        {
+            "num-sites": 5,
+            "cohort-size": 5,
+            "aggregation": aggregation,
+            "trim-fraction": 0.2,
+            "max-update-norm": 1e12,  # let the poisoned update through validation to the aggregate
+        }
+    )
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3, 4, 5]))
+    honest = [shifted_reply(n, s) for n, s in ((1, 0.01), (2, 0.02), (3, 0.03), (4, 0.04))]
+    poisoned = shifted_reply(5, 900.0)  # one site scales its update far beyond the others
+    arrays, _ = strategy.aggregate_train(1, [*honest, poisoned])
+    assert arrays is not None
+    delta = {k: arrays[k].numpy() - ARRAYS[k].numpy() for k in ARRAYS}
+    assert all(np.all((d > 0.005) & (d < 0.045)) for d in delta.values())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plain_mean_is_dragged_by_the_same_poisoned_update() -> None:
+    # The control for the test above: without robust aggregation the attack works.
+    settings = parse_run_config({"num-sites": 5, "cohort-size": 5, "max-update-norm": 1e12})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3, 4, 5]))
+    replies = [shifted_reply(n, 0.01 * n) for n in (1, 2, 3, 4)] + [shifted_reply(5, 900.0)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert (
+        float(np.min(arrays["face.embed.weight"].numpy() - ARRAYS["face.embed.weight"].numpy()))
+        > 100
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fewer_valid_replies_than_min_replies_are_not_aggregated() -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "min-replies": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2)])
+    assert arrays is None
+    assert any("fewer than min-replies 3" in f for f in strategy.failures[1])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_after_a_site_leaves_the_cohort_shrinks_to_the_sites_still_connected() -> None:
+    settings = parse_run_config({"num-sites": 4, "cohort-size": 4, "min-replies": 2})
+    strategy = make_strategy(settings)
+    strategy.rejoin_grace_s = 0.0
+    assert (
+        len(list(strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3, 4]))))
+        == 4
+    )
+    sent = list(strategy.configure_train(2, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 4])))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 4]
+    assert any("cohort shrunk" in f for f in strategy.failures[2])
+    with pytest.raises(FacefedError, match="min-replies 2 cannot be met"):
+        strategy.configure_train(3, ARRAYS, ConfigRecord({}), FakeGrid([4]))
+
+
+def test_robust_aggregation_cannot_be_combined_with_central_dp() -> None:
+    with pytest.raises(ConfigError, match="central"):
+        parse_run_config({"aggregation": "median", "central-dp": True})
