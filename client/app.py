@@ -8,14 +8,14 @@ which gives ClientApps no run config of their own.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.egress import EgressGuard, guard_stats, make_egress_guard
@@ -25,7 +25,7 @@ from client.site_keys import site_signing_key
 from client.site_store import SiteStore
 from common.config import Scalar, parse_run_config
 from common.models import EmotionNet, FaceEmbedder
-from common.privacy.site_record import site_id
+from common.privacy.site_record import PREVIOUS_PREFIX, site_id
 from common.serde import arrays_digest, manifest
 
 
@@ -35,14 +35,18 @@ def _guard_for(face_width: int, emotion_width: int) -> EgressGuard:
 
 
 def build_client_app(
-    injected_config: Mapping[str, Scalar] | None = None, state_root: str | Path | None = None
+    injected_config: Mapping[str, Scalar] | None = None,
+    state_root: str | Path | None = None,
+    outer_mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """A ClientApp whose run config is ``injected_config`` overlaid with the context's own.
 
     Every reply passes the egress guard: only the agreed model arrays, scalar metrics and the signed
     privacy record may leave the site. A site keeps its durable state (:mod:`client.site_store`) in
     ``node_config["state-dir"]``, else in ``state_root/site-N`` when ``state_root`` is given (the
-    simulation's ``OUT/sites``), else only in memory for the life of the process.
+    simulation's ``OUT/sites``), else only in memory for the life of the process. ``outer_mods`` run
+    outside the egress guard: only fault-injection runs (``bench/faults.py``) use them, to play a
+    compromised site that bypasses its own guard.
     """
     injected = dict(injected_config or {})
 
@@ -67,7 +71,7 @@ def build_client_app(
             return fixedclipping_mod(msg, context, call_next)
         return call_next(msg, context)
 
-    client_app = ClientApp(mods=[egress, central_clip])
+    client_app = ClientApp(mods=[*outer_mods, egress, central_clip])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -106,7 +110,10 @@ def build_client_app(
             site_index=site.site_index,
             signing_key=signing_key,
         )
-        if store is not None:  # durable before the reply can leave: a crash after it is replayed
+        if store is not None:
+            for i, record in enumerate(store.previous_records(run_id, server_round)):
+                content.config_records[f"{PREVIOUS_PREFIX}{i}"] = record
+            # Durable before the reply can leave: a crash after this point is answered by a replay.
             store.commit(run_id, server_round, model_hash, context.state, content)
         return Message(content=content, reply_to=msg)
 

@@ -6,7 +6,8 @@ allows:
 * ``ArrayRecord`` entries whose key is in the agreed parameter manifest, with exactly the manifest's
   shape and a floating-point dtype, that decode as plain NumPy arrays;
 * ``MetricRecord`` values that are single finite ints or floats (lists could carry a template);
-* one ``ConfigRecord`` named :data:`PRIVACY_RECORD_NAME` whose fields are in
+* ``ConfigRecord`` entries named :data:`PRIVACY_RECORD_NAME` (this round) or ``privacy-previous-N``
+  (the site's signed records of its earlier rounds), whose fields are in
   :data:`PRIVACY_RECORD_FIELDS` (finite scalars, and the site's Ed25519 signature and public key as
   bytes of exactly 64 and 32 bytes).
 
@@ -35,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.privacy.site_record import BYTES_FIELDS, RECORD_NAME, SCALAR_FIELDS
+from common.privacy.site_record import BYTES_FIELDS, PREVIOUS_PREFIX, RECORD_NAME, SCALAR_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,9 @@ class EgressGuard:
                         raise EgressRefused(
                             f"metric {name}.{key} is {type(value).__name__}, not a finite scalar"
                         )
-            elif isinstance(record, ConfigRecord) and name == PRIVACY_RECORD_NAME:
+            elif isinstance(record, ConfigRecord) and (
+                name == PRIVACY_RECORD_NAME or name.startswith(PREVIOUS_PREFIX)
+            ):
                 self._check_privacy(record)
             else:
                 raise EgressRefused(

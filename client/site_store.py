@@ -35,6 +35,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from common.atomic import atomic_write_bytes
 from common.crypto.signing import generate_private_key, load_private_key, save_private_key
 from common.errors import IntegrityError, PrivacyBudgetError
+from common.privacy.site_record import RECORD_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,16 @@ class SiteStore:
             f"reply for round {server_round} on this model; refusing to train it again (the round "
             "would be charged twice). Resume the coordinator from its latest checkpoint"
         )
+
+    def previous_records(self, run_id: str, server_round: int) -> list[ConfigRecord]:
+        """The signed privacy records of this run's stored rounds before ``server_round``, in order."""
+        records = []
+        for number, path in self._files():
+            if number < server_round:
+                stored = _read(path)
+                if stored.run_id == run_id and RECORD_NAME in stored.reply.config_records:
+                    records.append(stored.reply.config_records[RECORD_NAME])
+        return records
 
     def commit(
         self,

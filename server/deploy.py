@@ -278,7 +278,9 @@ def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
     """The ``flower-supernode`` argument list for a site kit.
 
     Runtime dependency installation is off by default for SuperNodes in 1.41 (only
-    ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it.
+    ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it. The site's
+    durable state (privacy history, ledger key, stored replies: :mod:`client.site_store`) lives in the
+    kit's ``state/``, so a rebooted site keeps its spent budget.
     """
     kit = kit.resolve()
     return [
@@ -286,7 +288,7 @@ def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
         "--superlink", cfg.superlink,
         "--root-certificates", str(kit / "certs" / "ca.crt"),
         "--auth-supernode-private-key", str(kit / "keys" / "supernode.key"),
-        "--node-config", format_node_config(cfg.node_config()),
+        "--node-config", format_node_config({**cfg.node_config(), "state-dir": str(kit / "state")}),
         "--host", "127.0.0.1",
         "--port", str(cfg.runtime_port),
     ]  # fmt: skip

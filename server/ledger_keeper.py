@@ -89,6 +89,22 @@ class LedgerKeeper:
         self.last_mechanisms[site] = report.mechanisms
         return report
 
+    def record_previous(self, node_id: int, record: object, hashes: dict[int, str]) -> None:
+        """Record a site's resent earlier round, unless the ledger already holds it.
+
+        ``hashes`` maps rounds to the global model's hash sent that round (the ledger's own entries
+        for that round are used when the map lacks it, e.g. after a resume).
+        """
+        report, _, _ = RoundReport.from_record(record)  # type: ignore[arg-type]
+        model_hash = hashes.get(report.round) or next(
+            (e.model_hash for e in self.ledger.entries() if e.round == report.round), None
+        )
+        if model_hash is None:
+            raise IntegrityError(
+                f"resent record of round {report.round}: that round's model is unknown"
+            )
+        self.record(node_id, report.round, model_hash, record)
+
     def _already_recorded(self, site: str, body: dict, public_key: bytes, signature: bytes) -> bool:
         """True if the ledger holds exactly this entry: a site resending a round after a resume.
 

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from common.config import RunSettings
 from common.errors import FacefedError
-from common.privacy.site_record import RECORD_NAME
+from common.privacy.site_record import PREVIOUS_PREFIX, RECORD_NAME
 from common.serde import arrays_digest
 from server.ledger_keeper import LedgerKeeper
 from server.validation import validate_reply
@@ -48,6 +48,7 @@ class CohortMixin:
         self.central_dp = settings.privacy.central_dp
         self.keeper: LedgerKeeper | None = None
         self.model_hash = ""
+        self.round_hashes: dict[int, str] = {}
         self.sent: dict[str, np.ndarray] = {}
         self.rng = np.random.default_rng([settings.seed, 7919])
         self.site_metrics = {}
@@ -94,6 +95,7 @@ class CohortMixin:
         logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
         config["server-round"] = server_round
         self.model_hash = arrays_digest(arrays)
+        self.round_hashes[server_round] = self.model_hash
         self.sent = {k: a.numpy() for k, a in arrays.items()}
         config["run-id"] = self.run_id
         record = RecordDict({"arrays": arrays, "config": config})
@@ -126,6 +128,11 @@ class CohortMixin:
                 continue
             if self.keeper is not None:
                 try:
+                    for name in sorted(reply.content.config_records):
+                        if name.startswith(PREVIOUS_PREFIX):
+                            self.keeper.record_previous(
+                                node, reply.content.config_records[name], self.round_hashes
+                            )
                     self.keeper.record(
                         node,
                         server_round,

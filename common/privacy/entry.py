@@ -244,7 +244,7 @@ def parse_entry_body(body: Mapping[str, Any]) -> EntryBody:
             **{k: fields[k] for k in fields if k not in ("privacy_unit", "accountant_version")}
             | {"mechanisms": mechanisms}
         )
-    except (FacefedError, TypeError, AttributeError) as exc:
+    except (FacefedError, TypeError, ValueError, AttributeError) as exc:
         raise IntegrityError(f"entry body is invalid: {exc}") from exc
     if rebuilt["privacy_unit"] != fields["privacy_unit"]:
         raise IntegrityError(

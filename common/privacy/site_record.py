@@ -23,6 +23,10 @@ from common.privacy.entry import make_entry_body
 from common.privacy.events import DpSgdEvent
 
 RECORD_NAME = "privacy"
+# A site's signed records of its earlier rounds of the run, resent with each reply: if an earlier reply
+# never arrived (the site died after training), the coordinator records that round first, so the
+# ledger's history and the site's own cumulative epsilon stay equal. Already recorded ones are skipped.
+PREVIOUS_PREFIX = "privacy-previous-"
 MODELS = ("face", "emotion")
 SCALAR_FIELDS = (
     "site-index",

@@ -108,6 +108,7 @@ def test_supernode_command_carries_tls_key_and_typed_node_config(kits: Path) -> 
         "data-dir": "/srv/facefed/data",
         "site-id": "site-2",
         "max-epsilon": 8.0,
+        "state-dir": str((site / "state").resolve()),  # the privacy history survives a reboot
     }
 
 

@@ -96,3 +96,25 @@ def test_a_round_resent_after_a_resume_is_recorded_once(tmp_path: Path) -> None:
         resumed.record(9, 1, model_hash(), forged.config_records["privacy"])
     resumed.finish("test done")
     assert verify_ledger(tmp_path / "ledger.db").ok
+
+
+def test_a_round_whose_reply_was_lost_is_recorded_from_the_sites_next_reply(tmp_path: Path) -> None:
+    from client.site_store import SiteStore
+    from tests.client.test_site_store import released
+
+    keeper = LedgerKeeper(tmp_path / "ledger.db", accountant="rdp", delta=1e-5)
+    store = SiteStore(tmp_path / "site")
+    first = released(store, 1, keeper.run_id)
+    keeper.record(7, 1, model_hash(), first.config_records["privacy"])
+    released(store, 2, keeper.run_id)  # trained and charged on the site; the reply never arrived
+    third = released(store, 3, keeper.run_id)
+    with pytest.raises(IntegrityError, match="history gives"):  # without round 2 the books differ
+        keeper.record(7, 3, model_hash(), third.config_records["privacy"])
+    hashes = {1: model_hash(), 2: model_hash(), 3: model_hash()}
+    for record in store.previous_records(keeper.run_id, 3):  # what the ClientApp attaches
+        keeper.record_previous(7, record, hashes)
+    keeper.record(7, 3, model_hash(), third.config_records["privacy"])
+    assert [e.round for e in keeper.ledger.entries()] == [1, 2, 3]
+    assert keeper.ledger.cumulative_epsilon("site-0") == pytest.approx(
+        third["metrics"]["epsilon"], rel=1e-6
+    )
