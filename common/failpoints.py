@@ -2,7 +2,9 @@
 
 ``FACEFED_FAILPOINT=NAME`` or ``NAME:N`` makes the process kill its own process group with SIGKILL at the
 N-th time (default: first) execution passes :func:`failpoint` with that name, as a machine losing power at
-exactly that instruction would. The names used in facefed:
+exactly that instruction would. Only a process-group leader fires (the ``facefed`` process started in its
+own session), so the Ray workers of a simulation, which inherit the variable, never do. The names used
+in facefed:
 
 * ``atomic.before-rename``: a file's bytes are written and fsynced, the rename has not happened;
 * ``ledger.before-commit``: a ledger row is inserted, its transaction not committed;
@@ -27,7 +29,7 @@ def failpoint(name: str) -> None:
     if not spec:
         return
     target, _, nth = spec.partition(":")
-    if target != name:
+    if target != name or os.getpgid(0) != os.getpid():
         return
     _hits[name] += 1
     if _hits[name] >= int(nth or 1):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
+from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
 from common.config import RunSettings
@@ -50,7 +52,9 @@ def backend_config(num_cpus: int | None) -> dict[str, Any]:
     }
 
 
-def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, Any]:
+def simulate(
+    settings: RunSettings, num_cpus: int | None = None, outer_mods: Sequence[Mod] = ()
+) -> dict[str, Any]:
     """Run the simulation; return the parsed ``results.json``. Raises FacefedError if the run failed."""
     # Imported here: the private entry point is the only one that accepts the ServerApp's context (the
     # public run_simulation() gives every app an empty run config); ClientApps get theirs injected.
@@ -71,7 +75,9 @@ def simulate(settings: RunSettings, num_cpus: int | None = None) -> dict[str, An
     _run_simulation(
         num_supernodes=settings.num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=build_client_app(flat, state_root=out.resolve() / "sites"),
+        client_app=build_client_app(
+            flat, state_root=out.resolve() / "sites", outer_mods=outer_mods
+        ),
         server_app=server_app,
         backend_config=backend_config(num_cpus),
         server_app_context=context,
