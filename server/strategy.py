@@ -60,8 +60,7 @@ class CohortMixin:
 
     def restore_sampling(self, state: dict[str, Any]) -> None:
         """Continue the cohort sampling stream of an interrupted run (see ``sampling_state``)."""
-        self.rng.bit_generator.state = state
-        self.rounds_started = 1
+        self.rng.bit_generator.state = state  # the first round after it waits for every site again
 
     def sampling_state(self) -> dict[str, Any]:
         return dict(self.rng.bit_generator.state)
