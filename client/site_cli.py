@@ -7,6 +7,10 @@ so a bad input leaves the store unchanged. Human-readable output by default, one
 ``--json``. ``verify`` exits 0 on a match and 1 on no match; errors exit >= 2 (see
 :mod:`common.errors`).
 
+The verification threshold is, first found: ``--threshold``; the calibration stored in the store for
+the checkpoint's model (``facefed site calibrate``); the ``NAME.calibration.json`` shipped next to
+``NAME.ckpt`` (it must name the same model tag); a calibration in the checkpoint's metadata.
+
 Environment: ``FACEFED_SITE_DIR`` (store), ``FACEFED_SITE_KEY`` (key file),
 ``FACEFED_SITE_PASSPHRASE`` (passphrase), ``FACEFED_KEY_DIR`` (where ``init`` puts key files by
 default), ``FACEFED_CHECKPOINT``, ``FACEFED_DETECTOR_MODEL``.
@@ -40,6 +44,7 @@ KEY_DIR_ENV = "FACEFED_KEY_DIR"
 CHECKPOINT_ENV = "FACEFED_CHECKPOINT"
 DETECTOR_ENV = "FACEFED_DETECTOR_MODEL"
 NO_MATCH_EXIT = 1
+CALIBRATION_SUFFIX = ".calibration.json"
 
 
 def _env_path(name: str) -> Path | None:
@@ -101,23 +106,53 @@ def _open(args: argparse.Namespace) -> TemplateStore:
     return store
 
 
-def _pipeline(args: argparse.Namespace) -> tuple[FacePipeline, dict[str, Any]]:
+def _checkpoint_path(args: argparse.Namespace) -> Path:
     checkpoint = args.checkpoint or _env_path(CHECKPOINT_ENV)
     if checkpoint is None:
         raise ConfigError(
             f"no model checkpoint given; pass --checkpoint PATH or set {CHECKPOINT_ENV} "
-            "to a trained "
-            "facefed checkpoint"
+            "to a trained facefed checkpoint (e.g. models/facefed-face-v1.ckpt)"
         )
+    return Path(checkpoint)
+
+
+def _pipeline(args: argparse.Namespace) -> tuple[FacePipeline, dict[str, Any]]:
+    checkpoint = _checkpoint_path(args)
     config = PipelineConfig(
         min_face=args.min_face, multi_face="largest" if args.largest else "error"
     )
     detector = args.detector_model or _env_path(DETECTOR_ENV)
-    return load_pipeline(Path(checkpoint), detector_model=detector, config=config)
+    return load_pipeline(checkpoint, detector_model=detector, config=config)
 
 
 def _images(paths: list[Path]) -> list[np.ndarray]:
     return [read_image(p) for p in paths]
+
+
+def calibration_file(checkpoint: Path) -> Path:
+    """Where a checkpoint's shipped calibration lives: ``NAME.ckpt`` -> ``NAME.calibration.json``."""
+    return checkpoint.with_suffix(CALIBRATION_SUFFIX)
+
+
+def _shipped_calibration(checkpoint: Path, tag: str) -> dict[str, Any] | None:
+    """The calibration file next to the checkpoint, if any; it must be for this very model."""
+    path = calibration_file(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        cal = Calibration.from_dict(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"calibration file {path} is unreadable ({exc.__class__.__name__}); restore it or run "
+            "`facefed site calibrate` with this checkpoint"
+        ) from None
+    if cal.model_tag != tag:
+        raise ConfigError(
+            f"calibration file {path} is for model {cal.model_tag}, not for the checkpoint's model "
+            f"{tag}; remove it or run `facefed site calibrate` with this checkpoint"
+        )
+    return cal.to_dict()
 
 
 def _calibration(
@@ -127,6 +162,8 @@ def _calibration(
     if args.threshold is not None:
         return Calibration.manual(args.threshold, tag)
     stored = store.get_meta(f"calibration:{tag}")
+    if stored is None:
+        stored = _shipped_calibration(_checkpoint_path(args), tag)
     if stored is None and isinstance(meta.get("calibration"), dict):
         stored = dict(meta["calibration"]) | {"model_tag": tag}
     if stored is None:
@@ -188,11 +225,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lfw_sets(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sets = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sets = ()
+    if not sets or any(not 1 <= v <= 5 for v in sets):
+        raise ConfigError(
+            f"--lfw-sets must be comma-separated LFW people sets 1..5, got {text!r}; e.g. 4,5"
+        )
+    return sets
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    lfw_sets = _lfw_sets(args.lfw_sets)
     pipeline, _ = _pipeline(args)
     with _open(args) as store:
         cal = calibrate_on_lfw(
-            pipeline.embed_faces, model_tag=pipeline.model_tag, far=args.far, data_dir=args.data_dir
+            pipeline.embed_faces,
+            model_tag=pipeline.model_tag,
+            far=args.far,
+            data_dir=args.data_dir,
+            lfw_sets=lfw_sets,
         )
         store.set_meta(f"calibration:{pipeline.model_tag}", cal.to_dict())
     _emit(args, cal.to_dict(), f"model {cal.model_tag}: {cal.describe()}")
@@ -385,6 +441,12 @@ def register(subparsers: Any) -> None:
     )
     cal.add_argument("--far", type=float, default=DEFAULT_FAR, help="target false-accept rate")
     cal.add_argument("--data-dir", type=Path, help="folder holding the LFW archive")
+    cal.add_argument(
+        "--lfw-sets",
+        metavar="SETS",
+        help="calibrate only on the pairs of these LFW people sets, e.g. 4,5 (the sets the model "
+        "never trained on; default: all)",
+    )
     enroll = add(
         "enroll", cmd_enroll, "enrol a person from one or more photos", "store", "key", "model"
     )

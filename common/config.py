@@ -110,7 +110,7 @@ class RunSettings:
     emotion_lr: float = 0.002
     momentum: float = 0.9
     max_update_norm: float = 1000.0  # coordinator refuses a site update with a larger L2 norm
-    dp_path: Literal["fast", "opacus"] = "fast"  # per-sample clipping: facefed's fast path or Opacus
+    dp_path: Literal["fast", "opacus"] = "fast"  # per-sample clipping: client/fast_dp.py or Opacus
     # reliability
     aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim_fraction: float = 0.25  # trimmed-mean: fraction cut from each end, per coordinate

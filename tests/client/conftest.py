@@ -1,9 +1,9 @@
 """Shared fixtures for the on-device pipeline, template store and egress guard tests.
 
 Real faces: the uncropped Yale photos (``yalefaces_243x320.npz``) and a few LFW JPEGs read straight
-from the shipped archive. Models are small random-initialised networks (seeded) unless a trained
-checkpoint is given in ``FACEFED_TEST_CHECKPOINT``; tests that need recognition accuracy skip
-without one.
+from the shipped archive. Plumbing tests use small random-initialised networks (seeded); tests that
+need recognition accuracy use the trained checkpoint in ``FACEFED_TEST_CHECKPOINT``, else the
+shipped public model ``models/facefed-face-v1.ckpt``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ YALE = DATA / "yalefaces_243x320.npz"
 LFW = DATA / "lfw_deepfunneled112_sets1-5.tar.gz"
 YUNET = DATA / "face_detection_yunet_2026may.onnx"
 TRAINED_ENV = "FACEFED_TEST_CHECKPOINT"
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "facefed-face-v1.ckpt"
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +88,12 @@ def checkpoint(
 
 @pytest.fixture(scope="session")
 def trained_checkpoint() -> Path:
-    """A trained checkpoint from ``FACEFED_TEST_CHECKPOINT``; skips when not given."""
+    """A trained checkpoint: ``FACEFED_TEST_CHECKPOINT`` if set, else the shipped public model."""
     value = os.environ.get(TRAINED_ENV)
-    if not value or not Path(value).is_file():
-        pytest.skip(f"needs trained checkpoint (set {TRAINED_ENV})")
-    return Path(value)
+    path = Path(value) if value else SHIPPED_MODEL
+    if not path.is_file():
+        pytest.skip(f"trained checkpoint {path} not found (set {TRAINED_ENV} to one)")
+    return path
 
 
 @pytest.fixture
