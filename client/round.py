@@ -126,7 +126,9 @@ def run_round(
     from_arrays(arrays, face, emotion)
     head = _load_head(state, data.num_identities, generator)
 
+    train_started = time.monotonic()
     outcome = train_round(face, head, emotion, data, settings, privacy, generator)
+    train_s = time.monotonic() - train_started
 
     state.array_records[HEAD_KEY] = ArrayRecord(torch_state_dict={"weight": head.weight.detach()})
     privacy.rounds.append(server_round)
@@ -146,6 +148,7 @@ def run_round(
             "noise-multiplier": privacy.noise_multiplier or 0.0,
             "face-loss": _finite_or(outcome.face_loss, -1.0),
             "emotion-loss": _finite_or(outcome.emotion_loss, -1.0),
+            "train-s": train_s,
         }
     )
     reply = RecordDict({"arrays": to_arrays(face, emotion), "metrics": metrics})

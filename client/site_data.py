@@ -25,7 +25,8 @@ from common.data.lfw import lfw_train_subset, load_lfw
 from common.data.npz_sets import load_extended_yale_b
 from common.data.orl import load_orl
 from common.data.partition import partition_by_identity, partition_dirichlet, partition_iid
-from common.data.preprocess import emotion_tensor, face_tensor
+from common.data.preprocess import FACE_SIZE, emotion_tensor, resize_all, standardize, to_gray
+from common.data.types import LabeledImages
 from common.errors import ConfigError
 from common.paths import data_dir as resolve_data_dir
 
@@ -97,23 +98,43 @@ def _site_index(node_config: Mapping[str, object], partition_id: int) -> int:
 
 def face_pool(settings: RunSettings, data_dir: Path) -> tuple[list[torch.Tensor], np.ndarray]:
     """All training faces of the configured sources, as per-source tensors and disjoint identity labels."""
-    parts: list[torch.Tensor] = []
+    gray, labels = _gray_face_pool(settings.face_source_list, settings.lfw_train_set_list, data_dir)
+    return [standardize(part) for part in gray], labels
+
+
+@functools.lru_cache(maxsize=1)
+def _gray_face_pool(
+    sources: tuple[str, ...], lfw_train_sets: tuple[int, ...], data_dir: Path
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The face pool as 112x112 gray uint8 images per source, and disjoint identity labels.
+
+    Kept once per process: a simulation worker serves many sites in turn, and decoding, converting
+    and resizing the whole pool (seconds) for each of them dominated a small site's round. Each site
+    then standardises only its own faces (per-image, so the result is the same as standardising the
+    pool and slicing it).
+    """
+    parts: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     offset = 0
-    for source in settings.face_source_list:
+    for source in sources:
         if source == "lfw":
             lfw = load_lfw(data_dir=data_dir)
-            sets = [s - 1 for s in settings.lfw_train_set_list]
-            imgs = lfw_train_subset(lfw, sets, min_images=2)
+            imgs = lfw_train_subset(lfw, [s - 1 for s in lfw_train_sets], min_images=2)
         elif source == "orl":
             imgs = load_orl(data_dir=data_dir)
         else:
             imgs = load_extended_yale_b(data_dir=data_dir)
-        parts.append(face_tensor(imgs.images))
+        parts.append(resize_all(to_gray(imgs.images), FACE_SIZE))
         _, dense = np.unique(imgs.labels, return_inverse=True)
         labels.append(dense.astype(np.int64) + offset)
         offset += int(dense.max()) + 1
     return parts, np.concatenate(labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _fer_training(data_dir: Path) -> LabeledImages:
+    """FER2013's Training split, kept once per process (see :func:`_gray_face_pool`)."""
+    return load_fer2013("Training", data_dir=data_dir)
 
 
 def _subsample(indices: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,8 +149,7 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     root = resolve_data_dir(site.data_dir or None)
     rng = np.random.default_rng([settings.seed, site.partition_id])
 
-    parts, identities = face_pool(settings, root)
-    face_x_all = torch.cat(parts)
+    gray, identities = _gray_face_pool(settings.face_source_list, settings.lfw_train_set_list, root)
     if len(np.unique(identities)) < site.num_partitions:
         raise ConfigError(
             f"only {len(np.unique(identities))} identities for "
@@ -138,10 +158,10 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     face_idx = partition_by_identity(identities, site.num_partitions, seed=settings.seed)
     mine = _subsample(face_idx[site.partition_id], settings.face_train_limit, rng)
     _, local_labels = np.unique(identities[mine], return_inverse=True)
-    face_x = face_x_all[torch.from_numpy(mine)]
+    face_x = standardize(np.concatenate(gray)[mine])
     face_y = torch.from_numpy(local_labels.astype(np.int64))
 
-    fer = load_fer2013("Training", data_dir=root)
+    fer = _fer_training(root)
     if settings.partition == "iid":
         emo_idx = partition_iid(len(fer), site.num_partitions, seed=settings.seed)
     else:

@@ -83,6 +83,7 @@ class RunRecorder:
                 "noise_multiplier": m["noise-multiplier"],
                 "face_loss": m["face-loss"] if m["face-loss"] >= 0 else None,
                 "emotion_loss": m["emotion-loss"] if m["emotion-loss"] >= 0 else None,
+                "train_s": m.get("train-s"),
                 "egress_checked": int(m.get("egress-checked", 0)),
                 "egress_refused": int(m.get("egress-refused", 0)),
             }

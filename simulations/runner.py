@@ -44,8 +44,14 @@ def warm_caches(settings: RunSettings) -> Path:
 
 
 def backend_config(num_cpus: int | None) -> dict[str, Any]:
-    """One CPU per virtual site; Ray gets the machine's CPUs (or ``num_cpus``)."""
+    """One CPU per virtual site; Ray gets the machine's CPUs (or ``num_cpus``), or with ``RAY_ADDRESS``
+    set, the existing Ray cluster's (docs/ray-cluster.md)."""
     cpus = num_cpus or os.cpu_count() or 1
+    if address := os.environ.get("RAY_ADDRESS"):  # Ray refuses num_cpus when attaching to a cluster
+        return {
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"address": address},
+        }
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
