@@ -82,7 +82,8 @@ class LedgerKeeper:
             raise IntegrityError(f"node {node_id} reported as {site} after reporting as {known}")
         body = report.entry_body(self.run_id, model_hash, self.accountant)
         if self._already_recorded(site, body, public_key, signature):
-            logger.info("%s round %d is already in the ledger (resumed round)", site, server_round)
+            # A resent round (after a resume, or an earlier round's record riding along): not charged again.
+            logger.debug("%s round %d is already in the ledger", site, server_round)
         else:
             self.ledger.append(body, public_key_from_bytes(public_key), signature)
         self.site_of_node[node_id] = site
