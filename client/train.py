@@ -21,6 +21,7 @@ from opacus.accountants import IAccountant, create_accountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.augment import augment
 from client.fast_dp import FastDpSgd, poisson_indices
 from client.privacy_state import SitePrivacyState
 from common.config import RunSettings
@@ -103,11 +104,6 @@ def make_optimizer(
     return torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
 
 
-def _flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=generator) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(-1), x)
-
-
 def _run_steps(
     module: nn.Module,
     loader: DataLoader,
@@ -115,6 +111,7 @@ def _run_steps(
     loss_fn: nn.Module | object,
     steps: int,
     generator: torch.Generator,
+    geometric: bool,
 ) -> float:
     """Take exactly ``steps`` optimizer steps (re-iterating the loader); return the mean loss."""
     module.train()
@@ -128,7 +125,7 @@ def _run_steps(
                 optimizer.step()
                 losses.append(float("nan"))
                 continue
-            loss = loss_fn(module(_flip(x, generator)), y)  # type: ignore[operator]
+            loss = loss_fn(module(augment(x, generator, geometric)), y)  # type: ignore[operator]
             if not torch.isfinite(loss):
                 raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
             with warnings.catch_warnings():
@@ -142,7 +139,12 @@ def _run_steps(
 
 
 def _run_fast_steps(
-    dp: FastDpSgd, x: torch.Tensor, y: torch.Tensor, steps: int, generator: torch.Generator
+    dp: FastDpSgd,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+    geometric: bool,
 ) -> float:
     """Take exactly ``steps`` fast DP-SGD steps on Poisson batches of ``(x, y)``; return the mean loss.
 
@@ -152,7 +154,7 @@ def _run_fast_steps(
     losses: list[float] = []
     for _ in range(steps):
         idx = poisson_indices(len(y), dp.sample_rate, generator)
-        losses.append(dp.step(_flip(x[idx], generator), y[idx]))
+        losses.append(dp.step(augment(x[idx], generator, geometric), y[idx]))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
@@ -176,6 +178,7 @@ def _train_with_loader(
     steps: int,
     privacy: SitePrivacyState,
     generator: torch.Generator,
+    geometric: bool,
 ) -> float:
     """Non-private training, or DP-SGD through Opacus when ``engine`` is given."""
     loader = DataLoader(
@@ -196,7 +199,7 @@ def _train_with_loader(
                 poisson_sampling=True,
                 noise_generator=generator,
             )
-    return _run_steps(module, loader, optimizer, loss_fn, steps, generator)
+    return _run_steps(module, loader, optimizer, loss_fn, steps, generator, geometric)
 
 
 def train_round(
@@ -241,6 +244,7 @@ def train_round(
             settings.face_steps,
             p.face_clip,
             cosface_loss,
+            settings.face_augment,
         ),
         (
             "emotion",
@@ -252,9 +256,10 @@ def train_round(
             settings.emotion_steps,
             p.emotion_clip,
             F.cross_entropy,
+            False,
         ),
     )
-    for name, module, x, y, batch, lr, steps, clip, loss_fn in jobs:
+    for name, module, x, y, batch, lr, steps, clip, loss_fn, geometric in jobs:
         if steps == 0:
             continue
         optimizer = make_optimizer(module, settings.local_optimizer, lr, settings.momentum)
@@ -271,10 +276,21 @@ def train_round(
                 accountant=accountant,
                 generator=generator,
             )
-            loss = _run_fast_steps(dp, x, y, steps, generator)
+            loss = _run_fast_steps(dp, x, y, steps, generator, geometric)
         else:
             loss = _train_with_loader(
-                module, optimizer, engine, x, y, batch, clip, loss_fn, steps, privacy, generator
+                module,
+                optimizer,
+                engine,
+                x,
+                y,
+                batch,
+                clip,
+                loss_fn,
+                steps,
+                privacy,
+                generator,
+                geometric,
             )
         if name == "face":
             face_loss = loss

@@ -107,6 +107,7 @@ class RunSettings:
     emotion_batch: int = 128
     local_optimizer: Literal["adam", "sgd"] = "adam"
     face_lr: float = 0.002
+    face_augment: bool = False  # random rotation/zoom/shift of face examples (client/augment.py)
     emotion_lr: float = 0.002
     momentum: float = 0.9
     max_update_norm: float = 1000.0  # coordinator refuses a site update with a larger L2 norm
