@@ -143,6 +143,35 @@ def _subsample(indices: np.ndarray, limit: int, rng: np.random.Generator) -> np.
     return indices
 
 
+def subsample_people(
+    indices: np.ndarray, people: np.ndarray, limit: int, rng: np.random.Generator
+) -> np.ndarray:
+    """At most ``limit`` of ``indices``, spread over as many people as possible.
+
+    Images are taken round-robin over the people (each person's in a random order): everyone's first
+    image, then everyone's second, ..., the last round in a random order of people. A uniform draw
+    would instead mostly keep a site's largest person and could leave it with a single one.
+
+    Args:
+        indices: a site's image indices.
+        people: the identity of each of ``indices``.
+        limit: the most to keep; 0 keeps all.
+        rng: the randomness.
+
+    Returns:
+        The kept indices, sorted.
+    """
+    if not limit or len(indices) <= limit:
+        return indices
+    shuffled = rng.permutation(len(indices))
+    by_person = shuffled[np.argsort(people[shuffled], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, people[by_person][1:] != people[by_person][:-1]])
+    rank = np.arange(len(by_person)) - np.repeat(starts, np.diff(np.r_[starts, len(by_person)]))
+    tiebreak = rng.permutation(len(indices))
+    chosen = by_person[np.lexsort((tiebreak, rank))[:limit]]
+    return np.sort(indices[chosen])
+
+
 @functools.lru_cache(maxsize=2)
 def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     """Build (and cache per process) the site's preprocessed training tensors."""
@@ -150,13 +179,21 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     rng = np.random.default_rng([settings.seed, site.partition_id])
 
     gray, identities = _gray_face_pool(settings.face_source_list, settings.lfw_train_set_list, root)
-    if len(np.unique(identities)) < site.num_partitions:
+    if len(np.unique(identities)) < 2 * site.num_partitions:
         raise ConfigError(
-            f"only {len(np.unique(identities))} identities for "
-            f"{site.num_partitions} sites; add face-sources or use fewer sites"
+            f"only {len(np.unique(identities))} identities for {site.num_partitions} sites (each "
+            "needs 2 people for the margin loss); add face-sources or use fewer sites"
         )
-    face_idx = partition_by_identity(identities, site.num_partitions, seed=settings.seed)
-    mine = _subsample(face_idx[site.partition_id], settings.face_train_limit, rng)
+    # two people per site at least: the face model's margin loss needs two
+    face_idx = partition_by_identity(
+        identities, site.num_partitions, seed=settings.seed, min_identities=2
+    )
+    mine = subsample_people(
+        face_idx[site.partition_id],
+        identities[face_idx[site.partition_id]],
+        settings.face_train_limit,
+        rng,
+    )
     _, local_labels = np.unique(identities[mine], return_inverse=True)
     face_x = standardize(np.concatenate(gray)[mine])
     face_y = torch.from_numpy(local_labels.astype(np.int64))

@@ -17,7 +17,6 @@ partition per id, ``GroupedNaturalIdPartitioner`` balances id counts, not image 
 
 from __future__ import annotations
 
-import heapq
 import warnings
 
 import numpy as np
@@ -35,35 +34,57 @@ def _check_sites(num_sites: int, available: int, what: str) -> None:
         )
 
 
-def partition_by_identity(identities: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:
+def partition_by_identity(
+    identities: np.ndarray, num_sites: int, seed: int, min_identities: int = 1
+) -> list[np.ndarray]:
     """Assign every identity to exactly one site, balancing the number of images per site.
 
     Greedy longest-processing-time scheduling: identities in decreasing order of image count (ties
-    in a seeded random order) each go to the site with the fewest images so far. The largest site
-    exceeds the smallest by at most the largest identity's image count.
+    in a seeded random order) each go to the site with the fewest images so far. Once the identities
+    left are only just enough to give every site ``min_identities`` people, each goes to the
+    lightest site still short of people: the smallest identities come last, so they fill those sites
+    without upsetting the balance. Without that rule, a site that drew one very large identity
+    (LFW's largest person has ~530 photos) would hold a single person, and a face model's margin
+    loss needs two.
 
     Args:
         identities: ``(N,)`` integer identity of each image.
-        num_sites: number of sites; at most the number of distinct identities.
+        num_sites: number of sites.
         seed: seed for the tie-breaking order.
+        min_identities: the fewest distinct people any site may get.
 
     Returns:
         Per site, the sorted image indices.
 
     Raises:
-        ConfigError: if ``num_sites`` is below 1 or exceeds the number of identities.
+        ConfigError: if ``num_sites`` is below 1 or there are fewer than
+            ``num_sites * min_identities`` identities.
     """
     identities = np.asarray(identities)
     ids, counts = np.unique(identities, return_counts=True)
-    _check_sites(num_sites, len(ids), "distinct identities")
+    if min_identities < 1:
+        raise ValueError(f"min_identities must be >= 1, got {min_identities}")
+    if num_sites < 1:
+        raise ConfigError(f"num_sites must be >= 1, got {num_sites}")
+    if len(ids) < num_sites * min_identities:
+        raise ConfigError(
+            f"cannot give each of {num_sites} sites {min_identities} or more people of its own: only "
+            f"{len(ids)} distinct identities; lower num_sites or use a larger dataset"
+        )
     order = np.random.default_rng(seed).permutation(len(ids))
     order = order[np.argsort(-counts[order], kind="stable")]
-    heap = [(0, site) for site in range(num_sites)]
+    load = np.zeros(num_sites, dtype=np.int64)
+    people = np.zeros(num_sites, dtype=np.int64)
     site_of_id = np.empty(len(ids), dtype=np.int64)
-    for i in order:
-        load, site = heapq.heappop(heap)
+    for left, i in zip(range(len(order), 0, -1), order, strict=True):
+        short = people < min_identities
+        deficit = int(np.sum(min_identities - people[short]))
+        # np.argmin picks the lowest site index among equally loaded sites, as a heap of (load, site)
+        candidates = np.flatnonzero(short) if left <= deficit else np.arange(num_sites)
+        site = int(candidates[np.argmin(load[candidates])])
         site_of_id[i] = site
-        heapq.heappush(heap, (load + int(counts[i]), site))
+        load[site] += counts[i]
+        people[site] += 1
     site_of_image = site_of_id[np.searchsorted(ids, identities)]
     return [np.flatnonzero(site_of_image == site) for site in range(num_sites)]
 

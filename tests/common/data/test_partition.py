@@ -75,6 +75,43 @@ def test_identity_partition_properties(counts: list[int], data: st.DataObject) -
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
+def test_every_site_gets_two_people_when_asked_even_beside_very_large_identities() -> None:
+    identity = load_lfw().identity
+    ids, counts = np.unique(identity, return_counts=True)
+    pool = identity[np.isin(identity, ids[counts >= 2])]  # as the face pool: people with 2+ photos
+
+    plain = partition_by_identity(pool, num_sites=100, seed=0)
+    parts = partition_by_identity(pool, num_sites=100, seed=0, min_identities=2)
+
+    people = [len(np.unique(pool[p])) for p in parts]
+    assert min(len(np.unique(pool[p])) for p in plain) == 1  # a ~530-photo person fills a site
+    assert min(people) >= 2
+    _assert_exact_cover(parts, len(pool))
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= counts.max()  # still balanced as before
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(min_value=1, max_value=40), min_size=2, max_size=30),
+    data=st.data(),
+)
+def test_min_identities_holds_whenever_there_are_enough_people(
+    counts: list[int], data: st.DataObject
+) -> None:
+    m = data.draw(st.integers(min_value=1, max_value=3))
+    num_sites = data.draw(st.integers(min_value=1, max_value=max(1, len(counts) // m)))
+    identities = np.repeat(np.arange(len(counts)), counts)
+    parts = partition_by_identity(identities, num_sites, seed=1, min_identities=m)
+    _assert_exact_cover(parts, len(identities))
+    assert all(len(np.unique(identities[p])) >= m for p in parts)
+
+
+def test_too_few_people_for_min_identities_is_refused() -> None:
+    with pytest.raises(ConfigError, match="only 5 distinct identities"):
+        partition_by_identity(np.arange(5), num_sites=3, seed=0, min_identities=2)
+
+
 def test_identity_partition_rejects_more_sites_than_people() -> None:
     with pytest.raises(ConfigError, match="3 distinct identities"):
         partition_by_identity(np.array([0, 0, 1, 2]), num_sites=4, seed=0)
