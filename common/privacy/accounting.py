@@ -29,6 +29,7 @@ from typing import Literal, cast
 import numpy as np
 
 from common.errors import ConfigError, PrivacyBudgetError
+from common.privacy import rdp_cache
 from common.privacy.events import DpSgdEvent, compose, with_noise
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def _check_delta(delta: float) -> None:
 def _opacus_epsilon(history: History, delta: float, accountant: Accountant) -> float:
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    rdp_cache.install()  # same values, computed once per (q, sigma, order)
     acct = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acct.history = list(history)
     if accountant == "prv":
