@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -72,6 +73,13 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------------------------ time split
+def _number(value: Any) -> Any:
+    """Rounded for the report; nan (not measured) as None, so the JSON stays standard."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 3)
+    return value
+
+
 @dataclass(frozen=True)
 class RoundSplit:
     """One round's wall time split into evaluation, ideal parallel training and the rest."""
@@ -84,13 +92,21 @@ class RoundSplit:
     train_s: float  # train_sum_s / concurrent actors
     overhead_s: float
     overhead_frac: float
+    # the overhead split, from the coordinator's phase timings (nan for runs without them)
+    coordinator_s: float = math.nan  # sampling, validation, ledger, aggregation, checkpoint
+    site_path_s: float = math.nan  # the rest: the ClientApp around training, Flower and Ray
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {k: _number(v) for k, v in self.__dict__.items()}
 
 
-def split_round(record: dict[str, Any], actors: int) -> RoundSplit:
+def split_round(
+    record: dict[str, Any], actors: int, previous: dict[str, Any] | None = None
+) -> RoundSplit:
     """Split one ``results.json`` round record, for ``actors`` concurrent Ray actors.
+
+    The coordinator's share of the overhead is its configure and aggregate phases, plus the previous
+    round's checkpoint (``previous``), which a round's ``time_s`` includes.
 
     Raises:
         ValueError: if ``actors < 1``, the round has no sites, or a site did not report ``train_s``.
@@ -109,6 +125,11 @@ def split_round(record: dict[str, Any], actors: int) -> RoundSplit:
     total = float(sum(times))
     train = total / min(actors, len(times))
     overhead = wall - evaluation - train
+    phases = record.get("phases") or {}
+    coordinator = math.nan
+    if "configure_s" in phases and "aggregate_s" in phases:
+        saved = ((previous or {}).get("phases") or {}).get("save_s", 0.0)
+        coordinator = float(phases["configure_s"]) + float(phases["aggregate_s"]) + float(saved)
     return RoundSplit(
         round=int(record["round"]),
         sites=len(times),
@@ -118,19 +139,30 @@ def split_round(record: dict[str, Any], actors: int) -> RoundSplit:
         train_s=train,
         overhead_s=overhead,
         overhead_frac=overhead / wall if wall > 0 else 0.0,
+        coordinator_s=coordinator,
+        site_path_s=overhead - coordinator,
     )
 
 
 def summarise(results: dict[str, Any], actors: int) -> dict[str, Any]:
     """Per-round splits, and the steady state: the median over rounds 2.. (round 1 if it is all)."""
-    splits = [split_round(r, actors) for r in results["rounds"]]
+    rounds = results["rounds"]
+    splits = [split_round(r, actors, rounds[i - 1] if i else None) for i, r in enumerate(rounds)]
     steady = [s for s in splits if s.round > 1] or splits
-    keys = ("wall_s", "eval_s", "train_s", "overhead_s", "overhead_frac")
+    keys = (
+        "wall_s",
+        "eval_s",
+        "train_s",
+        "overhead_s",
+        "overhead_frac",
+        "coordinator_s",
+        "site_path_s",
+    )
     return {
         "rounds": [s.to_dict() for s in splits],
         "steady": {
             "rounds": [s.round for s in steady],
-            **{k: round(statistics.median(getattr(s, k) for s in steady), 3) for k in keys},
+            **{k: _number(statistics.median(getattr(s, k) for s in steady)) for k in keys},
         },
         "all_sites_every_round": all(s.sites == results["config"]["num-sites"] for s in splits),
     }
@@ -377,6 +409,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _secs(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The tables of ``sim_scale.md``."""
     lines = [
@@ -387,18 +423,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"at end {report['load_end']} (the cores are shared with other jobs).",
         "",
         "Per-round split (s): training = sum of the sites' `train-s` / concurrent actors; "
-        "overhead = wall - evaluation - training.",
+        "overhead = wall - evaluation - training; of the overhead, coordinator = its sampling, "
+        "validation, ledger, aggregation and checkpoint phases, and site path = the rest (the "
+        "ClientApp around training, Flower's message path, Ray).",
         "",
         "| sites | actors | round | wall | evaluation | training (ideal parallel) | overhead | "
-        "overhead share |",
-        "|---|---|---|---|---|---|---|---|",
+        "overhead share | of it coordinator | of it site path |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scale in report["scales"]:
         for r in scale.get("rounds", []):
             lines.append(
                 f"| {scale['sites']} | {scale['actors']} | {r['round']} | {r['wall_s']:.1f} | "
                 f"{r['eval_s']:.1f} | {r['train_s']:.1f} | {r['overhead_s']:.1f} | "
-                f"{_pct(r['overhead_frac'])} |"
+                f"{_pct(r['overhead_frac'])} | {_secs(r.get('coordinator_s'))} | "
+                f"{_secs(r.get('site_path_s'))} |"
             )
     lines += [
         "",

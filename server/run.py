@@ -45,6 +45,8 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.resumes: list[dict[str, Any]] = []
         self.dropouts: dict[int, list[int]] = {}
+        # coordinator phases of each round (seconds): what the round's time_s is spent on
+        self.phases: dict[int, dict[str, float]] = {}
         self.state_fn: Callable[[ArrayRecord], dict[str, Any]] | None = None
         self.ledger: str | None = None
         self.checkpoint: str | None = None
@@ -110,10 +112,12 @@ class RunRecorder:
             "dropouts": self.dropouts.get(server_round, []),
             "time_s": round(now - self.round_started, 2),
             "eval_s": round(eval_s, 2),
+            "phases": {k: round(v, 3) for k, v in self.phases.pop(server_round, {}).items()},
             "checkpoint": str(ckpt_path),
         }
         self.round_started = now
         self.rounds.append(record)
+        saving = time.monotonic()
         save_checkpoint(
             ckpt_path,
             face,
@@ -124,6 +128,8 @@ class RunRecorder:
             server=self.state_fn(arrays) if self.state_fn is not None else None,
         )
         self.checkpoint = str(ckpt_path)
+        # after time_s was taken: a round's checkpoint counts in the next round's time_s
+        record["phases"]["save_s"] = round(time.monotonic() - saving, 3)
         self.write(status="running")
         eps = [c["epsilon"] for c in clients.values()]
         eps_text = ", ".join(f"{e:.2f}" if isinstance(e, float) else str(e) for e in eps)
@@ -218,8 +224,11 @@ def _train_round(
 ) -> ArrayRecord:
     """One round: sample, send, wait up to ``round-timeout``, validate, aggregate, evaluate, save."""
     logger.info("round %d/%d: start", server_round, settings.num_rounds)
+    t0 = time.monotonic()
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
+    t1 = time.monotonic()
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    t2 = time.monotonic()
     failpoint("round.replied")
     answered = {r.metadata.src_node_id for r in replies}
     missing = sorted(
@@ -232,6 +241,11 @@ def _train_round(
                 server_round, node, f"no reply within round-timeout {settings.round_timeout:g} s"
             )
     aggregated, _ = strategy.aggregate_train(server_round, replies)
+    recorder.phases[server_round] = {
+        "configure_s": t1 - t0,  # sampling and building the messages
+        "wait_s": t2 - t1,  # until the last reply: the sites' rounds and the transport
+        "aggregate_s": time.monotonic() - t2,  # validation, ledger records, aggregation
+    }
     if aggregated is None:
         failures = "; ".join(inner.failures.get(server_round, [])) or "no replies"
         raise FacefedError(f"round {server_round} was not aggregated ({failures})")

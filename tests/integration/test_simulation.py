@@ -66,6 +66,11 @@ def test_two_site_one_round_simulation_completes(tiny_run) -> None:
     assert 0 <= round1["emotion"]["accuracy"] <= 1 and 0 <= round1["face"]["lfw_accuracy"] <= 1
     assert Path(results["checkpoint"]).is_file()
     assert results["config"]["num-sites"] == 2
+    # where the round's time went, for the scale benchmark
+    phases = round1["phases"]
+    assert set(phases) == {"configure_s", "wait_s", "aggregate_s", "save_s"}
+    assert all(v >= 0 for v in phases.values())
+    assert phases["wait_s"] + phases["configure_s"] + phases["aggregate_s"] <= round1["time_s"]
 
 
 def test_the_run_ledger_verifies_and_has_one_entry_per_site(tiny_run) -> None:
