@@ -271,8 +271,10 @@ def _mem_total_gib() -> float:
 
 
 # ----------------------------------------------------------------------------------- the runs
-def simulate_cmd(out: Path, sites: int, rounds: int, cpus: int) -> list[str]:
-    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+def simulate_cmd(
+    out: Path, sites: int, rounds: int, cpus: int, config: dict[str, Any] | None = None
+) -> list[str]:
+    sets = [a for k, v in (config or SMALL).items() for a in ("--set", f"{k}={v}")]
     return [
         *FACEFED,
         "simulate",
@@ -290,11 +292,18 @@ def simulate_cmd(out: Path, sites: int, rounds: int, cpus: int) -> list[str]:
     ]
 
 
-def run_scale(sites: int, rounds: int, cpus: int, out: Path, timeout_s: float) -> dict[str, Any]:
+def run_scale(
+    sites: int,
+    rounds: int,
+    cpus: int,
+    out: Path,
+    timeout_s: float,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run one simulation; return its time split, memory peaks and load."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "simulate.log"
-    cmd = simulate_cmd(out, sites, rounds, cpus)
+    cmd = simulate_cmd(out, sites, rounds, cpus, config)
     load_before = load_average()
     started = time.monotonic()
     with log.open("wb") as handle:
@@ -340,7 +349,7 @@ def run_scale(sites: int, rounds: int, cpus: int, out: Path, timeout_s: float) -
     return entry
 
 
-def site_work(sites: int) -> dict[str, Any]:
+def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Facefed's own per-site work outside ``train_round``, timed in this process for site 0.
 
     A round of one site outside Flower (``run_round``: the accountant's budget check and epsilon,
@@ -360,7 +369,7 @@ def site_work(sites: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     settings = parse_run_config(
-        {**SMALL, "num-sites": sites, "cohort-size": sites, "num-rounds": 3}
+        {**(config or SMALL), "num-sites": sites, "cohort-size": sites, "num-rounds": 3}
     )
     site_data._gray_face_pool.cache_clear()
     site_data._fer_training.cache_clear()
@@ -379,10 +388,10 @@ def site_work(sites: int) -> dict[str, Any]:
     state, key = RecordDict(), Ed25519PrivateKey.generate()
     rounds = []
     for server_round in (1, 2):
-        config = ConfigRecord({"server-round": server_round, "run-id": "bench"})
+        message_config = ConfigRecord({"server-round": server_round, "run-id": "bench"})
         t0 = time.monotonic()
         reply = run_round(
-            arrays, config, state, data, settings, settings.privacy.max_epsilon, site, key
+            arrays, message_config, state, data, settings, settings.privacy.max_epsilon, site, key
         )
         total = time.monotonic() - t0
         train = float(reply.metric_records["metrics"]["train-s"])  # type: ignore[arg-type]
@@ -421,6 +430,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']['cpu']}, {report['machine']['cpus_usable']} usable cores, "
         f"{report['mem_total_gib']} GiB RAM. Load (1/5/15 min) at start {report['load_start']}, "
         f"at end {report['load_end']} (the cores are shared with other jobs).",
+        "",
+        "Workload (run-config keys): "
+        + ", ".join(f"`{k}={v}`" for k, v in report.get("config", {}).items()),
         "",
         "Per-round split (s): training = sum of the sites' `train-s` / concurrent actors; "
         "overhead = wall - evaluation - training; of the overhead, coordinator = its sampling, "
@@ -471,6 +483,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overrides(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"sim_scale: --set {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="10,100", help="comma-separated site counts")
@@ -482,11 +504,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the run directories go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
     parser.add_argument("--no-site-work", action="store_true", help="skip the in-process profile")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key of the small-partition workload (repeatable)",
+    )
     args = parser.parse_args(argv)
+    config = {**SMALL, **_overrides(args.set)}
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report: dict[str, Any] = {
-        "config": SMALL,
+        "config": config,
         "machine": machine(),
         "mem_total_gib": _mem_total_gib(),
         "load_start": load_average(),
@@ -495,13 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     for sites in (int(s) for s in args.sites.split(",")):
         logger.info("simulating %d sites x %d rounds on %d CPUs", sites, args.rounds, args.num_cpus)
         entry = run_scale(
-            sites, args.rounds, args.num_cpus, args.runs / f"sites-{sites}", args.timeout
+            sites, args.rounds, args.num_cpus, args.runs / f"sites-{sites}", args.timeout, config
         )
         logger.info("%d sites: %s", sites, json.dumps(entry.get("steady", entry["status"])))
         report["scales"].append(entry)
         atomic_write_text(args.out / "sim_scale.json", json.dumps(report, indent=2))
     if not args.no_site_work:
-        report["site_work"] = site_work(max(int(s) for s in args.sites.split(",")))
+        report["site_work"] = site_work(max(int(s) for s in args.sites.split(",")), config)
     report["load_end"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "sim_scale.json", json.dumps(report, indent=2))
