@@ -22,11 +22,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from common.data.lfw import LfwData
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +189,7 @@ def calibrate_on_lfw(
 
 
 def _calibrate_all_pairs(
-    embed_faces: Any, lfw: Any, model_tag: str, far: float, lfw_sets: Sequence[int] | None
+    embed_faces: Any, lfw: LfwData, model_tag: str, far: float, lfw_sets: Sequence[int] | None
 ) -> Calibration:
     """Every within-set pair of the chosen people sets; each set is a fold."""
     available = [k + 1 for k, names in enumerate(lfw.people_sets) if names]
