@@ -169,14 +169,15 @@ def test_far_too_small_for_the_number_of_impostors_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------- with a trained model
-@pytest.mark.slow  # calibrates on all 3,811 LFW pair images
+@pytest.mark.slow  # calibrates on every pair of the held-out LFW people sets 4-5
 def test_same_person_matches_and_different_person_is_rejected(
     trained_checkpoint: Path, yale_rgb: YaleRgb
 ) -> None:
     from client.calibration import calibrate_on_lfw
 
     pipe, _ = load_pipeline(trained_checkpoint)
-    cal = calibrate_on_lfw(pipe.embed_faces, model_tag=pipe.model_tag, far=1e-2)
+    # the shipped model's operating point: FAR 1e-4 on the people sets facefed never trains on
+    cal = calibrate_on_lfw(pipe.embed_faces, model_tag=pipe.model_tag, far=1e-4, lfw_sets=(4, 5))
     accepted = rejected = 0
     for subject in range(15):
         template = pipe.template(
