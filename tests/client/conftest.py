@@ -102,6 +102,16 @@ def key_file(tmp_path: Path) -> Iterator[keys.MasterKey]:
     yield keys.new_key_file(tmp_path / "keys" / "site.key")
 
 
+def site_cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> Path:
+    """A clean environment for ``facefed site``: store and key folders under tmp, ``checkpoint``."""
+    for name in ("FACEFED_SITE_KEY", "FACEFED_SITE_PASSPHRASE", "FACEFED_DETECTOR_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FACEFED_SITE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("FACEFED_KEY_DIR", str(tmp_path / "keys"))
+    monkeypatch.setenv("FACEFED_CHECKPOINT", str(checkpoint))
+    return tmp_path
+
+
 def _write_image(path: Path, rgb: np.ndarray) -> Path:
     ok = cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     assert ok, path

@@ -39,6 +39,7 @@ from common.data.lfw import load_lfw, parse_pairs
 from common.errors import ConfigError
 from common.models import FaceEmbedder
 from common.paths import DEFAULT_DATA_DIR
+from tests.client.conftest import site_cli_env
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "facefed-face-v2.ckpt"
 LFW = (
@@ -166,12 +167,7 @@ def test_shipped_calibration_is_for_the_shipped_model_on_held_out_lfw(
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Store and key folders under tmp, the shipped model; no `site calibrate` is ever run."""
-    for name in ("FACEFED_SITE_KEY", "FACEFED_SITE_PASSPHRASE", "FACEFED_DETECTOR_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FACEFED_SITE_DIR", str(tmp_path / "store"))
-    monkeypatch.setenv("FACEFED_KEY_DIR", str(tmp_path / "keys"))
-    monkeypatch.setenv("FACEFED_CHECKPOINT", str(SHIPPED_MODEL))
-    return tmp_path
+    return site_cli_env(tmp_path, monkeypatch, SHIPPED_MODEL)
 
 
 def site(capsys: Cap, *argv: str) -> tuple[int, str, str]:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from client.templates import TemplateStore
 from common.cli import main
+from tests.client.conftest import site_cli_env
 
 YaleRgb = Callable[[int, str], np.ndarray]
 Files = Callable[[Path], dict[str, bytes]]
@@ -38,12 +39,7 @@ FAR_LINE = {
 @pytest.fixture
 def env(tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean environment: store and key folders under tmp, the small checkpoint."""
-    for name in ("FACEFED_SITE_KEY", "FACEFED_SITE_PASSPHRASE", "FACEFED_DETECTOR_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FACEFED_SITE_DIR", str(tmp_path / "store"))
-    monkeypatch.setenv("FACEFED_KEY_DIR", str(tmp_path / "keys"))
-    monkeypatch.setenv("FACEFED_CHECKPOINT", str(checkpoint))
-    return tmp_path
+    return site_cli_env(tmp_path, monkeypatch, checkpoint)
 
 
 @pytest.fixture
