@@ -373,6 +373,7 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
     )
     site_data._gray_face_pool.cache_clear()
     site_data._fer_training.cache_clear()
+    site_data._partitions.cache_clear()
     site_data.load_site_tensors.cache_clear()
     t0 = time.monotonic()
     data = site_data.load_site_tensors(settings, site_data.SiteSpec(0, sites))

@@ -98,15 +98,18 @@ def _site_index(node_config: Mapping[str, object], partition_id: int) -> int:
 
 def face_pool(settings: RunSettings, data_dir: Path) -> tuple[list[torch.Tensor], np.ndarray]:
     """All training faces of the configured sources, as per-source tensors and disjoint identity labels."""
-    gray, labels = _gray_face_pool(settings.face_source_list, settings.lfw_train_set_list, data_dir)
-    return [standardize(part) for part in gray], labels
+    pool, sizes, labels = _gray_face_pool(
+        settings.face_source_list, settings.lfw_train_set_list, data_dir
+    )
+    return [standardize(part) for part in np.split(pool, np.cumsum(sizes)[:-1])], labels
 
 
 @functools.lru_cache(maxsize=1)
 def _gray_face_pool(
     sources: tuple[str, ...], lfw_train_sets: tuple[int, ...], data_dir: Path
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The face pool as 112x112 gray uint8 images per source, and disjoint identity labels.
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """The face pool as one array of 112x112 gray uint8 images (the sources in turn), the number of
+    images of each source, and disjoint identity labels.
 
     Kept once per process: a simulation worker serves many sites in turn, and decoding, converting
     and resizing the whole pool (seconds) for each of them dominated a small site's round. Each site
@@ -128,7 +131,38 @@ def _gray_face_pool(
         _, dense = np.unique(imgs.labels, return_inverse=True)
         labels.append(dense.astype(np.int64) + offset)
         offset += int(dense.max()) + 1
-    return parts, np.concatenate(labels)
+    return np.concatenate(parts), tuple(len(part) for part in parts), np.concatenate(labels)
+
+
+@functools.lru_cache(maxsize=2)
+def _partitions(
+    settings: RunSettings, num_partitions: int, data_dir: Path
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every site's face and emotion indices, computed once per process and number of sites.
+
+    They depend only on the data and the run's seed and partition settings, and a simulation worker
+    serves many sites of the same split in turn.
+    """
+    _, _, identities = _gray_face_pool(
+        settings.face_source_list, settings.lfw_train_set_list, data_dir
+    )
+    if len(np.unique(identities)) < 2 * num_partitions:
+        raise ConfigError(
+            f"only {len(np.unique(identities))} identities for {num_partitions} sites (each "
+            "needs 2 people for the margin loss); add face-sources or use fewer sites"
+        )
+    # two people per site at least: the face model's margin loss needs two
+    face_idx = partition_by_identity(
+        identities, num_partitions, seed=settings.seed, min_identities=2
+    )
+    fer = _fer_training(data_dir)
+    if settings.partition == "iid":
+        emo_idx = partition_iid(len(fer), num_partitions, seed=settings.seed)
+    else:
+        emo_idx = partition_dirichlet(
+            fer.labels, num_partitions, alpha=settings.dirichlet_alpha, seed=settings.seed
+        )
+    return face_idx, emo_idx
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,16 +212,10 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     root = resolve_data_dir(site.data_dir or None)
     rng = np.random.default_rng([settings.seed, site.partition_id])
 
-    gray, identities = _gray_face_pool(settings.face_source_list, settings.lfw_train_set_list, root)
-    if len(np.unique(identities)) < 2 * site.num_partitions:
-        raise ConfigError(
-            f"only {len(np.unique(identities))} identities for {site.num_partitions} sites (each "
-            "needs 2 people for the margin loss); add face-sources or use fewer sites"
-        )
-    # two people per site at least: the face model's margin loss needs two
-    face_idx = partition_by_identity(
-        identities, site.num_partitions, seed=settings.seed, min_identities=2
+    pool, _, identities = _gray_face_pool(
+        settings.face_source_list, settings.lfw_train_set_list, root
     )
+    face_idx, emo_idx = _partitions(settings, site.num_partitions, root)
     mine = subsample_people(
         face_idx[site.partition_id],
         identities[face_idx[site.partition_id]],
@@ -195,16 +223,10 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
         rng,
     )
     _, local_labels = np.unique(identities[mine], return_inverse=True)
-    face_x = standardize(np.concatenate(gray)[mine])
+    face_x = standardize(pool[mine])
     face_y = torch.from_numpy(local_labels.astype(np.int64))
 
     fer = _fer_training(root)
-    if settings.partition == "iid":
-        emo_idx = partition_iid(len(fer), site.num_partitions, seed=settings.seed)
-    else:
-        emo_idx = partition_dirichlet(
-            fer.labels, site.num_partitions, alpha=settings.dirichlet_alpha, seed=settings.seed
-        )
     emo = _subsample(emo_idx[site.partition_id], settings.emotion_train_limit, rng)
     emotion_x = emotion_tensor(fer.images[emo])
     emotion_y = torch.from_numpy(fer.labels[emo].astype(np.int64))
