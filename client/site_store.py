@@ -20,6 +20,7 @@ It holds model weights, scalars and the privacy record: never an image or a temp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.common.serde import config_record_from_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 
 from common.atomic import atomic_write_bytes
@@ -47,19 +48,47 @@ _NAME = re.compile(r"^round-(\d{6})\.state$")
 
 @dataclass(frozen=True)
 class StoredRound:
+    """One state file: its round, the site's state after it, and the reply (decoded when asked for:
+    restoring the state does not need the model weights it holds)."""
+
     run_id: str
     round: int
     model_hash: str
     state: RecordDict
-    reply: RecordDict
+    path: Path
+    reply_proto: RecordDictProto
+
+    @functools.cached_property
+    def reply(self) -> RecordDict:
+        try:
+            return recorddict_from_proto(self.reply_proto)
+        except Exception as exc:  # checksummed yet undecodable: a foreign or newer writer
+            raise IntegrityError(f"site state {self.path} cannot be decoded ({exc})") from None
+
+    def privacy_record(self) -> ConfigRecord | None:
+        """The reply's signed privacy record, without decoding the rest of the reply."""
+        for item in self.reply_proto.items:
+            if item.key == RECORD_NAME and item.WhichOneof("value") == "config_record":
+                try:
+                    return config_record_from_proto(item.config_record)
+                except Exception as exc:
+                    raise IntegrityError(
+                        f"site state {self.path} cannot be decoded ({exc})"
+                    ) from None
+        return None
 
 
 class SiteStore:
-    """One site's state directory (created 0700 on first use)."""
+    """One site's state directory (created 0700 on first use).
+
+    A store object serves one round of one site (the ClientApp makes one per message): it reads each
+    state file at most once, since only this object writes the directory meanwhile.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._read: dict[Path, StoredRound] = {}
 
     # ------------------------------------------------------------------ key
     def signing_key(self) -> Ed25519PrivateKey:
@@ -79,7 +108,7 @@ class SiteStore:
     def latest(self) -> StoredRound | None:
         """The newest stored round; IntegrityError if it is unreadable (never fall back silently)."""
         files = self._files()
-        return _read(files[-1][1]) if files else None
+        return self._load(files[-1][1]) if files else None
 
     def restore(self, state: RecordDict, run_id: str) -> None:
         """Replace ``state`` by the newest stored one if it belongs to run ``run_id``.
@@ -106,7 +135,7 @@ class SiteStore:
             return None
         for number, path in reversed(self._files()):
             if number == server_round:
-                stored = _read(path)
+                stored = self._load(path)
                 if stored.run_id == run_id and stored.model_hash == model_hash:
                     logger.info(
                         "round %d of run %s was already released; resending the stored reply",
@@ -126,9 +155,10 @@ class SiteStore:
         records = []
         for number, path in self._files():
             if number < server_round:
-                stored = _read(path)
-                if stored.run_id == run_id and RECORD_NAME in stored.reply.config_records:
-                    records.append(stored.reply.config_records[RECORD_NAME])
+                stored = self._load(path)
+                record = stored.privacy_record() if stored.run_id == run_id else None
+                if record is not None:
+                    records.append(record)
         return records
 
     def commit(
@@ -146,10 +176,16 @@ class SiteStore:
         reply_bytes = recorddict_to_proto(reply).SerializeToString()
         body = struct.pack(">Q", len(state_bytes)) + state_bytes + reply_bytes
         path = self.root / f"round-{server_round:06d}.state"
+        self._read.clear()
         atomic_write_bytes(path, MAGIC + hashlib.sha256(body).digest() + body, mode=0o600)
         for number, old in self._files()[:-KEEP]:
             if number != server_round:
                 old.unlink(missing_ok=True)
+
+    def _load(self, path: Path) -> StoredRound:
+        if path not in self._read:
+            self._read[path] = _read(path)
+        return self._read[path]
 
 
 def _read(path: Path) -> StoredRound:
@@ -168,14 +204,15 @@ def _read(path: Path) -> StoredRound:
         state_proto, reply_proto = RecordDictProto(), RecordDictProto()
         state_proto.ParseFromString(body[8 : 8 + state_len])
         reply_proto.ParseFromString(body[8 + state_len :])
-        state, reply = recorddict_from_proto(state_proto), recorddict_from_proto(reply_proto)
+        state = recorddict_from_proto(state_proto)
         meta = state.config_records.pop(META)
         return StoredRound(
             run_id=str(meta["run-id"]),
             round=int(meta["round"]),  # type: ignore[arg-type]
             model_hash=str(meta["model-hash"]),
             state=state,
-            reply=reply,
+            path=path,
+            reply_proto=reply_proto,
         )
     except Exception as exc:  # a checksummed file we cannot decode: a foreign or newer writer
         raise IntegrityError(f"site state {path} cannot be decoded ({exc})") from None
