@@ -37,6 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.privacy.site_record import BYTES_FIELDS, PREVIOUS_PREFIX, RECORD_NAME, SCALAR_FIELDS
+from common.serde import decode
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class EgressGuard:
         if array.dtype not in FLOAT_DTYPES:
             raise EgressRefused(f"{where} has dtype {array.dtype}; only float parameters may leave")
         try:
-            decoded = array.numpy()
+            decoded = decode(array)
         except Exception as exc:  # any failure to decode is a refusal (fail closed)
             raise EgressRefused(f"{where} does not decode as a NumPy array ({exc})") from exc
         if decoded.shape != shape or str(decoded.dtype) != array.dtype:
