@@ -142,7 +142,9 @@ class CohortMixin:
                     self._refuse(server_round, node, f"privacy record refused: {exc}")
                     continue
             try:  # after the ledger: a released update spent privacy even if it is not aggregated
-                validate_reply(reply.content, self.sent, self.settings.max_update_norm)
+                reply.content["arrays"] = validate_reply(
+                    reply.content, self.sent, self.settings.max_update_norm
+                )
             except FacefedError as exc:
                 self._refuse(server_round, node, f"update refused: {exc}")
                 continue

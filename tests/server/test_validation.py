@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from common.errors import IntegrityError
 from common.models import EmotionNet, FaceEmbedder
@@ -34,8 +34,25 @@ def trained_state(scale: float = 1e-3) -> dict[str, torch.Tensor]:
     }
 
 
-def test_a_normal_update_passes() -> None:
-    validate_reply(content(trained_state()), REFERENCE, max_update_norm=100.0)
+def test_a_normal_update_passes_and_aggregation_gets_the_values_that_were_checked() -> None:
+    state = trained_state()
+    validated = validate_reply(content(state), REFERENCE, max_update_norm=100.0)
+    assert list(validated.keys()) == list(REFERENCE)
+    for key, array in validated.items():
+        value = array.numpy()
+        np.testing.assert_array_equal(value, state[key].numpy())
+        assert not value.flags.writeable  # aggregation cannot alter what was validated
+        assert array.data == ArrayRecord(torch_state_dict=state)[key].data
+
+
+def test_an_array_that_declares_another_shape_than_it_holds_is_refused() -> None:
+    arrays = ArrayRecord(torch_state_dict=trained_state())
+    key = "face.embed.weight"
+    real = arrays[key]
+    arrays[key] = Array(real.dtype, tuple(reversed(real.shape)), real.stype, real.data)
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(METRICS)})
+    with pytest.raises(IntegrityError, match="declares"):
+        validate_reply(reply, REFERENCE, max_update_norm=100.0)
 
 
 @pytest.mark.parametrize(
