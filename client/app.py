@@ -23,7 +23,7 @@ from client.round import round_from_config, run_round, site_budget
 from client.site_data import SiteSpec, load_site_tensors
 from client.site_keys import site_signing_key
 from client.site_store import SiteStore
-from common.config import Scalar, parse_run_config
+from common.config import RunSettings, Scalar, parse_run_config
 from common.models import EmotionNet, FaceEmbedder
 from common.privacy.site_record import PREVIOUS_PREFIX, site_id
 from common.serde import arrays_digest, manifest
@@ -32,6 +32,32 @@ from common.serde import arrays_digest, manifest
 @functools.lru_cache(maxsize=4)
 def _guard_for(face_width: int, emotion_width: int) -> EgressGuard:
     return make_egress_guard(manifest(FaceEmbedder(face_width), EmotionNet(emotion_width)))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(items: frozenset[tuple[str, Scalar]]) -> RunSettings:
+    return parse_run_config(dict(items))
+
+
+def _settings(injected: Mapping[str, Scalar], context: Context) -> RunSettings:
+    """The run's settings, parsed once per process and config (each message carries the same)."""
+    return _parse(frozenset({**injected, **context.run_config}.items()))
+
+
+class _FacefedClientApp(ClientApp):
+    """A ClientApp that pickles as the arguments it was built from.
+
+    Flower's simulation engine sends the ClientApp to a Ray actor with every message; pickled by
+    value, with its closures, that cost ~4 ms per message in the coordinator process while the actor
+    waited. Rebuilding it in the actor from its (small) arguments gives the same app.
+    """
+
+    def __init__(self, build_args: tuple[object, ...], mods: list[Mod]) -> None:
+        super().__init__(mods=mods)
+        self._build_args = build_args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return build_client_app, self._build_args
 
 
 def build_client_app(
@@ -51,7 +77,7 @@ def build_client_app(
     injected = dict(injected_config or {})
 
     def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        settings = parse_run_config({**injected, **context.run_config})
+        settings = _settings(injected, context)
         guard = _guard_for(settings.face_width, settings.emotion_width)
         reply = guard(msg, context, call_next)
         if not reply.has_error() and "metrics" in reply.content.metric_records:
@@ -71,17 +97,20 @@ def build_client_app(
             return fixedclipping_mod(msg, context, call_next)
         return call_next(msg, context)
 
-    client_app = ClientApp(mods=[*outer_mods, egress, central_clip])
+    client_app = _FacefedClientApp(
+        (injected, state_root, tuple(outer_mods)), mods=[*outer_mods, egress, central_clip]
+    )
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         """Train both models locally with DP-SGD; return the shared weights and privacy metrics."""
         torch.set_num_threads(1)  # one CPU per site process; Ray sizes actors with num_cpus=1
-        settings = parse_run_config({**injected, **context.run_config})
+        settings = _settings(injected, context)
         node_config = dict(context.node_config)
         site = SiteSpec.from_node_config(node_config, settings)
         arrays = msg.content.array_records["arrays"]
         train_config = msg.content.config_records["config"]
+        model_hash = arrays_digest(arrays)
         store = _site_store(node_config, state_root, site.site_index)
         if store is None:
             signing_key = site_signing_key(context.state, node_config)
@@ -90,7 +119,6 @@ def build_client_app(
                 str(train_config.get("run-id", "")),
                 round_from_config(train_config),
             )
-            model_hash = arrays_digest(arrays)
             store.restore(context.state, run_id)
             stored = store.replay(run_id, server_round, model_hash)
             if stored is not None:
@@ -109,6 +137,7 @@ def build_client_app(
             budget=site_budget(settings, node_config, site.site_index),
             site_index=site.site_index,
             signing_key=signing_key,
+            model_hash=model_hash,
         )
         if store is not None:
             for i, record in enumerate(store.previous_records(run_id, server_round)):

@@ -24,7 +24,7 @@ from common.errors import DataError, PrivacyBudgetError
 from common.models import CosineHead, EmotionNet, FaceEmbedder
 from common.privacy.accounting import calibrate_noise, compute_epsilon
 from common.privacy.site_record import RECORD_NAME, RoundReport
-from common.serde import arrays_digest, from_arrays, to_arrays
+from common.serde import arrays_digest, decode, from_arrays, to_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def site_budget(settings: RunSettings, node_config: Mapping[str, object], site_i
 def _load_head(state: RecordDict, num_classes: int, generator: torch.Generator) -> CosineHead:
     head = CosineHead(num_classes)
     if HEAD_KEY in state.array_records:
-        weight = state.array_records[HEAD_KEY].to_torch_state_dict()["weight"]
+        weight = torch.from_numpy(decode(state.array_records[HEAD_KEY]["weight"]).copy())
         if tuple(weight.shape) == tuple(head.weight.shape):
             head.weight.data.copy_(weight)
             return head
@@ -88,11 +88,13 @@ def run_round(
     budget: float,
     site_index: int,
     signing_key: Ed25519PrivateKey | None = None,
+    model_hash: str | None = None,
 ) -> RecordDict:
     """Train on the site for one round and build the reply.
 
     The reply holds the shared arrays, scalar metrics and, with DP on, the signed privacy record for
-    the coordinator's ledger (``signing_key`` is then required).
+    the coordinator's ledger (``signing_key`` is then required). ``model_hash`` is
+    ``arrays_digest(arrays)`` when the caller has it already.
 
     Raises:
         PrivacyBudgetError: if this round would take the site past ``budget`` (nothing is trained).
@@ -111,9 +113,9 @@ def run_round(
         if privacy.noise_multiplier is None:
             privacy.noise_multiplier = _calibrated_noise(settings, data, budget, site_index)
         planned = planned_events(settings, data, privacy.noise_multiplier)
-        spent = privacy.epsilon(p.delta)
         projected = privacy.epsilon(p.delta, extra=planned)
         if projected > budget:
+            spent = privacy.epsilon(p.delta)
             raise PrivacyBudgetError(
                 f"site {site_index}: round {server_round} would raise epsilon from {spent:.3f} to "
                 f"{projected:.3f}, above the site's budget {budget:g}; refusing to train"
@@ -165,7 +167,9 @@ def run_round(
             finished_at=time.time(),
         )
         body = report.entry_body(
-            str(train_config.get("run-id", "")), arrays_digest(arrays), p.accountant
+            str(train_config.get("run-id", "")),
+            model_hash or arrays_digest(arrays),
+            p.accountant,
         )
         signature = sign(signing_key, canonical_bytes(body))
         public = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)

@@ -126,3 +126,32 @@ def test_the_client_app_resends_a_round_after_a_restart_without_charging_it(
     assert arrays_digest(arrays[0]) == arrays_digest(arrays[1])
     assert second.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
     assert SitePrivacyState.load(context.state, "rdp").rounds == [1]  # charged once
+
+
+def test_the_client_app_travels_to_a_simulation_actor_as_its_arguments(tmp_path: Path) -> None:
+    """Flower's simulation engine pickles the ClientApp with every message: it must be small, and the
+    app rebuilt from it must be the same app (same run config, same site state directory)."""
+    import pickle
+
+    from ray import cloudpickle
+
+    from client.app import build_client_app
+
+    settings = parse_run_config(SMALL)
+    content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
+    app = build_client_app(settings.to_flat(), state_root=tmp_path)
+    blob = cloudpickle.dumps(app)
+    assert len(blob) < 2048  # by value, with its closures, it was ~7 KB
+
+    def context() -> Context:
+        node_config = {"partition-id": 0, "num-partitions": 8}
+        return Context(
+            run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=node_config
+        )
+
+    first = pickle.loads(blob)(train_message(content), context())
+    again = app(
+        train_message(content), context()
+    )  # the original app finds the round already stored
+    assert not first.has_error() and not again.has_error()
+    assert wire(again.content) == wire(first.content)
