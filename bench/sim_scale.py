@@ -105,8 +105,9 @@ def split_round(
 ) -> RoundSplit:
     """Split one ``results.json`` round record, for ``actors`` concurrent Ray actors.
 
-    The coordinator's share of the overhead is its configure and aggregate phases, plus the previous
-    round's checkpoint (``previous``), which a round's ``time_s`` includes.
+    The coordinator's share of the overhead is its configure, accept (checking replies as they arrive,
+    which overlaps the sites' training) and aggregate phases, plus the previous round's checkpoint
+    (``previous``), which a round's ``time_s`` includes.
 
     Raises:
         ValueError: if ``actors < 1``, the round has no sites, or a site did not report ``train_s``.
@@ -129,7 +130,12 @@ def split_round(
     coordinator = math.nan
     if "configure_s" in phases and "aggregate_s" in phases:
         saved = ((previous or {}).get("phases") or {}).get("save_s", 0.0)
-        coordinator = float(phases["configure_s"]) + float(phases["aggregate_s"]) + float(saved)
+        coordinator = (
+            float(phases["configure_s"])
+            + float(phases.get("accept_s", 0.0))
+            + float(phases["aggregate_s"])
+            + float(saved)
+        )
     return RoundSplit(
         round=int(record["round"]),
         sites=len(times),
@@ -437,8 +443,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Per-round split (s): training = sum of the sites' `train-s` / concurrent actors; "
         "overhead = wall - evaluation - training; of the overhead, coordinator = its sampling, "
-        "validation, ledger, aggregation and checkpoint phases, and site path = the rest (the "
-        "ClientApp around training, Flower's message path, Ray).",
+        "validation, ledger, aggregation and checkpoint phases (validation and ledger run as each "
+        "reply arrives, overlapping the wait), and site path = the rest (the ClientApp around "
+        "training, Flower's message path, Ray).",
         "",
         "| sites | actors | round | wall | evaluation | training (ideal parallel) | overhead | "
         "overhead share | of it coordinator | of it site path |",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -227,7 +227,7 @@ def _train_round(
     t0 = time.monotonic()
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
     t1 = time.monotonic()
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    replies, accept_s = _collect(grid, messages, settings.round_timeout, inner, server_round)
     t2 = time.monotonic()
     failpoint("round.replied")
     answered = {r.metadata.src_node_id for r in replies}
@@ -244,7 +244,8 @@ def _train_round(
     recorder.phases[server_round] = {
         "configure_s": t1 - t0,  # sampling and building the messages
         "wait_s": t2 - t1,  # until the last reply: the sites' rounds and the transport
-        "aggregate_s": time.monotonic() - t2,  # validation, ledger records, aggregation
+        "accept_s": accept_s,  # of the wait: ledger records and validation of the replies in
+        "aggregate_s": time.monotonic() - t2,  # aggregation (and checks of any reply left)
     }
     if aggregated is None:
         failures = "; ".join(inner.failures.get(server_round, [])) or "no replies"
@@ -252,6 +253,39 @@ def _train_round(
     failpoint("round.aggregated")
     recorder.evaluate(server_round, aggregated)
     return aggregated
+
+
+def _collect(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    inner: FacefedStrategy,
+    server_round: int,
+) -> tuple[list[Message], float]:
+    """Send the round's messages and gather the replies until all are in or ``timeout`` passes.
+
+    Like Flower's ``Grid.send_and_receive``, but each reply is checked (its ledger record, its
+    update) as soon as it arrives, while the other sites are still training. Returns the replies and
+    the seconds spent checking them.
+    """
+    pending = set(grid.push_messages(messages))
+    interval = float(getattr(grid, "pull_interval", 3.0))  # what Flower's grids wait between pulls
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    accept_s = 0.0
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        started = time.monotonic()
+        for reply in arrived:
+            pending.discard(reply.metadata.reply_to_message_id)
+            inner.accept(server_round, reply)
+        accept_s += time.monotonic() - started
+        replies.extend(arrived)
+        if not pending or time.monotonic() >= deadline:
+            break
+        if not arrived:
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    return replies, accept_s
 
 
 def _moments(strategy: FacefedStrategy) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class CohortMixin:
         self.rng = np.random.default_rng([settings.seed, 7919])
         self.site_metrics = {}
         self.failures = {}
+        self._verdicts: dict[int, dict[int, tuple[Message, bool]]] = {}  # round -> id(reply) -> ok
         self.run_id = ""  # set by run_federation; sites key their stored replies on it
         self.wait_timeout_s = 600.0  # before round 1: every site must connect
         self.rejoin_grace_s = 30.0  # later rounds: how long to wait for a missing site to return
@@ -114,45 +115,59 @@ class CohortMixin:
             time.sleep(0.5)
         return nodes
 
+    def accept(self, server_round: int, reply: Message) -> bool:
+        """Check one training reply as it arrives: record its privacy spend, validate its update.
+
+        Returns whether the update may be aggregated; a refusal is logged with its reason. The
+        coordinator calls this while other sites are still training, so the ledger and validation
+        work overlaps the round instead of following it; :meth:`aggregate_train` reuses the verdict
+        (keyed by the reply object) and checks any reply that was not accepted beforehand.
+        """
+        verdicts = self._verdicts.setdefault(server_round, {})
+        if id(reply) not in verdicts:
+            verdicts[id(reply)] = (reply, self._check(server_round, reply))
+        return verdicts[id(reply)][1]
+
+    def _check(self, server_round: int, reply: Message) -> bool:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            reason = (reply.error.reason or f"error code {reply.error.code}").strip()
+            self._refuse(server_round, node, reason.splitlines()[-1] if reason else "error")
+            return False
+        if self.keeper is not None:
+            try:
+                for name in sorted(reply.content.config_records):
+                    if name.startswith(PREVIOUS_PREFIX):
+                        self.keeper.record_previous(
+                            node, reply.content.config_records[name], self.round_hashes
+                        )
+                self.keeper.record(
+                    node,
+                    server_round,
+                    self.model_hash,
+                    reply.content.config_records.get(RECORD_NAME),
+                )
+            except FacefedError as exc:
+                self._refuse(server_round, node, f"privacy record refused: {exc}")
+                return False
+        try:  # after the ledger: a released update spent privacy even if it is not aggregated
+            reply.content["arrays"] = validate_reply(
+                reply.content, self.sent, self.settings.max_update_norm
+            )
+        except FacefedError as exc:
+            self._refuse(server_round, node, f"update refused: {exc}")
+            return False
+        metrics = reply.content.metric_records.get("metrics")
+        if metrics is not None:
+            self.site_metrics.setdefault(server_round, {})[node] = dict(metrics)
+        return True
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[Message] = []
-        per_site: dict[int, dict[str, Any]] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                reason = (reply.error.reason or f"error code {reply.error.code}").strip()
-                self._refuse(server_round, node, reason.splitlines()[-1] if reason else "error")
-                continue
-            if self.keeper is not None:
-                try:
-                    for name in sorted(reply.content.config_records):
-                        if name.startswith(PREVIOUS_PREFIX):
-                            self.keeper.record_previous(
-                                node, reply.content.config_records[name], self.round_hashes
-                            )
-                    self.keeper.record(
-                        node,
-                        server_round,
-                        self.model_hash,
-                        reply.content.config_records.get(RECORD_NAME),
-                    )
-                except FacefedError as exc:
-                    self._refuse(server_round, node, f"privacy record refused: {exc}")
-                    continue
-            try:  # after the ledger: a released update spent privacy even if it is not aggregated
-                reply.content["arrays"] = validate_reply(
-                    reply.content, self.sent, self.settings.max_update_norm
-                )
-            except FacefedError as exc:
-                self._refuse(server_round, node, f"update refused: {exc}")
-                continue
-            accepted.append(reply)
-            metrics = reply.content.metric_records.get("metrics")
-            if metrics is not None:
-                per_site[node] = dict(metrics)
-        self.site_metrics[server_round] = per_site
+        self.site_metrics.setdefault(server_round, {})
+        accepted = [reply for reply in replies if self.accept(server_round, reply)]
+        self._verdicts.pop(server_round, None)
         if len(accepted) < self.settings.min_replies:
             self._refuse(
                 server_round,

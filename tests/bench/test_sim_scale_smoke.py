@@ -110,14 +110,20 @@ def test_the_overhead_splits_into_the_coordinator_phases_and_the_site_path() -> 
     first = _round(1, wall=30.0, evaluation=4.0, train=[4.0, 4.0])
     first["phases"] = {"configure_s": 0.5, "wait_s": 20.0, "aggregate_s": 1.0, "save_s": 0.25}
     second = _round(2, wall=20.0, evaluation=4.0, train=[4.0, 4.0])
-    second["phases"] = {"configure_s": 0.5, "wait_s": 12.0, "aggregate_s": 1.5, "save_s": 0.25}
+    second["phases"] = {
+        "configure_s": 0.5,
+        "wait_s": 12.0,
+        "accept_s": 0.75,  # checking replies as they arrive, within the wait
+        "aggregate_s": 1.5,
+        "save_s": 0.25,
+    }
     split = split_round(second, actors=2, previous=first)
     assert split.overhead_s == pytest.approx(12.0)
-    assert split.coordinator_s == pytest.approx(0.5 + 1.5 + 0.25)  # with round 1's checkpoint
-    assert split.site_path_s == pytest.approx(12.0 - 2.25)
+    assert split.coordinator_s == pytest.approx(0.5 + 0.75 + 1.5 + 0.25)  # and round 1's save
+    assert split.site_path_s == pytest.approx(12.0 - 3.0)
     summary = summarise({"config": {"num-sites": 2}, "rounds": [first, second]}, actors=2)
     assert summary["rounds"][0]["coordinator_s"] == pytest.approx(1.5)  # no checkpoint before it
-    assert summary["steady"]["site_path_s"] == pytest.approx(9.75)
+    assert summary["steady"]["site_path_s"] == pytest.approx(9.0)
 
 
 def test_a_run_without_phase_timings_reports_the_split_as_unmeasured() -> None:

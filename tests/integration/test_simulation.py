@@ -68,8 +68,9 @@ def test_two_site_one_round_simulation_completes(tiny_run) -> None:
     assert results["config"]["num-sites"] == 2
     # where the round's time went, for the scale benchmark
     phases = round1["phases"]
-    assert set(phases) == {"configure_s", "wait_s", "aggregate_s", "save_s"}
+    assert set(phases) == {"configure_s", "wait_s", "accept_s", "aggregate_s", "save_s"}
     assert all(v >= 0 for v in phases.values())
+    assert phases["accept_s"] <= phases["wait_s"]  # replies are checked while the others train
     assert phases["wait_s"] + phases["configure_s"] + phases["aggregate_s"] <= round1["time_s"]
 
 

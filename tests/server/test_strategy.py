@@ -199,3 +199,57 @@ def test_after_a_site_leaves_the_cohort_shrinks_to_the_sites_still_connected() -
 def test_robust_aggregation_cannot_be_combined_with_central_dp() -> None:
     with pytest.raises(ConfigError, match="central"):
         parse_run_config({"aggregation": "median", "central-dp": True})
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_reply_is_checked_when_it_arrives_and_not_again_at_aggregation() -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    poisoned = reply(3)
+    state = ARRAYS.to_torch_state_dict()
+    state["face.embed.bias"] = state["face.embed.bias"] * float("nan")
+    poisoned.content.array_records["arrays"] = ArrayRecord(torch_state_dict=state)
+    assert strategy.accept(1, reply(1)) is True
+    assert strategy.accept(1, poisoned) is False
+    assert len(strategy.failures[1]) == 1  # refused on arrival, while other sites still train
+    arrays, _ = strategy.aggregate_train(1, [reply(2), poisoned])
+    assert isinstance(arrays, ArrayRecord)
+    assert len(strategy.failures[1]) == 1  # the verdict is reused, not checked (and logged) twice
+
+
+class TrickleGrid:
+    """Delivers one reply per pull, or none after ``stop``; records what happened in ``events``."""
+
+    pull_interval = 0.01
+
+    def __init__(self, replies: list[Message], stop: int, events: list[str]) -> None:
+        self.replies, self.stop, self.events = replies, stop, events
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        self.events.append("pull")
+        if not self.replies or len(self.replies) <= self.stop:
+            return []
+        out = self.replies.pop(0)
+        out.metadata.__dict__["_reply_to_message_id"] = f"m{out.metadata.src_node_id - 1}"
+        return [out]
+
+
+def test_the_coordinator_checks_each_reply_before_waiting_for_the_next() -> None:
+    from server.run import _collect
+
+    events: list[str] = []
+
+    class Inner:
+        def accept(self, server_round: int, message: Message) -> bool:
+            events.append(f"accept {message.metadata.src_node_id}")
+            return True
+
+    grid = TrickleGrid([reply(1), reply(2), reply(3)], stop=1, events=events)
+    sent = [reply(n) for n in (1, 2, 3)]
+    replies, _ = _collect(grid, sent, 0.2, Inner(), 1)  # type: ignore[arg-type]
+    assert [r.metadata.src_node_id for r in replies] == [1, 2]  # site 3 never answered in time
+    assert events[:4] == ["pull", "accept 1", "pull", "accept 2"]
