@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.privacy.verify import verify_ledger
 
 TINY_TWO_ROUNDS = [
@@ -19,11 +21,18 @@ TINY_TWO_ROUNDS = [
 ]
 
 
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        "round.replied:2",  # every reply recorded (as it arrived), none aggregated
+        "round.aggregated:2",  # aggregated, not checkpointed
+    ],
+)
 def test_a_run_killed_between_ledger_and_checkpoint_resumes_without_double_charging(
-    tmp_path: Path,
+    tmp_path: Path, failpoint: str
 ) -> None:
     cmd = [sys.executable, "-m", "common.cli", "simulate", *TINY_TWO_ROUNDS, "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FACEFED_FAILPOINT": "round.aggregated:2"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FACEFED_FAILPOINT": failpoint}
     killed = subprocess.run(
         cmd, capture_output=True, text=True, env=env, timeout=600, start_new_session=True
     )
