@@ -117,6 +117,10 @@ class RunSettings:
     trim_fraction: float = 0.25  # trimmed-mean: fraction cut from each end, per coordinate
     min_replies: int = 1  # fewer valid replies than this: the round is not aggregated
     round_timeout: float = 1800.0  # seconds to wait for a round's replies; late sites are dropouts
+    # most training messages in flight at once (0: the whole cohort); ``facefed simulate`` sets it
+    # to 4 per Ray CPU, since Flower's simulation engine rescans every queued message for each site
+    # on every poll, work that grows with the square of the cohort
+    dispatch_window: int = 0
     resume: bool = False  # continue the run in out-dir from its last completed round
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
@@ -142,6 +146,7 @@ class RunSettings:
         for name in (
             "face_steps",
             "emotion_steps",
+            "dispatch_window",
             "face_train_limit",
             "emotion_train_limit",
             "emotion_eval_limit",

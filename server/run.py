@@ -227,7 +227,7 @@ def _train_round(
     t0 = time.monotonic()
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({}), grid))
     t1 = time.monotonic()
-    replies, accept_s = _collect(grid, messages, settings.round_timeout, inner, server_round)
+    replies, accept_s = _collect(grid, messages, settings, inner, server_round)
     t2 = time.monotonic()
     failpoint("round.replied")
     answered = {r.metadata.src_node_id for r in replies}
@@ -258,22 +258,32 @@ def _train_round(
 def _collect(
     grid: Grid,
     messages: list[Message],
-    timeout: float,
+    settings: RunSettings,
     inner: FacefedStrategy,
     server_round: int,
 ) -> tuple[list[Message], float]:
-    """Send the round's messages and gather the replies until all are in or ``timeout`` passes.
+    """Send the round's messages and gather the replies until all are in or ``round-timeout`` passes.
 
     Like Flower's ``Grid.send_and_receive``, but each reply is checked (its ledger record, its
-    update) as soon as it arrives, while the other sites are still training. Returns the replies and
-    the seconds spent checking them.
+    update) as soon as it arrives, while the other sites are still training, and at most
+    ``dispatch-window`` messages are in flight at once (0: all). A message still unsent at the
+    timeout makes its site a dropout like an unanswered one. Returns the replies and the seconds
+    spent checking them.
     """
-    pending = set(grid.push_messages(messages))
+    window = settings.dispatch_window or len(messages)
+    unsent = list(messages)
+    pending: set[str] = set()
     interval = float(getattr(grid, "pull_interval", 3.0))  # what Flower's grids wait between pulls
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + settings.round_timeout
     replies: list[Message] = []
     accept_s = 0.0
-    while pending:
+    while True:
+        room = window - len(pending)
+        if unsent and room > 0:
+            pending.update(grid.push_messages(unsent[:room]))
+            del unsent[:room]
+        if not pending:
+            break
         arrived = list(grid.pull_messages(pending))
         started = time.monotonic()
         for reply in arrived:
@@ -281,7 +291,7 @@ def _collect(
             inner.accept(server_round, reply)
         accept_s += time.monotonic() - started
         replies.extend(arrived)
-        if not pending or time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             break
         if not arrived:
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -46,7 +46,7 @@ def warm_caches(settings: RunSettings) -> Path:
 def backend_config(num_cpus: int | None) -> dict[str, Any]:
     """One CPU per virtual site; Ray gets the machine's CPUs (or ``num_cpus``), or with ``RAY_ADDRESS``
     set, the existing Ray cluster's (docs/ray-cluster.md)."""
-    cpus = num_cpus or os.cpu_count() or 1
+    cpus = _local_cpus(num_cpus)
     if address := os.environ.get("RAY_ADDRESS"):  # Ray refuses num_cpus when attaching to a cluster
         return {
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -56,6 +56,22 @@ def backend_config(num_cpus: int | None) -> dict[str, Any]:
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False},
     }
+
+
+def _local_cpus(num_cpus: int | None) -> int:
+    return num_cpus or os.cpu_count() or 1
+
+
+def dispatch_window(settings: RunSettings, num_cpus: int | None) -> int:
+    """The run's ``dispatch-window``, or 4 messages per local Ray CPU (one site per CPU at a time).
+
+    Flower's simulation engine rescans every undelivered message for each site on every poll; with
+    a whole 100-site cohort queued that held the coordinator process's GIL ~30% of the round. A few
+    messages per actor keep every actor busy. Unknown on a Ray cluster: there it stays as set.
+    """
+    if settings.dispatch_window or os.environ.get("RAY_ADDRESS"):
+        return settings.dispatch_window
+    return 4 * _local_cpus(num_cpus)
 
 
 def simulate(
@@ -73,7 +89,12 @@ def simulate(
     results_path = out / "results.json"
     if not settings.resume:
         results_path.unlink(missing_ok=True)
-    flat = {**settings.to_flat(), "data-dir": str(root), "out-dir": str(out.resolve())}
+    flat = {
+        **settings.to_flat(),
+        "data-dir": str(root),
+        "out-dir": str(out.resolve()),
+        "dispatch-window": dispatch_window(settings, num_cpus),
+    }
 
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat)

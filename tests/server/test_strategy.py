@@ -250,6 +250,30 @@ def test_the_coordinator_checks_each_reply_before_waiting_for_the_next() -> None
 
     grid = TrickleGrid([reply(1), reply(2), reply(3)], stop=1, events=events)
     sent = [reply(n) for n in (1, 2, 3)]
-    replies, _ = _collect(grid, sent, 0.2, Inner(), 1)  # type: ignore[arg-type]
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "round-timeout": 0.2})
+    replies, _ = _collect(grid, sent, settings, Inner(), 1)  # type: ignore[arg-type]
     assert [r.metadata.src_node_id for r in replies] == [1, 2]  # site 3 never answered in time
     assert events[:4] == ["pull", "accept 1", "pull", "accept 2"]
+
+
+def test_a_dispatch_window_keeps_at_most_that_many_messages_in_flight() -> None:
+    from server.run import _collect
+
+    events: list[str] = []
+
+    class Inner:
+        def accept(self, server_round: int, message: Message) -> bool:
+            return True
+
+    class WindowGrid(TrickleGrid):
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            self.events.append(f"push {len(messages)}")
+            return [f"m{m.metadata.dst_node_id - 1}" for m in messages]
+
+    grid = WindowGrid([reply(1), reply(2), reply(3)], stop=0, events=events)
+    sent = [train_message(RecordDict({}), dst_node_id=n) for n in (1, 2, 3)]
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3, "dispatch-window": 2})
+    replies, _ = _collect(grid, sent, settings, Inner(), 1)  # type: ignore[arg-type]
+    assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
+    # two sent, the third only once a reply had made room
+    assert events[:4] == ["push 2", "pull", "push 1", "pull"]
