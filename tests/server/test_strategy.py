@@ -44,6 +44,15 @@ def reply(node: int, weight: int = 10) -> Message:
     )
 
 
+def nan_reply(node: int) -> Message:
+    """A reply whose update holds NaN: validation refuses it."""
+    poisoned = reply(node)
+    state = ARRAYS.to_torch_state_dict()
+    state["face.embed.bias"] = state["face.embed.bias"] * float("nan")
+    poisoned.content.array_records["arrays"] = ArrayRecord(torch_state_dict=state)
+    return poisoned
+
+
 class FakeGrid:
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
@@ -86,10 +95,7 @@ def test_a_poisoned_reply_is_refused_and_the_others_are_aggregated() -> None:
     settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
     strategy = make_strategy(settings)
     strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
-    poisoned = reply(3)
-    state = ARRAYS.to_torch_state_dict()
-    state["face.embed.bias"] = state["face.embed.bias"] * float("nan")
-    poisoned.content.array_records["arrays"] = ArrayRecord(torch_state_dict=state)
+    poisoned = nan_reply(3)
     arrays, _ = strategy.aggregate_train(1, [reply(1), reply(2), poisoned])
     assert isinstance(arrays, ArrayRecord)
     assert set(strategy.site_metrics[1]) == {1, 2}
@@ -206,10 +212,7 @@ def test_a_reply_is_checked_when_it_arrives_and_not_again_at_aggregation() -> No
     settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
     strategy = make_strategy(settings)
     strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
-    poisoned = reply(3)
-    state = ARRAYS.to_torch_state_dict()
-    state["face.embed.bias"] = state["face.embed.bias"] * float("nan")
-    poisoned.content.array_records["arrays"] = ArrayRecord(torch_state_dict=state)
+    poisoned = nan_reply(3)
     assert strategy.accept(1, reply(1)) is True
     assert strategy.accept(1, poisoned) is False
     assert len(strategy.failures[1]) == 1  # refused on arrival, while other sites still train
