@@ -88,7 +88,7 @@ class SiteStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._read: dict[Path, StoredRound] = {}
+        self._loaded: dict[Path, StoredRound] = {}
 
     # ------------------------------------------------------------------ key
     def signing_key(self) -> Ed25519PrivateKey:
@@ -176,16 +176,16 @@ class SiteStore:
         reply_bytes = recorddict_to_proto(reply).SerializeToString()
         body = struct.pack(">Q", len(state_bytes)) + state_bytes + reply_bytes
         path = self.root / f"round-{server_round:06d}.state"
-        self._read.clear()
+        self._loaded.clear()
         atomic_write_bytes(path, MAGIC + hashlib.sha256(body).digest() + body, mode=0o600)
         for number, old in self._files()[:-KEEP]:
             if number != server_round:
                 old.unlink(missing_ok=True)
 
     def _load(self, path: Path) -> StoredRound:
-        if path not in self._read:
-            self._read[path] = _read(path)
-        return self._read[path]
+        if path not in self._loaded:
+            self._loaded[path] = _read(path)
+        return self._loaded[path]
 
 
 def _read(path: Path) -> StoredRound:
