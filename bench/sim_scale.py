@@ -8,18 +8,24 @@ takes part in every round (cohort = all sites), with real DP-SGD on small partit
 From its ``results.json`` each round's wall time is split into
 
 * **evaluation**: the coordinator's evaluation of the global model (``eval_s``);
-* **local training**: the sites' ``train-s`` (wall seconds of ``client.train.train_round``) summed and
-  divided by the number of concurrent Ray actors (one per CPU, ``client_resources num_cpus = 1``): the
-  round's training time if the actors were never idle;
-* **framework overhead**: the rest. It holds Ray scheduling and actor idle time, message
-  serialisation, the ClientApp around the training (run config parsing, site store commit, egress
-  guard), the site's privacy accounting and reply signing, loading the site's data, the coordinator's
-  validation, aggregation and checkpoint, and in round 1 also Ray and actor start-up.
+* **coordinator**: its sampling, validation, ledger, aggregation and checkpoint phases (``phases``);
+* **sites**: the rest, i.e. the sites' rounds as the coordinator sees them: local training plus the
+  site path (Ray scheduling and actor idle time, message serialisation, the ClientApp around the
+  training, the site's privacy accounting and reply signing, loading the site's data), and in round 1
+  also Ray and actor start-up.
 
-The facefed part of that overhead is measured separately in this process (:func:`site_work`): one
-site's round outside Flower (``client.round.run_round``: accounting, signing, model build) minus its
-``train-s``, and loading a site's data with a warm and a cold per-process cache. Round 1 includes start-up
-and is reported apart; the steady-state figure is the median of rounds 2 and later.
+Sites no longer report their training time: ``train-s`` was an un-noised measurement of private data
+(it grows with the site's data), so a reply now carries only privacy accounting. The sites' share is
+therefore no longer split into training and site path for current runs (those columns read "–");
+results of older runs that carry ``train_s`` per site still get the split: training = the sites'
+``train_s`` summed and divided by the number of concurrent Ray actors (one per CPU), overhead = wall -
+evaluation - training, and site path = overhead - coordinator.
+
+The facefed part of the site path is measured separately in this process (:func:`site_work`): one
+site's round outside Flower (``client.round.run_round``: accounting, signing, model build) minus the
+time of its ``train_round`` call (timed here, in-process), and loading a site's data with a warm and a
+cold per-process cache. Round 1 includes start-up and is reported apart; the steady-state figure is the
+median of rounds 2 and later.
 
 Memory: the process tree of the run (coordinator, Ray's GCS and raylet, every actor) is polled from
 ``/proc`` twice a second; its peak summed RSS and PSS (PSS divides shared pages among the processes that
@@ -82,7 +88,11 @@ def _number(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class RoundSplit:
-    """One round's wall time split into evaluation, ideal parallel training and the rest."""
+    """One round's wall time split into evaluation, the coordinator, the sites (and their training).
+
+    nan is "not measured": the training split needs the sites' ``train_s`` (runs from before sites
+    stopped reporting it), the coordinator split its phase timings.
+    """
 
     round: int
     sites: int
@@ -95,6 +105,7 @@ class RoundSplit:
     # the overhead split, from the coordinator's phase timings (nan for runs without them)
     coordinator_s: float = math.nan  # sampling, validation, ledger, aggregation, checkpoint
     site_path_s: float = math.nan  # the rest: the ClientApp around training, Flower and Ray
+    sites_s: float = math.nan  # wall - evaluation - coordinator: training plus site path
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _number(v) for k, v in self.__dict__.items()}
@@ -109,8 +120,12 @@ def split_round(
     which overlaps the sites' training) and aggregate phases, plus the previous round's checkpoint
     (``previous``), which a round's ``time_s`` includes.
 
+    Sites no longer report ``train_s``: when none does, the training, overhead and site-path
+    figures are nan (not measured) and only ``sites_s`` (training plus site path) remains.
+
     Raises:
-        ValueError: if ``actors < 1``, the round has no sites, or a site did not report ``train_s``.
+        ValueError: if ``actors < 1``, the round has no sites, or some sites reported ``train_s`` and
+            others did not (a sum over part of the cohort would understate the training).
     """
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
@@ -118,12 +133,11 @@ def split_round(
     if not clients:
         raise ValueError(f"round {record.get('round')} has no site replies")
     times = [c.get("train_s") for c in clients.values()]
-    if any(not isinstance(t, int | float) for t in times):
-        raise ValueError(
-            f"round {record.get('round')}: a site reported no train_s (a run from before train-s)"
-        )
+    measured = any(t is not None for t in times)
+    if measured and any(isinstance(t, bool) or not isinstance(t, int | float) for t in times):
+        raise ValueError(f"round {record.get('round')}: some sites reported train_s, others not")
     wall, evaluation = float(record["time_s"]), float(record["eval_s"])
-    total = float(sum(times))
+    total = float(sum(times)) if measured else math.nan
     train = total / min(actors, len(times))
     overhead = wall - evaluation - train
     phases = record.get("phases") or {}
@@ -147,6 +161,7 @@ def split_round(
         overhead_frac=overhead / wall if wall > 0 else 0.0,
         coordinator_s=coordinator,
         site_path_s=overhead - coordinator,
+        sites_s=wall - evaluation - coordinator,
     )
 
 
@@ -163,6 +178,7 @@ def summarise(results: dict[str, Any], actors: int) -> dict[str, Any]:
         "overhead_frac",
         "coordinator_s",
         "site_path_s",
+        "sites_s",
     )
     return {
         "rounds": [s.to_dict() for s in splits],
@@ -359,7 +375,8 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
     """Facefed's own per-site work outside ``train_round``, timed in this process for site 0.
 
     A round of one site outside Flower (``run_round``: the accountant's budget check and epsilon,
-    model build, reply signing) minus its ``train-s``; calibrating the noise multiplier to the budget
+    model build, reply signing) minus its ``train_round`` call, timed here by wrapping it (the site
+    no longer reports its training time); calibrating the noise multiplier to the budget
     (what every site does once per run when ``noise-multiplier = 0``, the default); and loading a
     site's data with a cold and a warm per-process cache.
     """
@@ -367,6 +384,7 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from flwr.app import ConfigRecord, RecordDict
 
+    from client import round as site_round
     from client import site_data
     from client.round import _calibrated_noise, run_round
     from common.config import parse_run_config
@@ -394,17 +412,42 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
     arrays = to_arrays(FaceEmbedder(settings.face_width), EmotionNet(settings.emotion_width))
     state, key = RecordDict(), Ed25519PrivateKey.generate()
     rounds = []
-    for server_round in (1, 2):
-        message_config = ConfigRecord({"server-round": server_round, "run-id": "bench"})
-        t0 = time.monotonic()
-        reply = run_round(
-            arrays, message_config, state, data, settings, settings.privacy.max_epsilon, site, key
-        )
-        total = time.monotonic() - t0
-        train = float(reply.metric_records["metrics"]["train-s"])  # type: ignore[arg-type]
-        rounds.append(
-            {"round": server_round, "run_round_s": round(total, 3), "train_s": round(train, 3)}
-        )
+    train_round = site_round.train_round
+    trained: list[float] = []
+
+    def timed_train_round(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return train_round(*args, **kwargs)
+        finally:
+            trained.append(time.monotonic() - started)
+
+    site_round.train_round = timed_train_round
+    try:
+        for server_round in (1, 2):
+            message_config = ConfigRecord({"server-round": server_round, "run-id": "bench"})
+            trained.clear()
+            t0 = time.monotonic()
+            run_round(
+                arrays,
+                message_config,
+                state,
+                data,
+                settings,
+                settings.privacy.max_epsilon,
+                site,
+                key,
+            )
+            total = time.monotonic() - t0
+            rounds.append(
+                {
+                    "round": server_round,
+                    "run_round_s": round(total, 3),
+                    "train_s": round(sum(trained), 3),
+                }
+            )
+    finally:
+        site_round.train_round = train_round
     calibrating = parse_run_config({**settings.to_flat(), "noise-multiplier": 0.0})
     t0 = time.monotonic()
     _calibrated_noise(calibrating, data, calibrating.privacy.max_epsilon, site)
@@ -421,8 +464,8 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------- report
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+def _pct(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.0f}%"
 
 
 def _secs(value: float | None) -> str:
@@ -441,23 +484,26 @@ def markdown(report: dict[str, Any]) -> str:
         "Workload (run-config keys): "
         + ", ".join(f"`{k}={v}`" for k, v in report.get("config", {}).items()),
         "",
-        "Per-round split (s): training = sum of the sites' `train-s` / concurrent actors; "
-        "overhead = wall - evaluation - training; of the overhead, coordinator = its sampling, "
-        "validation, ledger, aggregation and checkpoint phases (validation and ledger run as each "
-        "reply arrives, overlapping the wait), and site path = the rest (the ClientApp around "
-        "training, Flower's message path, Ray).",
+        "Per-round split (s): coordinator = its sampling, validation, ledger, aggregation and "
+        "checkpoint phases (validation and ledger run as each reply arrives, overlapping the wait); "
+        "sites = wall - evaluation - coordinator: the sites' training plus the site path (the "
+        "ClientApp around training, Flower's message path, Ray). Sites no longer report their "
+        "training time (`train-s` was un-noised private data), so training, overhead and site path "
+        "are – for current runs; for older runs training = sum of the sites' `train-s` / "
+        "concurrent actors, overhead = wall - evaluation - training, site path = overhead - "
+        "coordinator.",
         "",
         "| sites | actors | round | wall | evaluation | training (ideal parallel) | overhead | "
-        "overhead share | of it coordinator | of it site path |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "overhead share | of it coordinator | of it site path | sites (training + site path) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scale in report["scales"]:
         for r in scale.get("rounds", []):
             lines.append(
                 f"| {scale['sites']} | {scale['actors']} | {r['round']} | {r['wall_s']:.1f} | "
-                f"{r['eval_s']:.1f} | {r['train_s']:.1f} | {r['overhead_s']:.1f} | "
+                f"{r['eval_s']:.1f} | {_secs(r['train_s'])} | {_secs(r['overhead_s'])} | "
                 f"{_pct(r['overhead_frac'])} | {_secs(r.get('coordinator_s'))} | "
-                f"{_secs(r.get('site_path_s'))} |"
+                f"{_secs(r.get('site_path_s'))} | {_secs(r.get('sites_s'))} |"
             )
     lines += [
         "",
@@ -469,7 +515,7 @@ def markdown(report: dict[str, Any]) -> str:
     for scale in report["scales"]:
         steady = scale.get("steady", {})
         mem = scale["memory"]
-        share = f"{_pct(steady['overhead_frac'])} ({steady['rounds']})" if steady else "–"
+        share = f"{_pct(steady.get('overhead_frac'))} ({steady['rounds']})" if steady else "–"
         lines.append(
             f"| {scale['sites']} | {scale['status']} | {scale.get('all_sites_every_round', '–')} | "
             f"{share} | {mem['peak_rss_gib']} / {mem['peak_pss_gib']} | "

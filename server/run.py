@@ -77,18 +77,7 @@ class RunRecorder:
         eval_s = time.monotonic() - t0
         ckpt_path = self.out / "checkpoints" / f"round_{server_round:03d}.ckpt"
         clients = {
-            f"site-{int(m.get('site-index', node))}": {
-                "node_id": node,
-                "epsilon": float(m["epsilon"]) if m.get("dp", 1) else "inf",
-                "delta": m["delta"],
-                "steps": int(m["steps"]),
-                "noise_multiplier": m["noise-multiplier"],
-                "face_loss": m["face-loss"] if m["face-loss"] >= 0 else None,
-                "emotion_loss": m["emotion-loss"] if m["emotion-loss"] >= 0 else None,
-                "train_s": m.get("train-s"),
-                "egress_checked": int(m.get("egress-checked", 0)),
-                "egress_refused": int(m.get("egress-refused", 0)),
-            }
+            f"site-{int(m.get('site-index', node))}": _client_record(node, m)
             for node, m in sorted(self.strategy.site_metrics.get(server_round, {}).items())
         }
         if not clients:
@@ -158,6 +147,33 @@ class RunRecorder:
         atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
 
 
+def _client_record(node: int, m: dict[str, Any]) -> dict[str, Any]:
+    """One site's round in ``results.json``, from the metrics it sent (validated, all scalars).
+
+    Sites report only their privacy accounting and egress counts: losses, example counts and
+    timings are un-noised values of private data and no longer leave a site.
+    """
+    dp = bool(m.get("dp", 1))
+    record: dict[str, Any] = {
+        "node_id": node,
+        "epsilon": float(m["epsilon"]) if dp else "inf",
+    }
+    if "epsilon-lifetime" in m:
+        record["epsilon_lifetime"] = float(m["epsilon-lifetime"]) if dp else "inf"
+    record |= {
+        "delta": m["delta"],
+        "steps": int(m["steps"]),
+        "noise_multiplier": m["noise-multiplier"],
+    }
+    if "secret-noise" in m:
+        record["secret_noise"] = bool(m["secret-noise"])
+    record |= {
+        "egress_checked": int(m.get("egress-checked", 0)),
+        "egress_refused": int(m.get("egress-refused", 0)),
+    }
+    return record
+
+
 def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     """Run all rounds (or, with ``resume``, the rest of an interrupted run).
 
@@ -166,9 +182,11 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     """
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    inner = make_strategy(settings)
+    # Before the run starts: CentralDp refuses a strategy its noise does not fit.
+    strategy: Strategy = CentralDp(inner, settings) if settings.privacy.central_dp else inner
     point = resume_point(out, settings) if settings.resume else None
     run_id = point.run_id if point is not None else start_run(out, settings)
-    inner = make_strategy(settings)
     inner.run_id = run_id
     recorder = RunRecorder(settings, inner)
     if settings.privacy.dp:
@@ -176,7 +194,6 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
             out / "ledger.db", settings.privacy.accountant, settings.privacy.delta, run_id=run_id
         )
         recorder.ledger = str(inner.keeper.ledger.path)
-    strategy: Strategy = CentralDp(inner, settings) if settings.privacy.central_dp else inner
     recorder.state_fn = lambda arrays: server_state(
         arrays, inner.sampling_state(), _moments(inner), recorder.history()
     )

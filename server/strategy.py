@@ -1,17 +1,27 @@
 """Aggregation strategies: Flower's FedAvg / FedAdam plus facefed's cohort sampling and reply capture.
 
-Two changes to Flower's behaviour:
-* the cohort is sampled with an injected, seeded generator (Flower's ``sample_nodes`` uses the global
-  ``random`` module), always exactly ``cohort_size`` sites, waiting until all ``num_sites`` are connected;
+Three changes to Flower's behaviour:
+* the cohort is always exactly ``cohort_size`` sites, drawn from the connected sites that are still
+  within their privacy budget, waiting until all ``num_sites`` are connected. Flower's ``sample_nodes``
+  uses the global ``random`` module; here the draw is secret under central DP (the OS CSPRNG, so the
+  amplification by sampling that the ledger accounts holds) and otherwise seeded from the run seed,
+  for reproducible research runs. Each round's draw (cohort size, population) is kept, because the
+  true sampling rate is what central DP must record;
 * every valid training reply's scalar metrics are kept per site and round (Flower only keeps the weighted
-  average), because each site's epsilon must be reported on its own.
+  average), because each site's epsilon must be reported on its own;
+* the coordinator sets the aggregation weights itself: every accepted update weighs the same. A site's
+  reply never decides its weight (a site-reported example count is un-noised private data, and a
+  claimed weight would let one site dominate the mean and break central DP's sensitivity bound).
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -28,6 +38,13 @@ from server.validation import validate_reply
 
 logger = logging.getLogger(__name__)
 
+# The metric that Flower's aggregation reads the weights from. Only the coordinator writes it (every
+# accepted reply's content is replaced by the validated arrays and this weight); server.validation
+# refuses it, like any key outside its whitelist, in a site's reply.
+WEIGHT_KEY = "coordinator-weight"
+# What sampling_state() stores for a secret sampler: a marker, no state (there is none to continue).
+SECRET_SAMPLER_STATE: Mapping[str, str] = MappingProxyType({"sampler": "secret"})
+
 
 class BudgetExhausted(FacefedError):
     """Too few sites can train within their budgets: the run stops cleanly after the last round."""
@@ -36,10 +53,11 @@ class BudgetExhausted(FacefedError):
 
 
 class CohortMixin:
-    """Seeded fixed-size cohort sampling and per-site capture of training replies."""
+    """Fixed-size cohort sampling and per-site capture of training replies."""
 
     settings: RunSettings
     rng: np.random.Generator
+    secret_rng: random.SystemRandom | None
     site_metrics: dict[int, dict[int, dict[str, Any]]]  # round -> node id -> metrics
     failures: dict[int, list[str]]
 
@@ -50,7 +68,10 @@ class CohortMixin:
         self.model_hash = ""
         self.round_hashes: dict[int, str] = {}
         self.sent: dict[str, np.ndarray] = {}
-        self.rng = np.random.default_rng([settings.seed, 7919])
+        # Under central DP the cohort must be secret: a seeded draw is derivable from the run config.
+        self.secret_rng = secrets.SystemRandom() if settings.privacy.central_dp else None
+        self.rng = np.random.default_rng([settings.seed, 7919])  # used only without central DP
+        self.cohort_draws: dict[int, tuple[int, int]] = {}  # round -> (cohort size, drawn from)
         self.site_metrics = {}
         self.failures = {}
         self._verdicts: dict[int, dict[int, tuple[Message, bool]]] = {}  # round -> id(reply) -> ok
@@ -60,11 +81,35 @@ class CohortMixin:
         self.rounds_started = 0
 
     def restore_sampling(self, state: dict[str, Any]) -> None:
-        """Continue the cohort sampling stream of an interrupted run (see ``sampling_state``)."""
+        """Continue the cohort sampling stream of an interrupted run (see ``sampling_state``).
+
+        A secret sampler has no stream to continue: it draws afresh from the OS CSPRNG, which is as
+        good after a resume as before it (the draws stay secret and independent).
+        """
+        if self.secret_rng is not None:
+            return
+        if state == SECRET_SAMPLER_STATE:
+            raise FacefedError(
+                "the checkpoint was written by a run with a secret (central-DP) cohort sampler, "
+                "but this run samples from the seed; resume with the run's own config"
+            )
         self.rng.bit_generator.state = state  # the first round after it waits for every site again
 
     def sampling_state(self) -> dict[str, Any]:
+        """The seeded sampler's state for the checkpoint; for a secret sampler only a marker.
+
+        Nothing secret is stored: the OS CSPRNG has no state of ours, so a checkpoint (read by
+        whoever can read the run directory) says nothing about past or future cohorts.
+        """
+        if self.secret_rng is not None:
+            return dict(SECRET_SAMPLER_STATE)
         return dict(self.rng.bit_generator.state)
+
+    def _draw(self, population: int, size: int) -> list[int]:
+        """``size`` distinct positions out of ``population``, uniformly at random."""
+        if self.secret_rng is not None:
+            return self.secret_rng.sample(range(population), size)
+        return [int(i) for i in self.rng.choice(population, size, replace=False)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -90,8 +135,8 @@ class CohortMixin:
             )
             size = len(eligible)
         # Sample positions, not ids: node ids are uint64 and would not survive a numpy array.
-        picks = self.rng.choice(len(eligible), size, replace=False)
-        cohort = sorted(eligible[int(i)] for i in picks)
+        cohort = sorted(eligible[i] for i in self._draw(len(eligible), size))
+        self.cohort_draws[server_round] = (len(cohort), len(eligible))
         logger.info("round %d: training on %d of %d sites", server_round, len(cohort), len(nodes))
         config["server-round"] = server_round
         self.model_hash = arrays_digest(arrays)
@@ -151,15 +196,15 @@ class CohortMixin:
                 self._refuse(server_round, node, f"privacy record refused: {exc}")
                 return False
         try:  # after the ledger: a released update spent privacy even if it is not aggregated
-            reply.content["arrays"] = validate_reply(
-                reply.content, self.sent, self.settings.max_update_norm
-            )
+            arrays = validate_reply(reply.content, self.sent, self.settings.max_update_norm)
         except FacefedError as exc:
             self._refuse(server_round, node, f"update refused: {exc}")
             return False
-        metrics = reply.content.metric_records.get("metrics")
-        if metrics is not None:
-            self.site_metrics.setdefault(server_round, {})[node] = dict(metrics)
+        # validated: whitelisted finite scalars
+        self.site_metrics.setdefault(server_round, {})[node] = dict(reply.content["metrics"])
+        # From here on the reply holds only what aggregation may read: the validated arrays and the
+        # weight the coordinator gives every accepted update. Its privacy records are in the ledger.
+        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT_KEY: 1})})
         return True
 
     def aggregate_train(
@@ -194,10 +239,12 @@ class CohortMixin:
 
 
 def _common_kwargs(settings: RunSettings) -> dict[str, Any]:
-    """Flower strategy arguments shared by FedAvg and FedAdam: train the fixed cohort, no client eval."""
+    """Flower strategy arguments shared by all strategies: train the fixed cohort, no client eval."""
     return {
-        # Central DP's noise (sigma * C / n) assumes a uniform average of the n clipped updates.
-        "weighted_by_key": "dp-weight" if settings.privacy.central_dp else "num-examples",
+        # Uniform weights set by the coordinator (see CohortMixin._check): central DP's noise
+        # (sigma * C / n) assumes a uniform average of the n clipped updates, and a site's own count
+        # of examples is private data that never leaves it.
+        "weighted_by_key": WEIGHT_KEY,
         "fraction_train": 1.0,
         "fraction_evaluate": 0.0,
         "min_train_nodes": settings.cohort_size,

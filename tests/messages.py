@@ -29,3 +29,25 @@ def train_message(
         message_type=MessageType.TRAIN,
     )
     return Message(content=content, metadata=metadata)
+
+
+def site_metrics(site_index: int = 0, **overrides: float | None) -> dict[str, float]:
+    """The metrics of a site's training reply, as an honest DP site sends them (all of them).
+
+    ``overrides`` replace or add keys (a key mapped to ``None`` is dropped), e.g.
+    ``site_metrics(**{"num-examples": 10**9})`` for a reply that claims a weight.
+    """
+    metrics: dict[str, float] = {
+        "site-index": site_index,
+        "dp": 1,
+        "epsilon": 1.0,
+        "epsilon-lifetime": 1.5,
+        "delta": 1e-5,
+        "steps": 4,
+        "noise-multiplier": 1.1,
+        "secret-noise": 1,
+        "egress-checked": 1,
+        "egress-refused": 0,
+    }
+    metrics.update(overrides)
+    return {k: v for k, v in metrics.items() if v is not None}

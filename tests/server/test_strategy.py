@@ -1,4 +1,5 @@
-"""The coordinator's strategy: fixed seeded cohorts, per-site capture, and fail-closed central DP."""
+"""The coordinator's strategy: fixed cohorts (secret under central DP), per-site capture, weights set by
+the coordinator, and fail-closed central DP."""
 
 from __future__ import annotations
 
@@ -17,24 +18,14 @@ from common.config import parse_run_config
 from common.errors import ConfigError, FacefedError
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import to_arrays
-from server.strategy import BudgetExhausted, make_strategy
-from tests.messages import train_message
+from server.strategy import WEIGHT_KEY, BudgetExhausted, make_strategy
+from tests.messages import site_metrics, train_message
 
 ARRAYS = to_arrays(FaceEmbedder(8), EmotionNet(8))
 
 
-def reply(node: int, weight: int = 10) -> Message:
-    metrics = MetricRecord(
-        {
-            "num-examples": weight,
-            "dp-weight": 1,
-            "site-index": node,
-            "epsilon": 1.0,
-            "delta": 1e-5,
-            "steps": 4,
-            "dp": 1,
-        }
-    )
+def reply(node: int, **metrics_overrides: float | None) -> Message:
+    metrics = MetricRecord(site_metrics(node, **metrics_overrides))
     return train_message(
         RecordDict({"arrays": ARRAYS, "metrics": metrics}),
         src_node_id=node,
@@ -104,7 +95,7 @@ def test_a_poisoned_reply_is_refused_and_the_others_are_aggregated() -> None:
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_cohort_is_fixed_size_and_seeded() -> None:
+def test_without_central_dp_the_cohort_is_fixed_size_and_seeded() -> None:
     settings = parse_run_config({"num-sites": 6, "cohort-size": 3, "seed": 5})
     # node ids above 2**63, as Flower issues them, must survive sampling intact
     nodes = [2**63 + 17 * i for i in range(6)]
@@ -114,6 +105,42 @@ def test_cohort_is_fixed_size_and_seeded() -> None:
         msgs = strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid(nodes))
         picks.append(sorted(m.metadata.dst_node_id for m in msgs))
     assert picks[0] == picks[1] and len(picks[0]) == 3 and set(picks[0]) <= set(nodes)
+
+
+def cohorts(settings_overrides: dict, rounds: int = 4) -> list[list[int]]:
+    """The cohorts of ``rounds`` rounds of a fresh strategy, 5 of 20 connected sites each."""
+    settings = parse_run_config({"num-sites": 20, "cohort-size": 5, **settings_overrides})
+    strategy = make_strategy(settings)
+    grid = FakeGrid(list(range(1, 21)))
+    return [
+        sorted(
+            m.metadata.dst_node_id
+            for m in strategy.configure_train(r, ARRAYS, ConfigRecord({}), grid)
+        )
+        for r in range(1, rounds + 1)
+    ]
+
+
+def test_under_central_dp_the_cohort_is_secret_not_derived_from_the_seed() -> None:
+    # Amplification by sampling needs a cohort the adversary cannot predict: two runs with the same
+    # config (seed included) must not draw the same cohorts, as the seeded draw does.
+    seeded = {"seed": 5}
+    assert cohorts(seeded) == cohorts(seeded)  # the control: the seeded draw repeats
+    secret = {"seed": 5, "central-dp": True}
+    first, second = cohorts(secret), cohorts(secret)
+    assert all(len(c) == 5 and set(c) <= set(range(1, 21)) for c in first)
+    assert first != second  # equal by chance with probability 15504**-4
+    assert first != cohorts(seeded)
+
+
+def test_a_secret_sampler_stores_no_state_in_the_checkpoint() -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 2, "central-dp": True})
+    strategy = make_strategy(settings)
+    assert strategy.sampling_state() == {"sampler": "secret"}
+    seeded = make_strategy(parse_run_config({"num-sites": 3, "cohort-size": 2}))
+    strategy.restore_sampling(seeded.sampling_state())  # after a resume it simply draws afresh
+    with pytest.raises(FacefedError, match="secret"):
+        seeded.restore_sampling(strategy.sampling_state())
 
 
 def test_run_stops_when_too_few_sites_remain_in_budget() -> None:
@@ -131,12 +158,74 @@ def test_run_stops_when_too_few_sites_remain_in_budget() -> None:
         list(strategy.configure_train(2, ARRAYS, ConfigRecord({}), FakeGrid([1, 2])))
 
 
-def shifted_reply(node: int, shift: float) -> Message:
+def shifted_reply(node: int, shift: float, **metrics_overrides: float | None) -> Message:
     """A well-formed reply whose every weight is the sent model's plus ``shift``."""
     arrays = ArrayRecord({k: Array(a.numpy() + np.float32(shift)) for k, a in ARRAYS.items()})
-    message = reply(node)
+    message = reply(node, **metrics_overrides)
     message.content["arrays"] = arrays
     return message
+
+
+def mean_shift(arrays: ArrayRecord) -> float:
+    return float(np.mean(arrays["face.embed.weight"].numpy() - ARRAYS["face.embed.weight"].numpy()))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_every_accepted_update_weighs_the_same() -> None:
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    replies = [shifted_reply(1, 0.01), shifted_reply(2, 0.02), shifted_reply(3, 0.06)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert mean_shift(arrays) == pytest.approx(0.03, abs=1e-6)  # the plain mean of the three
+    # what aggregation read: the validated arrays and the coordinator's weight, nothing of the site's
+    for message in replies:
+        assert dict(message.content.metric_records["metrics"]) == {WEIGHT_KEY: 1}
+        assert list(message.content.config_records) == []
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("claim", ["num-examples", "dp-weight", WEIGHT_KEY])
+def test_a_reply_that_claims_a_huge_weight_does_not_get_it(claim: str) -> None:
+    # Attack: a site scales its update and claims a weight large enough to own the mean. With the
+    # egress guard an honest site cannot send such a metric; the coordinator does not trust it
+    # either: an unknown metric refuses the reply, and no metric of a site ever sets a weight.
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    greedy = shifted_reply(3, 0.9, **{claim: 10**9})
+    arrays, _ = strategy.aggregate_train(
+        1, [shifted_reply(1, 0.01), shifted_reply(2, 0.03), greedy]
+    )
+    assert arrays is not None
+    assert mean_shift(arrays) == pytest.approx(0.02, abs=1e-6)
+    assert set(strategy.site_metrics[1]) == {1, 2}
+    assert any("node 3" in f and "outside the agreed set" in f for f in strategy.failures[1])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_even_a_claimed_weight_that_passed_validation_would_not_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Defence in depth: were the whitelist ever to let a weight-like metric through, aggregation
+    # still reads only the coordinator's weight, so the greedy update counts once, like the others.
+    import server.validation
+
+    rules = {**server.validation.METRIC_RULES}
+    rules["num-examples"] = server.validation.MetricRule(required=False, high=1e12)
+    monkeypatch.setattr(server.validation, "METRIC_RULES", rules)
+    settings = parse_run_config({"num-sites": 3, "cohort-size": 3})
+    strategy = make_strategy(settings)
+    strategy.configure_train(1, ARRAYS, ConfigRecord({}), FakeGrid([1, 2, 3]))
+    greedy = shifted_reply(3, 0.9, **{"num-examples": 10**9})
+    honest = [
+        shifted_reply(1, 0.01, **{"num-examples": 1}),
+        shifted_reply(2, 0.03, **{"num-examples": 1}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, [*honest, greedy])
+    assert arrays is not None
+    assert mean_shift(arrays) == pytest.approx((0.01 + 0.03 + 0.9) / 3, abs=1e-6)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -280,3 +369,24 @@ def test_a_dispatch_window_keeps_at_most_that_many_messages_in_flight() -> None:
     assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
     # two sent, the third only once a reply had made room
     assert events[:4] == ["push 2", "pull", "push 1", "pull"]
+
+
+def test_results_json_keeps_each_sites_privacy_accounting_and_nothing_of_its_training() -> None:
+    from server.run import _client_record
+
+    record = _client_record(7, site_metrics(2))
+    assert record == {
+        "node_id": 7,
+        "epsilon": 1.0,
+        "epsilon_lifetime": 1.5,
+        "delta": 1e-5,
+        "steps": 4,
+        "noise_multiplier": 1.1,
+        "secret_noise": True,
+        "egress_checked": 1,
+        "egress_refused": 0,
+    }
+    # without DP the epsilons are infinite; optional keys a site did not send are left out
+    plain = _client_record(7, site_metrics(2, dp=0, epsilon=-1.0, **{"secret-noise": None}))
+    assert plain["epsilon"] == plain["epsilon_lifetime"] == "inf"
+    assert "secret_noise" not in plain

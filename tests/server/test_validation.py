@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.errors import IntegrityError
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import to_arrays
-from server.validation import validate_reply
+from server.validation import METRIC_RULES, validate_reply
+from tests.messages import site_metrics
 
 SENT = to_arrays(FaceEmbedder(8), EmotionNet(8))
 REFERENCE = {k: a.numpy() for k, a in SENT.items()}
-METRICS = {"num-examples": 10, "site-index": 0, "epsilon": 1.0, "delta": 1e-5, "steps": 4, "dp": 1}
+METRICS = site_metrics()
 
 
 def content(state: dict[str, torch.Tensor], metrics: dict | None = None) -> RecordDict:
@@ -91,3 +92,56 @@ def test_metrics_must_be_finite_numbers(bad: dict) -> None:
     metrics = {k: v for k, v in {**METRICS, **bad}.items() if v is not None}
     with pytest.raises(IntegrityError, match="metric"):
         validate_reply(content(trained_state(), metrics), REFERENCE, max_update_norm=100.0)
+
+
+def test_the_whitelist_is_exactly_what_a_site_may_send() -> None:
+    assert set(METRIC_RULES) == set(site_metrics())
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["num-examples", "dp-weight", "coordinator-weight", "face-loss", "emotion-loss", "train-s"],
+)
+def test_a_metric_outside_the_whitelist_is_refused_without_echoing_it(key: str) -> None:
+    # Weights, losses and timings are un-noised private values that no longer leave a site; a reply
+    # that carries one anyway (a claimed weight included) is refused, whatever its value.
+    metrics = site_metrics(**{key: 10**9})
+    with pytest.raises(IntegrityError, match="1 key\\(s\\) outside the agreed set") as refused:
+        validate_reply(content(trained_state(), metrics), REFERENCE, max_update_norm=100.0)
+    assert key not in str(refused.value)  # the rule is named, not the content
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"dp": 2},
+        {"secret-noise": 0.5},
+        {"epsilon": -0.5},
+        {"delta": 1.5},
+        {"steps": -1},
+        {"site-index": 1.5},
+        {"egress-refused": -3},
+        {"noise-multiplier": None},
+    ],
+    ids=lambda bad: next(iter(bad)),
+)
+def test_a_metric_out_of_its_range_or_missing_is_refused(bad: dict) -> None:
+    metrics = {k: v for k, v in {**METRICS, **bad}.items() if v is not None}
+    with pytest.raises(IntegrityError, match="metric"):
+        validate_reply(content(trained_state(), metrics), REFERENCE, max_update_norm=100.0)
+
+
+def test_a_site_without_dp_reports_epsilon_as_minus_one_and_passes() -> None:
+    metrics = site_metrics(dp=0, epsilon=-1.0, **{"epsilon-lifetime": -1.0})
+    validate_reply(content(trained_state(), metrics), REFERENCE, max_update_norm=100.0)
+
+
+def test_an_extra_record_is_refused() -> None:
+    reply = content(trained_state())
+    reply["smuggled"] = ConfigRecord({"x": 1})
+    with pytest.raises(IntegrityError, match="config record"):
+        validate_reply(reply, REFERENCE, max_update_norm=100.0)
+    reply = content(trained_state())
+    reply["more-metrics"] = MetricRecord({"epsilon": 1.0})
+    with pytest.raises(IntegrityError, match="one MetricRecord"):
+        validate_reply(reply, REFERENCE, max_update_norm=100.0)
