@@ -8,30 +8,43 @@ which gives ClientApps no run config of their own.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.egress import EgressGuard, guard_stats, make_egress_guard
-from client.round import round_from_config, run_round, site_budget
+from client.egress import (
+    SITE_INTERNAL_ERROR_CODE,
+    SITE_INTERNAL_ERROR_REASON,
+    EgressGuard,
+    SiteRefusal,
+    guard_stats,
+    make_egress_guard,
+)
+from client.round import round_from_config, run_round
 from client.site_data import SiteSpec, load_site_tensors
 from client.site_keys import site_signing_key
-from client.site_store import SiteStore
+from client.site_policy import PolicyRefusal, SitePolicies, SitePolicy, check_run
+from client.site_store import Release, SiteStore, events_of
 from common.config import RunSettings, Scalar, parse_run_config
+from common.errors import FacefedError, IntegrityError, PrivacyBudgetError
 from common.models import EmotionNet, FaceEmbedder
+from common.privacy.events import DpSgdEvent
 from common.privacy.site_record import PREVIOUS_PREFIX, site_id
 from common.serde import arrays_digest, manifest
 
+logger = logging.getLogger(__name__)
+
 
 @functools.lru_cache(maxsize=4)
-def _guard_for(face_width: int, emotion_width: int) -> EgressGuard:
-    return make_egress_guard(manifest(FaceEmbedder(face_width), EmotionNet(emotion_width)))
+def _manifest_for(face_width: int, emotion_width: int) -> dict[str, tuple[int, ...]]:
+    return manifest(FaceEmbedder(face_width), EmotionNet(emotion_width))
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,22 +77,43 @@ def build_client_app(
     injected_config: Mapping[str, Scalar] | None = None,
     state_root: str | Path | None = None,
     outer_mods: Sequence[Mod] = (),
+    site_policies: SitePolicies | None = None,
+    research: bool = False,
 ) -> ClientApp:
     """A ClientApp whose run config is ``injected_config`` overlaid with the context's own.
 
-    Every reply passes the egress guard: only the agreed model arrays, scalar metrics and the signed
-    privacy record may leave the site. A site keeps its durable state (:mod:`client.site_store`) in
-    ``node_config["state-dir"]``, else in ``state_root/site-N`` when ``state_root`` is given (the
-    simulation's ``OUT/sites``), else only in memory for the life of the process. ``outer_mods`` run
-    outside the egress guard: only fault-injection runs (``bench/faults.py``) use them, to play a
-    compromised site that bypasses its own guard.
+    Every reply passes the egress guard: only the agreed model arrays, data-independent metrics and
+    the signed privacy records may leave the site. A site keeps its durable state
+    (:mod:`client.site_store`) in ``node_config["state-dir"]``, else in ``state_root/site-N`` when
+    ``state_root`` is given (the simulation's ``OUT/sites``). Its privacy policy is the ``policy-*``
+    node config of a deployed SuperNode, or ``site_policies`` in a simulation. ``research`` marks a
+    simulation: only there may a site's policy allow seeded noise, or a site run without a state
+    directory. ``outer_mods`` run outside the egress guard: only fault-injection runs
+    (``bench/faults.py``) use them, to play a compromised site that bypasses its own guard.
     """
     injected = dict(injected_config or {})
 
-    def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    def stored_record(context: Context, msg: Message, server_round: int) -> ConfigRecord | None:
         settings = _settings(injected, context)
-        guard = _guard_for(settings.face_width, settings.emotion_width)
-        reply = guard(msg, context, call_next)
+        site = SiteSpec.from_node_config(dict(context.node_config), settings)
+        store = _site_store(context.node_config, state_root, site.site_index)
+        if store is None:
+            return None
+        return store.stored_record(_run_id(msg), server_round)
+
+    guards: dict[tuple[int, int], EgressGuard] = {}
+
+    def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        try:
+            settings = _settings(injected, context)
+        except FacefedError as exc:  # never the exception's text: a fixed code leaves the site
+            logger.error("refusing the message: %s", exc)
+            error = Error(code=SITE_INTERNAL_ERROR_CODE, reason=SITE_INTERNAL_ERROR_REASON)
+            return Message(error=error, reply_to=msg)
+        widths = (settings.face_width, settings.emotion_width)
+        if widths not in guards:
+            guards[widths] = make_egress_guard(_manifest_for(*widths), stored_record=stored_record)
+        reply = guards[widths](msg, context, call_next)
         if not reply.has_error() and "metrics" in reply.content.metric_records:
             # Stamp the reply with the guard's running count (added after the check: a scalar), so the
             # coordinator can show that every message the site sent went through the guard.
@@ -98,55 +132,118 @@ def build_client_app(
         return call_next(msg, context)
 
     client_app = _FacefedClientApp(
-        (injected, state_root, tuple(outer_mods)), mods=[*outer_mods, egress, central_clip]
+        (injected, state_root, tuple(outer_mods), site_policies, research),
+        mods=[*outer_mods, egress, central_clip],
     )
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        """Train both models locally with DP-SGD; return the shared weights and privacy metrics."""
+        """Train both models locally with DP-SGD; return the shared weights and the privacy record."""
         torch.set_num_threads(1)  # one CPU per site process; Ray sizes actors with num_cpus=1
         settings = _settings(injected, context)
         node_config = dict(context.node_config)
         site = SiteSpec.from_node_config(node_config, settings)
+        try:
+            content = _train(msg, context, settings, node_config, site)
+        except FacefedError as exc:  # the full reason stays in the site's own log
+            raise SiteRefusal(
+                _refusal_code(exc), site.site_index, _setting(exc), detail=str(exc)
+            ) from None
+        return Message(content=content, reply_to=msg)
+
+    def _train(
+        msg: Message,
+        context: Context,
+        settings: RunSettings,
+        node_config: Mapping[str, object],
+        site: SiteSpec,
+    ) -> RecordDict:
+        # The site's policy first, before any data is read or any state is written.
+        policy = (
+            site_policies.for_site(site.site_index)
+            if site_policies is not None
+            else SitePolicy.from_node_config(node_config)
+        )
+        budget = check_run(policy, settings, site.site_index, deployed=not research)
         arrays = msg.content.array_records["arrays"]
         train_config = msg.content.config_records["config"]
         model_hash = arrays_digest(arrays)
+        run_id, server_round = _run_id(msg), round_from_config(train_config)
         store = _site_store(node_config, state_root, site.site_index)
         if store is None:
+            if not research:
+                raise PolicyRefusal(
+                    site.site_index,
+                    "state-dir",
+                    "a deployed site needs a state-dir to account its lifetime budget",
+                )
+            other_runs: list[DpSgdEvent] = []  # in memory only: no other run is known
             signing_key = site_signing_key(context.state, node_config)
         else:
-            run_id, server_round = (
-                str(train_config.get("run-id", "")),
-                round_from_config(train_config),
-            )
             store.restore(context.state, run_id)
             stored = store.replay(run_id, server_round, model_hash)
             if stored is not None:
-                return Message(content=stored, reply_to=msg)
+                return stored
+            other_runs = events_of([r for r in store.lifetime() if r.run_id != run_id])
             signing_key = (
                 site_signing_key(context.state, node_config)
                 if "site-key" in node_config
                 else store.signing_key()
             )
-        content = run_round(
+        release = run_round(
             arrays=arrays,
             train_config=train_config,
             state=context.state,
             data=load_site_tensors(settings, site),
             settings=settings,
-            budget=site_budget(settings, node_config, site.site_index),
+            budget=budget,
             site_index=site.site_index,
             signing_key=signing_key,
             model_hash=model_hash,
+            policy=policy,
+            other_runs=other_runs,
         )
+        content = release.content
         if store is not None:
-            for i, record in enumerate(store.previous_records(run_id, server_round)):
-                content.config_records[f"{PREVIOUS_PREFIX}{i}"] = record
+            for number, record in store.previous_records(run_id, server_round).items():
+                content.config_records[f"{PREVIOUS_PREFIX}{number}"] = record
             # Durable before the reply can leave: a crash after this point is answered by a replay.
-            store.commit(run_id, server_round, model_hash, context.state, content)
-        return Message(content=content, reply_to=msg)
+            store.commit(
+                run_id,
+                server_round,
+                model_hash,
+                context.state,
+                content,
+                Release(run_id, server_round, release.events, release.secret_noise),
+            )
+        return content
 
     return client_app
+
+
+def _run_id(msg: Message) -> str:
+    return str(msg.content.config_records["config"].get("run-id", ""))
+
+
+def _refusal_code(exc: FacefedError) -> str:
+    """The fixed refusal code the coordinator is told (the message itself stays on the site)."""
+    if isinstance(exc, PolicyRefusal):
+        return {"one-release-per-round": "replay", "max-epsilon-lifetime": "budget"}.get(
+            exc.setting, "policy"
+        )
+    if isinstance(exc, IntegrityError):
+        return "state"
+    if isinstance(exc, PrivacyBudgetError):
+        return "replay" if "charged twice" in str(exc) else "budget"
+    return "data"
+
+
+def _setting(exc: FacefedError) -> str:
+    if isinstance(exc, PolicyRefusal):
+        return exc.setting
+    return {IntegrityError: "site-state", PrivacyBudgetError: "max-epsilon-run"}.get(
+        type(exc), "site-data"
+    )
 
 
 def _site_store(

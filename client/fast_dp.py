@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from opacus.accountants import IAccountant
 from torch import nn
 
+from client.dp_random import DpRandomness
 from common.errors import ConfigError
 from common.models import CosineHead
 
@@ -55,12 +56,13 @@ class ClippedBatch:
     loss: float
 
 
-def poisson_indices(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+def poisson_indices(n: int, sample_rate: float, randomness: DpRandomness) -> torch.Tensor:
     """Poisson sampling: each of ``n`` examples is included independently with ``sample_rate``.
 
-    Draws exactly as Opacus's ``UniformWithReplacementSampler`` does (one uniform per example).
+    One uniform per example, as Opacus's ``UniformWithReplacementSampler`` draws, but from the
+    release's randomness (the OS CSPRNG unless a research run opted into seeded noise).
     """
-    return (torch.rand(n, generator=generator) < sample_rate).nonzero().reshape(-1)
+    return (randomness.uniform(n) < sample_rate).nonzero().reshape(-1)
 
 
 def _check_supported(module: nn.Module, params: list[nn.Parameter]) -> list[nn.Module]:
@@ -331,7 +333,8 @@ class FastDpSgd:
         expected_batch_size: the divisor of the noised sum, ``int(N * q)`` as Opacus computes it.
         sample_rate: the Poisson sampling rate q, recorded with every step.
         accountant: records ``(sigma, q)`` once per step, after the noise is added.
-        generator: the source of the noise.
+        randomness: the source of the noise (:mod:`client.dp_random`; secret unless a research
+            run opted into seeded noise).
         conv_method: how per-sample convolution gradients are formed; ``None`` times both kernels
             once per layer shape and keeps the faster (they compute the same numbers).
 
@@ -351,7 +354,7 @@ class FastDpSgd:
         expected_batch_size: int,
         sample_rate: float,
         accountant: IAccountant,
-        generator: torch.Generator,
+        randomness: DpRandomness,
         conv_method: ConvMethod | None = None,
     ) -> None:
         if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
@@ -372,7 +375,7 @@ class FastDpSgd:
         self.expected_batch_size = expected_batch_size
         self.sample_rate = sample_rate
         self.accountant = accountant
-        self.generator = generator
+        self.randomness = randomness
         self.conv_method = conv_method
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> ClippedBatch:
@@ -412,8 +415,7 @@ class FastDpSgd:
         if std == 0:
             return [torch.zeros_like(p) for p in self.params]
         return [
-            torch.normal(0.0, std, size=p.shape, device=p.device, generator=self.generator)
-            for p in self.params
+            self.randomness.normal(tuple(p.shape), std, p.dtype).to(p.device) for p in self.params
         ]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:

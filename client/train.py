@@ -12,22 +12,25 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import IAccountant, create_accountant
+from opacus.optimizers.optimizer import DPOptimizer, _mark_as_processed
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from client.augment import augment
+from client.dp_random import DpRandomness
 from client.fast_dp import FastDpSgd, poisson_indices
 from client.privacy_state import SitePrivacyState
 from common.config import RunSettings
 from common.errors import DataError
 from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
-from common.privacy.events import DpSgdEvent
+from common.privacy.events import DpSgdEvent, compose
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +119,30 @@ def _run_steps(
     """Take exactly ``steps`` optimizer steps (re-iterating the loader); return the mean loss."""
     module.train()
     losses: list[float] = []
+    batches = iter(loader)
     while len(losses) < steps:
-        for x, y in loader:
-            if len(losses) >= steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(y) == 0:  # Poisson sampling can draw an empty batch; it is still a DP step
-                optimizer.step()
-                losses.append(float("nan"))
-                continue
-            loss = loss_fn(module(augment(x, generator, geometric)), y)  # type: ignore[operator]
-            if not torch.isfinite(loss):
-                raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
-            with warnings.catch_warnings():
-                # Opacus's hooks on the first layer fire although the input needs no gradient.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
+        try:  # a batch is drawn only for a step that will be taken
+            x, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        if len(y) == 0:  # Poisson sampling can draw an empty batch; it is still a DP step
+            if isinstance(optimizer, DPOptimizer):  # noise only: an empty per-sample gradient
+                for p in optimizer.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float("nan"))
+            continue
+        loss = loss_fn(module(augment(x, generator, geometric)), y)  # type: ignore[operator]
+        if not torch.isfinite(loss):
+            raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
+        with warnings.catch_warnings():
+            # Opacus's hooks on the first layer fire although the input needs no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
@@ -153,17 +162,59 @@ def _run_fast_steps(
     dp.module.train()
     losses: list[float] = []
     for _ in range(steps):
-        idx = poisson_indices(len(y), dp.sample_rate, generator)
+        idx = poisson_indices(len(y), dp.sample_rate, dp.randomness)
         losses.append(dp.step(augment(x[idx], generator, geometric), y[idx]))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
 
 def _matches(recorded: list[tuple[float, float, int]], planned: list[DpSgdEvent]) -> bool:
-    return len(recorded) == len(planned) and all(
-        math.isclose(s, e.noise_multiplier) and math.isclose(q, e.sample_rate) and n == e.steps
-        for (s, q, n), e in zip(recorded, planned, strict=True)
+    """Whether the accountant recorded exactly the planned composition.
+
+    Compared as compositions: Opacus's accountants merge consecutive steps of equal ``(sigma, q)``,
+    so the face and emotion models at the same noise and sampling rate arrive as one entry.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in recorded:
+        merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    want = compose(planned)
+    return len(merged) == len(want) and all(
+        any(math.isclose(s, ws) and math.isclose(q, wq) and n == wn for (s, q), n in merged.items())
+        for ws, wq, wn in want
     )
+
+
+class PoissonBatches(Sampler[list[int]]):
+    """Opacus's Poisson sampler, drawing from the release's randomness (secret by default).
+
+    ``len()`` is the number of batches per epoch, from which Opacus derives ``q = 1 / len()``.
+    """
+
+    def __init__(self, n: int, sample_rate: float, randomness: DpRandomness) -> None:
+        self.n, self.sample_rate, self.randomness = n, sample_rate, randomness
+        self.num_batches = round(1 / sample_rate)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.num_batches):
+            yield poisson_indices(self.n, self.sample_rate, self.randomness).tolist()
+
+
+def _with_secret_noise(optimizer: DPOptimizer, randomness: DpRandomness) -> None:
+    """Make Opacus's optimizer draw its noise from ``randomness`` (its own draws are seeded torch
+    generators; ``secure_mode`` needs torchcsprng, which no longer builds with current torch)."""
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            summed = p.summed_grad
+            noise = randomness.normal(tuple(summed.shape), std, summed.dtype).to(summed.device)
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(summed)
+
+    optimizer.add_noise = add_noise
 
 
 def _train_with_loader(
@@ -178,27 +229,37 @@ def _train_with_loader(
     steps: int,
     privacy: SitePrivacyState,
     generator: torch.Generator,
+    randomness: DpRandomness,
     geometric: bool,
 ) -> float:
     """Non-private training, or DP-SGD through Opacus when ``engine`` is given."""
+    dataset = TensorDataset(x, y)
+    if engine is None:
+        loader = DataLoader(
+            dataset, batch_size=expected_batch(batch, len(y)), shuffle=True, generator=generator
+        )
+        return _run_steps(module, loader, optimizer, loss_fn, steps, generator, geometric)
+    sampler = PoissonBatches(len(y), sample_rate(batch, len(y)), randomness)
     loader = DataLoader(
-        TensorDataset(x, y),
-        batch_size=expected_batch(batch, len(y)),
-        shuffle=engine is None,
-        generator=generator,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=lambda rows: (
+            (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+            if rows
+            else (x[:0], y[:0])
+        ),
     )
-    if engine is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about secure_mode off; recorded in docs
-            module, optimizer, loader = engine.make_private(
-                module=module,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=privacy.noise_multiplier,
-                max_grad_norm=clip,
-                poisson_sampling=True,
-                noise_generator=generator,
-            )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure_mode off: the noise is ours
+        module, optimizer, loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=clip,
+            poisson_sampling=False,  # the loader above samples (Poisson, from ``randomness``)
+        )
+    _with_secret_noise(optimizer, randomness)
     return _run_steps(module, loader, optimizer, loss_fn, steps, generator, geometric)
 
 
@@ -210,10 +271,13 @@ def train_round(
     settings: RunSettings,
     privacy: SitePrivacyState,
     generator: torch.Generator,
+    randomness: DpRandomness,
 ) -> RoundOutcome:
     """Train both models in place for one round; append this round's events to ``privacy.history``.
 
-    With ``settings.privacy.dp`` false, trains without clipping or noise and records nothing.
+    ``randomness`` draws the Poisson batches and the noise (:mod:`client.dp_random`); ``generator``
+    only what the guarantee does not depend on (augmentation, non-private shuffling). With
+    ``settings.privacy.dp`` false, trains without clipping or noise and records nothing.
     """
     p = settings.privacy
     engine: PrivacyEngine | None = None
@@ -228,7 +292,7 @@ def train_round(
             accountant = create_accountant(privacy.accountant)
         else:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "secure RNG turned off": see docs/audit.md
+                warnings.simplefilter("ignore")  # "secure RNG off": the noise is drawn by facefed
                 engine = PrivacyEngine(accountant=privacy.accountant, secure_mode=False)
             accountant = engine.accountant
 
@@ -274,7 +338,7 @@ def train_round(
                 expected_batch_size=int(len(y) * q),  # as Opacus derives it from the loader
                 sample_rate=q,
                 accountant=accountant,
-                generator=generator,
+                randomness=randomness,
             )
             loss = _run_fast_steps(dp, x, y, steps, generator, geometric)
         else:
@@ -290,6 +354,7 @@ def train_round(
                 steps,
                 privacy,
                 generator,
+                randomness,
                 geometric,
             )
         if name == "face":

@@ -30,6 +30,9 @@ class PrivacySettings:
     face_clip: float = 1.0
     emotion_clip: float = 1.0
     noise_multiplier: float = 0.0  # 0: calibrate per site to spend max-epsilon over num-rounds
+    # where Poisson sampling and noise come from: the OS CSPRNG, fresh per release ("secret"), or a
+    # seed (research simulations only, if the site's policy allows it; client/dp_random.py)
+    noise_source: Literal["secret", "seeded"] = "secret"
     # Optional client-level central DP on top (Flower's client-side fixed clipping + server noise),
     # recorded in the ledger as a separate guarantee of the coordinator.
     central_dp: bool = False
@@ -176,6 +179,12 @@ class RunSettings:
             raise ConfigError(
                 f"aggregation = {self.aggregation!r} cannot be combined with central-dp: the central "
                 'noise is calibrated to the sensitivity of a plain mean; use aggregation = "mean"'
+            )
+        if self.privacy.central_dp and self.strategy != "fedavg":
+            raise ConfigError(
+                f"central-dp cannot be combined with strategy = {self.strategy!r}: the central noise "
+                "is sized for the mean of the clipped updates, and a server optimiser's moments "
+                'would be built from un-noised averages; use strategy = "fedavg"'
             )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")

@@ -10,7 +10,7 @@ from typing import Any
 
 from common.config import RunSettings, Scalar, parse_run_config
 from common.errors import ConfigError
-from simulations.scenarios import load_scenario, parse_assignment, resolve
+from simulations.scenarios import load_scenario, load_site_policies, parse_assignment, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
                 f"({', '.join(sorted(overrides)) or '--scenario'})"
             )
         settings = resume_settings(Path(args.resume))
+        policies = None  # the run's own, from OUT/site-policies.json
     else:
         settings = resolve(load_scenario(args.scenario), overrides)
+        policies = load_site_policies(args.scenario)
     logger.info(
         "simulating %d sites x %d rounds (cohort %d), epsilon <= %g, out %s",
         settings.num_sites,
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         settings.privacy.max_epsilon,
         settings.out_dir,
     )
-    results = simulate(settings, num_cpus=args.num_cpus)
+    results = simulate(settings, num_cpus=args.num_cpus, site_policies=policies)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -18,16 +18,20 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp.typing import Mod
 
 from client.app import build_client_app
+from client.site_policy import SitePolicies
+from common.atomic import atomic_write_text
 from common.config import RunSettings
 from common.data.fer2013 import load_fer2013
 from common.data.lfw import load_lfw
 from common.data.npz_sets import load_extended_yale_b
 from common.data.orl import load_orl
-from common.errors import FacefedError
+from common.errors import ConfigError, FacefedError
 from common.paths import data_dir as resolve_data_dir
 from server.app import app as server_app
 
 logger = logging.getLogger(__name__)
+
+POLICY_FILE = "site-policies.json"
 
 
 def warm_caches(settings: RunSettings) -> Path:
@@ -41,6 +45,22 @@ def warm_caches(settings: RunSettings) -> Path:
     if "eyaleb" in settings.face_source_list:
         load_extended_yale_b(data_dir=root)
     return root
+
+
+def _site_policies(out: Path, settings: RunSettings, given: SitePolicies | None) -> SitePolicies:
+    """The sites' policies: ``given`` (or the defaults) for a new run, the stored ones on resume."""
+    path = out / POLICY_FILE
+    if settings.resume and path.exists():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{path} is unreadable ({exc}); restore it to resume the run"
+            ) from None
+        return SitePolicies.from_table(table, str(path))
+    policies = given or SitePolicies()
+    atomic_write_text(path, json.dumps(policies.to_table(), indent=2))
+    return policies
 
 
 def backend_config(num_cpus: int | None) -> dict[str, Any]:
@@ -75,9 +95,16 @@ def dispatch_window(settings: RunSettings, num_cpus: int | None) -> int:
 
 
 def simulate(
-    settings: RunSettings, num_cpus: int | None = None, outer_mods: Sequence[Mod] = ()
+    settings: RunSettings,
+    num_cpus: int | None = None,
+    outer_mods: Sequence[Mod] = (),
+    site_policies: SitePolicies | None = None,
 ) -> dict[str, Any]:
-    """Run the simulation; return the parsed ``results.json``. Raises FacefedError if the run failed."""
+    """Run the simulation; return the parsed ``results.json``. Raises FacefedError if the run failed.
+
+    ``site_policies`` are the simulated sites' own privacy policies (default: :class:`SitePolicy`'s
+    defaults for every site). They are kept in ``OUT/site-policies.json`` for a resumed run.
+    """
     # Imported here: the private entry point is the only one that accepts the ServerApp's context (the
     # public run_simulation() gives every app an empty run config); ClientApps get theirs injected.
     from flwr.simulation.run_simulation import _run_simulation
@@ -89,6 +116,7 @@ def simulate(
     results_path = out / "results.json"
     if not settings.resume:
         results_path.unlink(missing_ok=True)
+    policies = _site_policies(out, settings, site_policies)
     flat = {
         **settings.to_flat(),
         "data-dir": str(root),
@@ -103,7 +131,11 @@ def simulate(
         num_supernodes=settings.num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=build_client_app(
-            flat, state_root=out.resolve() / "sites", outer_mods=outer_mods
+            flat,
+            state_root=out.resolve() / "sites",
+            outer_mods=outer_mods,
+            site_policies=policies,
+            research=True,
         ),
         server_app=server_app,
         backend_config=backend_config(num_cpus),

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
+from client.site_policy import SitePolicies
 from common.config import RunSettings, Scalar, parse_run_config
 from common.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).resolve().parent
+POLICY_TABLE = "site-policy"
 
 
 def scenario_path(name_or_path: str) -> Path:
@@ -23,19 +26,39 @@ def scenario_path(name_or_path: str) -> Path:
     return path
 
 
-def load_scenario(name_or_path: str) -> dict[str, Scalar]:
-    """Read a scenario file into a flat run-config mapping (values checked later, when parsed)."""
+def _read(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     path = scenario_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"scenario {path} is not valid TOML: {exc}") from None
+
+
+def load_scenario(name_or_path: str) -> dict[str, Scalar]:
+    """Read a scenario file into a flat run-config mapping (values checked later, when parsed).
+
+    The ``[site-policy]`` table is the simulated sites' own policy, not run config: see
+    :func:`load_site_policies`.
+    """
+    path, raw = _read(name_or_path)
     flat: dict[str, Scalar] = {}
     for key, value in raw.items():
+        if key == POLICY_TABLE:
+            continue
         if isinstance(value, dict | list):
             raise ConfigError(f"scenario {path}: key {key!r} must be a scalar, not a table or list")
         flat[key] = value
     return flat
+
+
+def load_site_policies(name_or_path: str) -> SitePolicies:
+    """The simulated sites' privacy policies: the scenario's ``[site-policy]`` table (keys for every
+    site, ``[site-policy.site-N]`` for one), or the defaults of :class:`SitePolicy` without one."""
+    path, raw = _read(name_or_path)
+    table = raw.get(POLICY_TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"scenario {path}: {POLICY_TABLE} must be a table, [{POLICY_TABLE}]")
+    return SitePolicies.from_table(table, f"scenario {path}")
 
 
 def parse_assignment(text: str) -> tuple[str, Scalar]:

@@ -10,26 +10,50 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from client.privacy_state import STATE_KEY, SitePrivacyState
-from client.site_store import SiteStore
+from client.round import run_round
+from client.site_store import Release, SiteStore, events_of
 from common.config import parse_run_config
 from common.errors import IntegrityError, PrivacyBudgetError
 from common.privacy.site_record import RECORD_NAME
 from common.serde import arrays_digest
-from tests.client.test_round import SMALL, config, initial_arrays, run
+from tests.client.test_round import KEY, SMALL, config, initial_arrays, tiny_site
 from tests.messages import train_message
 
 HASH = arrays_digest(initial_arrays(parse_run_config(SMALL)))
 
 
 def released(
-    store: SiteStore, server_round: int, run_id: str = "test-run", **overrides: object
+    store: SiteStore,
+    server_round: int,
+    run_id: str = "test-run",
+    model_hash: str = HASH,
+    **overrides: object,
 ) -> RecordDict:
     """Train a round on the state restored from ``store`` and commit it, as the ClientApp does."""
+    settings = parse_run_config({**SMALL, **overrides})
     state = RecordDict()
     store.restore(state, run_id)
-    reply = run(state, server_round, run_id, **overrides)
-    store.commit(run_id, server_round, HASH, state, reply)
-    return reply
+    other_runs = events_of([r for r in store.lifetime() if r.run_id != run_id])
+    release = run_round(
+        initial_arrays(settings),
+        config(server_round, run_id),
+        state,
+        tiny_site(),
+        settings,
+        budget=settings.privacy.max_epsilon,
+        site_index=0,
+        signing_key=KEY,
+        other_runs=other_runs,
+    )
+    store.commit(
+        run_id,
+        server_round,
+        model_hash,
+        state,
+        release.content,
+        Release(run_id, server_round, release.events, release.secret_noise),
+    )
+    return release.content
 
 
 def wire(record: RecordDict) -> bytes:
@@ -46,11 +70,61 @@ def test_a_restarted_site_restores_its_spent_budget(tmp_path: Path) -> None:
     assert SitePrivacyState.load(state, "rdp").rounds == [1]
 
 
-def test_a_new_run_starts_from_a_fresh_history(tmp_path: Path) -> None:
-    released(SiteStore(tmp_path), 1, run_id="run-a")
+def test_a_new_run_starts_a_fresh_run_history_but_not_a_fresh_lifetime(tmp_path: Path) -> None:
+    store = SiteStore(tmp_path)
+    first = released(store, 1, run_id="run-a")
     state = RecordDict()
     SiteStore(tmp_path).restore(state, "run-b")
-    assert STATE_KEY not in state
+    assert STATE_KEY not in state  # run b's own history starts empty...
+    second = released(SiteStore(tmp_path), 1, run_id="run-b")
+    # ...but the site's lifetime epsilon composes both runs: a new run id does not reset it
+    assert second["metrics"]["epsilon"] == pytest.approx(first["metrics"]["epsilon"])
+    assert second["metrics"]["epsilon-lifetime"] > 1.2 * second["metrics"]["epsilon"]
+    lifetime = SiteStore(tmp_path).lifetime()
+    assert [(r.run_id, r.round) for r in lifetime] == [("run-a", 1), ("run-b", 1)]
+    assert all(r.secret_noise and len(r.events) == 2 for r in lifetime)
+
+
+def test_a_restart_restores_the_run_asked_for_whatever_other_runs_the_store_holds(
+    tmp_path: Path,
+) -> None:
+    for server_round in (8, 9, 10):
+        released(SiteStore(tmp_path), server_round, run_id="run-a")
+    for server_round in (1, 2):
+        released(SiteStore(tmp_path), server_round, run_id="run-b")
+    store = SiteStore(tmp_path)  # a restarted site process
+    state = RecordDict()
+    store.restore(state, "run-b")
+    assert SitePrivacyState.load(state, "rdp").rounds == [1, 2]
+    assert store.replay("run-b", 3, HASH) is None  # run b goes on at round 3
+    assert store.replay("run-b", 2, HASH) is not None  # its round 2 is resent as stored
+    with pytest.raises(PrivacyBudgetError, match="charged twice"):
+        store.replay("run-b", 2, "another-model-hash")  # never trained again on another model
+    state_a = RecordDict()
+    store.restore(state_a, "run-a")
+    assert SitePrivacyState.load(state_a, "rdp").rounds == [8, 9, 10]
+
+
+def test_a_missing_newest_release_stops_the_site(tmp_path: Path) -> None:
+    released(SiteStore(tmp_path), 1)
+    released(SiteStore(tmp_path), 2)
+    (tmp_path / "release-00000002.state").unlink()  # the newest spend, lost or rolled back
+    with pytest.raises(IntegrityError, match="release 2 is missing"):
+        SiteStore(tmp_path).restore(RecordDict(), "test-run")
+
+
+def test_an_unreadable_marker_stops_the_site(tmp_path: Path) -> None:
+    released(SiteStore(tmp_path), 1)
+    (tmp_path / "store.json").write_text("{not json")
+    with pytest.raises(IntegrityError, match=r"store\.json is unreadable"):
+        SiteStore(tmp_path).lifetime()
+
+
+def test_reading_a_store_creates_nothing(tmp_path: Path) -> None:
+    store = SiteStore(tmp_path / "state")
+    store.restore(RecordDict(), "run")
+    assert store.replay("run", 1, HASH) is None and store.lifetime() == ()
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_released_round_asked_again_is_resent_byte_for_byte(tmp_path: Path) -> None:
@@ -75,9 +149,9 @@ def test_only_the_newest_rounds_are_kept_and_older_ones_cannot_be_redone(tmp_pat
     for server_round in range(1, 5):
         released(store, server_round, **{"num-rounds": 4})
     assert sorted(p.name for p in tmp_path.glob("*.state")) == [
-        "round-000002.state",
-        "round-000003.state",
-        "round-000004.state",
+        "release-00000002.state",
+        "release-00000003.state",
+        "release-00000004.state",
     ]
     with pytest.raises(PrivacyBudgetError, match="no stored reply for round 1"):
         store.replay("test-run", 1, HASH)
@@ -87,12 +161,12 @@ def test_only_the_newest_rounds_are_kept_and_older_ones_cannot_be_redone(tmp_pat
 def test_a_corrupt_state_file_stops_the_site(tmp_path: Path, offset: int) -> None:
     store = SiteStore(tmp_path)
     released(store, 1)
-    path = tmp_path / "round-000001.state"
+    path = tmp_path / "release-00000001.state"
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="corrupt"):
-        store.restore(RecordDict(), "test-run")
+        SiteStore(tmp_path).restore(RecordDict(), "test-run")  # the site process restarts
 
 
 def test_the_signing_key_survives_a_restart_and_is_private(tmp_path: Path) -> None:
@@ -112,7 +186,7 @@ def test_the_client_app_resends_a_round_after_a_restart_without_charging_it(
     node_config = {"partition-id": 0, "num-partitions": 8, "state-dir": str(tmp_path)}
 
     def fresh_site_process() -> tuple[object, Context]:
-        app = build_client_app(settings.to_flat())
+        app = build_client_app(settings.to_flat())  # a deployed site: policy from node config
         return app, Context(
             run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=node_config
         )
@@ -139,7 +213,7 @@ def test_the_client_app_travels_to_a_simulation_actor_as_its_arguments(tmp_path:
 
     settings = parse_run_config(SMALL)
     content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
-    app = build_client_app(settings.to_flat(), state_root=tmp_path)
+    app = build_client_app(settings.to_flat(), state_root=tmp_path, research=True)
     blob = cloudpickle.dumps(app)
     assert len(blob) < 2048  # by value, with its closures, it was ~7 KB
 

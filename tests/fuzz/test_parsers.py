@@ -178,6 +178,8 @@ GOOD_BODY = make_entry_body(
     delta=1e-5,
     budget_epsilon=8.0,
     model_hash="h",
+    secret_noise=True,
+    epsilon_lifetime=EPSILON,
 )
 ENTRY_FIELDS = sorted(GOOD_BODY)
 
@@ -205,7 +207,9 @@ def template_store(directory: Path) -> TemplateStore:
 
 
 entry_values = st.one_of(
-    scalars, st.lists(st.dictionaries(st.text(max_size=8), scalars, max_size=4), max_size=2)
+    scalars,
+    st.sampled_from(["secret", "seeded"]),
+    st.lists(st.dictionaries(st.text(max_size=8), scalars, max_size=4), max_size=2),
 )
 
 
@@ -250,9 +254,9 @@ def test_stored_template_records(tmp_path_factory, column: str, value: bytes) ->
 def test_site_state_and_checkpoint_files(tmp_path_factory, raw: bytes, kind: str) -> None:
     directory = Path(tmp_path_factory.mktemp("files"))
     if kind == "state":
-        (directory / "round-000001.state").write_bytes(raw)
+        (directory / "release-00000001.state").write_bytes(raw)
         with contextlib.suppress(FacefedError):
-            SiteStore(directory).latest()
+            SiteStore(directory).lifetime()
     else:
         (directory / "round_001.ckpt").write_bytes(raw)
         with contextlib.suppress(FacefedError):

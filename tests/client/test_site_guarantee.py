@@ -1,0 +1,337 @@
+"""The site owns its guarantee: attacks by the coordinator or the run submitter, each written first.
+
+* the noise of a release cannot be re-derived from run-config values, ids or round numbers;
+* a round is released once: a repeated request is answered from the store or refused;
+* the site's policy, not the run config, decides DP, delta, the budgets and seeded noise;
+* the two liveness bugs: equal (sigma, q) for both models, and an empty Poisson batch on Opacus.
+
+Real faces (ORL) and real FER2013 images throughout (tests/client/test_round.py's tiny site).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client import site_data
+from client.app import build_client_app
+from client.dp_random import SecretRandomness
+from client.privacy_state import SitePrivacyState
+from client.round import run_round
+from client.site_policy import PolicyRefusal, SitePolicies, SitePolicy, check_run
+from client.train import sample_rate, train_round
+from common.config import parse_run_config
+from common.errors import ConfigError
+from common.models import CosineHead, EmotionNet, FaceEmbedder
+from common.privacy.events import DpSgdEvent
+from common.serde import arrays_digest
+from tests.client.test_round import KEY, SMALL, config, initial_arrays, tiny_site
+from tests.messages import train_message
+
+SIGMA = 4.0
+# One face DP-SGD step of plain SGD at lr 1: the released update is -(clipped sum + noise) / B.
+ONE_STEP = {
+    **SMALL,
+    "face-steps": 1,
+    "emotion-steps": 0,
+    "local-optimizer": "sgd",
+    "momentum": 0.0,
+    "face-lr": 1.0,
+    "noise-multiplier": SIGMA,
+    "max-epsilon": 8.0,
+}
+
+
+def face_update(noise_source: str, server_round: int = 1) -> np.ndarray:
+    """The released face-backbone update of one round, flattened."""
+    settings = parse_run_config({**ONE_STEP, "noise-source": noise_source})
+    start = initial_arrays(settings)
+    reply = run_round(
+        start,
+        config(server_round),
+        RecordDict(),
+        tiny_site(),
+        settings,
+        budget=8.0,
+        site_index=0,
+        signing_key=KEY,
+        policy=SitePolicy(allow_seeded_noise=True),
+    ).content
+    after = reply.array_records["arrays"]
+    return np.concatenate(
+        [
+            (after[k].numpy() - start[k].numpy()).ravel()
+            for k in sorted(start.keys())
+            if k.startswith("face.")
+        ]
+    )
+
+
+def independent_noise_norm(dims: int) -> float:
+    """E||(n1 - n2) / B|| for n1, n2 ~ N(0, (sigma C)^2 I_d): the norm independent noise gives."""
+    data = tiny_site()
+    batch = sample_rate(ONE_STEP["face-batch"], len(data.face_y)) * len(data.face_y)
+    return math.sqrt(2 * dims) * SIGMA * 1.0 / int(batch)
+
+
+# --- secret, fresh randomness ---------------------------------------------------------------------
+
+
+def test_two_releases_of_the_same_round_carry_independent_noise() -> None:
+    first, second = face_update("secret"), face_update("secret")
+    expected = independent_noise_norm(first.size)
+    # The clipped sums of the two Poisson batches differ by at most 2 * n * C / B, < 2% of this.
+    assert np.linalg.norm(first - second) == pytest.approx(expected, rel=0.05)
+
+
+def test_seeded_noise_is_what_the_attack_recovers_so_the_test_above_can_fail() -> None:
+    # With noise derived from (seed, site, round), anyone holding the run config replays it exactly.
+    first, second = face_update("seeded"), face_update("seeded")
+    assert np.linalg.norm(first - second) < 1e-6 * independent_noise_norm(first.size)
+
+
+def test_re_deriving_the_generator_from_the_run_config_does_not_recover_the_release() -> None:
+    # The attacker replays the release with every value it knows (seed 0, site 0, round 1) and the
+    # generator those values seed: what is left is the full independent noise, not the clipped sum.
+    released = face_update("secret")
+    replayed = face_update("seeded")
+    expected = independent_noise_norm(released.size)
+    assert np.linalg.norm(released - replayed) == pytest.approx(expected, rel=0.05)
+
+
+def test_secret_noise_has_the_requested_standard_deviation_and_no_seed() -> None:
+    rng = SecretRandomness()
+    draws = rng.normal((200_000,), 3.0, torch.float64).numpy()
+    assert draws.std() == pytest.approx(3.0, rel=0.01) and abs(draws.mean()) < 0.03
+    assert not np.array_equal(draws[:100], rng.normal((100,), 3.0, torch.float64).numpy())
+    uniforms = rng.uniform(100_000).numpy()
+    assert (
+        uniforms.min() >= 0
+        and uniforms.max() < 1
+        and uniforms.mean() == pytest.approx(0.5, abs=0.01)
+    )
+
+
+# --- one release per (run, round) -----------------------------------------------------------------
+
+
+def test_a_repeated_round_without_a_store_is_refused_not_trained_again() -> None:
+    settings = parse_run_config(SMALL)
+    state = RecordDict()
+    kwargs = {"budget": 8.0, "site_index": 0, "signing_key": KEY}
+    run_round(initial_arrays(settings), config(1), state, tiny_site(), settings, **kwargs)
+    history = list(SitePrivacyState.load(state, "rdp").history)
+    with pytest.raises(PolicyRefusal, match="round 1 was already released"):
+        run_round(initial_arrays(settings), config(1), state, tiny_site(), settings, **kwargs)
+    assert SitePrivacyState.load(state, "rdp").history == history  # not charged again
+
+
+def deployed_site(tmp_path: Path, **node: object) -> tuple[object, Context]:
+    node_config = {"partition-id": 0, "num-partitions": 8, "state-dir": str(tmp_path), **node}
+    app = build_client_app(parse_run_config(SMALL).to_flat())
+    return app, Context(
+        run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=node_config
+    )
+
+
+def ask(app: object, context: Context, server_round: int = 1, **run_config: object):
+    settings = parse_run_config({**SMALL, **run_config})
+    content = RecordDict(
+        {"arrays": initial_arrays(settings), "config": config(server_round, "run-x")}
+    )
+    context.run_config = {k: v for k, v in run_config.items()}
+    return app(train_message(content), context)  # type: ignore[operator]
+
+
+def test_a_repeated_round_with_a_store_is_answered_byte_for_byte(tmp_path: Path) -> None:
+    first = ask(*deployed_site(tmp_path))
+    again = ask(*deployed_site(tmp_path))  # a restarted site, asked the same round
+    assert not first.has_error() and not again.has_error()
+    assert arrays_digest(first.content["arrays"]) == arrays_digest(again.content["arrays"])
+    assert first.content.config_records["privacy"] == again.content.config_records["privacy"]
+
+
+# --- the site's policy wins -----------------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("run_config", "node", "reason"),
+    [
+        ({"dp": False}, {}, "site-0 refused: policy (require-dp)"),
+        ({"delta": 1e-4}, {}, "site-0 refused: policy (max-delta)"),
+        ({"max-epsilon": 9.0}, {}, "site-0 refused: policy (max-epsilon-run)"),
+        ({}, {"policy-max-epsilon-run": 2.0}, "site-0 refused: policy (max-epsilon-run)"),
+        (
+            {"noise-source": "seeded"},
+            {"policy-allow-seeded-noise": True},
+            "site-0 refused: policy (allow-seeded-noise)",
+        ),
+        (
+            {"accountant": "prv"},
+            {"policy-accountant": "rdp"},
+            "site-0 refused: policy (accountant)",
+        ),
+    ],
+    ids=["dp-off", "delta", "run-cap", "site-run-cap", "seeded-deployed", "accountant"],
+)
+def test_a_run_asking_for_less_than_the_site_policy_is_refused_and_nothing_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: dict, node: dict, reason: str
+) -> None:
+    ask(*deployed_site(tmp_path))  # the site has trained once: it holds state worth protecting
+    before = snapshot(tmp_path)
+
+    def no_reading(*args: object) -> None:
+        raise AssertionError("the site read its data for a refused run")
+
+    monkeypatch.setattr(site_data, "load_site_tensors", no_reading)
+    reply = ask(*deployed_site(tmp_path, **node), server_round=2, **run_config)
+    assert reply.has_error()
+    assert reply.error.reason == reason  # one line naming the site and the setting, nothing else
+    assert snapshot(tmp_path) == before
+
+
+def test_a_refused_first_run_creates_no_state(tmp_path: Path) -> None:
+    reply = ask(*deployed_site(tmp_path / "state"), dp=False)
+    assert reply.error.reason == "site-0 refused: policy (require-dp)"
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_round_past_the_lifetime_cap_is_refused_before_training() -> None:
+    settings = parse_run_config(SMALL)
+    spent = [DpSgdEvent(noise_multiplier=0.8, sample_rate=0.2, steps=200, clip_norm=1.0)]
+    with pytest.raises(PolicyRefusal, match="max-epsilon-lifetime"):
+        run_round(
+            initial_arrays(settings),
+            config(1),
+            RecordDict(),
+            tiny_site(),
+            settings,
+            budget=8.0,
+            site_index=0,
+            signing_key=KEY,
+            policy=SitePolicy(max_epsilon_lifetime=8.0),
+            other_runs=spent,  # what earlier runs of this site released
+        )
+
+
+def test_the_policy_floor_raises_a_calibrated_noise_multiplier() -> None:
+    settings = parse_run_config(SMALL)
+    state = RecordDict()
+    run_round(
+        initial_arrays(settings),
+        config(1),
+        state,
+        tiny_site(),
+        settings,
+        budget=8.0,
+        site_index=0,
+        signing_key=KEY,
+        policy=SitePolicy(min_noise_multiplier=5.0),
+    )
+    assert SitePrivacyState.load(state, "rdp").noise_multiplier == 5.0
+
+
+def test_a_simulation_may_opt_into_seeded_noise_only_where_the_policy_allows() -> None:
+    settings = parse_run_config({**SMALL, "noise-source": "seeded"})
+    with pytest.raises(PolicyRefusal, match="allow-seeded-noise"):
+        check_run(SitePolicy(), settings, 0, deployed=False)
+    assert check_run(SitePolicy(allow_seeded_noise=True), settings, 0, deployed=False) == 8.0
+    with pytest.raises(PolicyRefusal, match="deployed site never releases seeded noise"):
+        check_run(SitePolicy(allow_seeded_noise=True), settings, 0, deployed=True)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"max-epsilon": 3}, "unknown policy key 'max-epsilon'"),
+        ({"max-delta": 2.0}, "max-delta must be in (0, 1)"),
+        (
+            {"max-epsilon-run": 8.0, "max-epsilon-lifetime": 4.0},
+            "max-epsilon-lifetime (4) is below",
+        ),
+        ({"require-dp": "maybe"}, "require-dp must be true or false"),
+        ({"min-noise-multiplier": float("nan")}, "min-noise-multiplier must be a finite number"),
+        ({"site-x": {"max-delta": 1e-6}}, "must name a site as site-N"),
+    ],
+)
+def test_a_bad_policy_table_is_one_line_naming_the_file_and_setting(
+    table: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SitePolicies.from_table(table, "scenario sites.toml")
+    text = str(caught.value)
+    assert message in text and "sites.toml" in text and "\n" not in text
+
+
+def test_per_site_policy_entries_override_the_common_ones() -> None:
+    policies = SitePolicies.from_table(
+        {"max-epsilon-run": 4.0, "site-2": {"max-epsilon-run": 1.0}}, "scenario"
+    )
+    assert policies.for_site(0).max_epsilon_run == 4.0
+    assert policies.for_site(2).max_epsilon_run == 1.0
+    assert SitePolicies.from_table(policies.to_table(), "round trip") == policies
+
+
+# --- liveness -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dp_path", ["fast", "opacus"])
+def test_face_and_emotion_at_equal_sigma_and_q_both_train_and_are_recorded(dp_path: str) -> None:
+    data = tiny_site()
+    # 50 faces at batch 10 and 200 emotions at batch 40: both sampled at q = 1/5
+    settings = parse_run_config(
+        {**SMALL, "face-batch": 10, "emotion-batch": 40, "dp-path": dp_path}
+    )
+    assert sample_rate(10, len(data.face_y)) == sample_rate(40, len(data.emotion_y))
+    state = RecordDict()
+    kwargs = {"budget": 8.0, "site_index": 0, "signing_key": KEY}
+    run_round(initial_arrays(settings), config(1), state, data, settings, **kwargs)
+    history = SitePrivacyState.load(state, "rdp").history
+    assert [e.name for e in history] == ["face", "emotion"]
+
+
+class EmptyFirstBatch(SecretRandomness):
+    """Secret randomness whose first Poisson draw samples nobody (an empty batch)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def uniform(self, n: int) -> torch.Tensor:
+        self.calls += 1
+        return torch.ones(n, dtype=torch.float64) if self.calls == 1 else super().uniform(n)
+
+
+def test_the_opacus_path_takes_a_noise_only_step_on_an_empty_batch() -> None:
+    data = tiny_site()
+    settings = parse_run_config({**SMALL, "dp-path": "opacus", "emotion-steps": 0})
+    privacy = SitePrivacyState("rdp", noise_multiplier=1.0)
+    face, emotion = FaceEmbedder(settings.face_width), EmotionNet(settings.emotion_width)
+    before = [p.detach().clone() for p in face.parameters()]
+    randomness = EmptyFirstBatch()
+    outcome = train_round(
+        face,
+        CosineHead(data.num_identities),
+        emotion,
+        data,
+        settings,
+        privacy,
+        torch.Generator().manual_seed(0),
+        randomness,
+    )
+    assert randomness.calls == settings.face_steps  # every step drew its batch from it
+    assert [(e.name, e.steps) for e in outcome.events] == [("face", 2)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, face.parameters(), strict=True))
