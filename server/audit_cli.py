@@ -1,8 +1,10 @@
 """``facefed audit``: verify a privacy ledger, render its report, make signing keys.
 
-* ``facefed audit verify LEDGER [--coordinator-key PUB] [--site-key SITE=PUB] [--require-closed]``
-  exits 0 only if the chain, both signatures, the run id, the rounds and every epsilon check out;
-  otherwise it names the first bad entry and exits 4.
+* ``facefed audit verify LEDGER [--coordinator-key PUB] [--site-key SITE=PUB] [--require-closed]
+  [--require-secret-noise]`` exits 0 only if the chain, both signatures, the run id, the rounds, every
+  epsilon and what can be checked of the lifetime epsilon check out (and, with the options, the run
+  was closed and every release's noise was secret); otherwise it names the first bad entry and
+  exits 4 (:class:`IntegrityError`'s code).
 * ``facefed audit report LEDGER --html FILE [--json FILE]`` writes the officer's report (and exits 4
   after writing it if verification failed).
 * ``facefed audit keygen PRIVATE PUBLIC`` writes an Ed25519 key pair (private key mode 0600).
@@ -27,6 +29,11 @@ from common.crypto.signing import (
 from common.errors import ConfigError, IntegrityError
 from common.privacy.verify import VerificationResult, verify_ledger
 
+LIFETIME_NOTE = (
+    "note: eps is this run's, recomputed; lifetime is each site's own total over all its runs, "
+    "which this ledger cannot recompute: checked only to be >= eps and never to decrease"
+)
+
 
 def _site_keys(pairs: list[str]) -> dict[str, Ed25519PublicKey]:
     keys = {}
@@ -44,6 +51,7 @@ def _verify(args: argparse.Namespace) -> VerificationResult:
         coordinator_key=load_public_key(args.coordinator_key) if args.coordinator_key else None,
         site_keys=_site_keys(args.site_key),
         require_closed=args.require_closed,
+        require_secret_noise=args.require_secret_noise,
         cross_check=not getattr(args, "no_cross_check", False),
     )
 
@@ -57,18 +65,22 @@ def format_result(result: VerificationResult) -> str:
         f"coordinator {result.coordinator_fingerprint} ({pinned})",
         f"entries     {len(result.entries)}; run closed: {'yes' if result.closed else 'no'}",
         "",
-        f"{'site':<16} {'guarantee':<14} {'unit':<8} {'rounds':>6} {'eps':>9} {'budget':>9} "
-        f"{'left':>9}   cross-check at delta",
+        f"{'site':<16} {'guarantee':<14} {'unit':<8} {'rounds':>6} {'noise':<13} {'eps':>9} "
+        f"{'lifetime':>9} {'budget':>9} {'left':>9}   cross-check at delta",
     ]
     for s in result.sites:
         cross = "  ".join(f"{a.upper()} {v:.4f}" for a, v in s.cross_check.items())
         lines.append(
             f"{s.site_id:<16} {s.guarantee:<14} {s.privacy_unit:<8} {len(s.rounds):>6} "
-            f"{s.cumulative:>9.4f} {s.budget:>9.4f} {s.remaining:>9.4f}   {cross}  (δ={s.delta:g})"
+            f"{'+'.join(s.noise_kinds):<13} {s.cumulative:>9.4f} {s.lifetime:>9.4f} "
+            f"{s.budget:>9.4f} {s.remaining:>9.4f}   {cross}  (δ={s.delta:g})"
         )
+    if result.sites:
+        lines.append(LIFETIME_NOTE)
     lines += [f"warning: {w}" for w in result.warnings]
     if result.ok:
-        lines.append("OK: chain, signatures, run id, rounds and every epsilon verified")
+        secret = "; every release's noise secret" if result.secret_noise_required else ""
+        lines.append(f"OK: chain, signatures, run id, rounds and every epsilon verified{secret}")
     else:
         lines.append(f"FAIL: first bad entry: {result.first_error}")
         lines += [f"  {f}" for f in result.errors]
@@ -125,6 +137,12 @@ def _add_verify_options(parser: argparse.ArgumentParser) -> None:
         "--require-closed",
         action="store_true",
         help="fail if the run has no closing entry (use for finished runs)",
+    )
+    parser.add_argument(
+        "--require-secret-noise",
+        action="store_true",
+        help="fail if any release's noise was seeded rather than drawn from the OS CSPRNG "
+        "(use for deployments; only research simulations may seed it)",
     )
 
 

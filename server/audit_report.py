@@ -27,6 +27,14 @@ UNIT_NOTE = (
     "(group privacy), not &epsilon;. Client-level entries (unit: <b>site</b>) bound what the "
     "released model reveals about a whole site's data."
 )
+LIFETIME_NOTE = (
+    "<b>Lifetime &epsilon;</b> is each site's own total over every run it took part in (a new run "
+    "does not reset it), composed by its accountant at the same &delta;. This ledger holds one run "
+    "only, so it cannot be recomputed here: the audit checks that it is at least the run's "
+    "recomputed &epsilon; and never decreases. <b>Noise</b> <i>secret</i>: drawn from the OS CSPRNG, "
+    "fresh per release; <i>seeded</i>: reproducible from a seed (research simulations only), so the "
+    "guarantee holds only against someone who cannot learn the seed."
+)
 
 
 def _site_label(site: SiteSummary) -> str:
@@ -47,6 +55,7 @@ def summary(result: VerificationResult) -> dict[str, Any]:
         "errors": [str(f) for f in result.errors],
         "first_bad_entry": result.first_error.seq if result.first_error else None,
         "warnings": list(result.warnings),
+        "secret_noise_required": result.secret_noise_required,
         "sites": [
             {
                 "site_id": s.site_id,
@@ -56,6 +65,8 @@ def summary(result: VerificationResult) -> dict[str, Any]:
                 "budget_epsilon": s.budget,
                 "cumulative_epsilon": s.cumulative,
                 "remaining_epsilon": s.remaining,
+                "lifetime_epsilon": s.lifetime,
+                "noise": list(s.noise_kinds),
                 "cross_check": dict(s.cross_check),
                 "rounds": [
                     {
@@ -67,6 +78,8 @@ def summary(result: VerificationResult) -> dict[str, Any]:
                         "epsilon_cumulative": r.epsilon_cumulative,
                         "recorded_epsilon_round": r.body.epsilon_round,
                         "recorded_epsilon_cumulative": r.body.epsilon_cumulative,
+                        "epsilon_lifetime": r.body.epsilon_lifetime,
+                        "noise": r.body.noise,
                         "budget_epsilon": r.body.budget_epsilon,
                         "model_hash": r.body.model_hash,
                         "started_at": r.body.started_at,
@@ -161,16 +174,29 @@ def _sites_table(sites: list[SiteSummary]) -> str:
                 html.escape(s.site_id),
                 html.escape(s.guarantee),
                 html.escape(s.privacy_unit),
+                html.escape(", ".join(s.noise_kinds)),
                 str(len(s.rounds)),
                 f"{s.delta:g}",
                 f"{s.cumulative:.4f}",
+                f"{s.lifetime:.4f}",
                 f"{s.budget:.4f}",
                 f"{s.remaining:.4f} ({state})",
             ]
             + [f"{s.cross_check[a]:.4f}" if a in s.cross_check else "–" for a in accountants]
         )
-    headers = ["site", "guarantee", "unit", "rounds", "δ", "ε spent", "budget", "remaining"]
-    return _table(headers + [f"ε {a.upper()}" for a in accountants], rows, numeric_from=3)
+    headers = [
+        "site",
+        "guarantee",
+        "unit",
+        "noise",
+        "rounds",
+        "δ",
+        "ε spent (run)",
+        "ε lifetime",
+        "budget",
+        "remaining",
+    ]
+    return _table(headers + [f"ε {a.upper()}" for a in accountants], rows, numeric_from=4)
 
 
 def _mechanism_table(sites: list[SiteSummary]) -> str:
@@ -192,6 +218,8 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
                         f"{r.body.delta:g}" if first else "",
                         f"{r.epsilon_round:.4f}" if first else "",
                         f"{r.epsilon_cumulative:.4f}" if first else "",
+                        f"{r.body.epsilon_lifetime:.4f}" if first else "",
+                        html.escape(r.body.noise) if first else "",
                         html.escape(r.body.accountant) if first else "",
                         f"<code>{html.escape(r.body.model_hash[:12])}</code>" if first else "",
                         html.escape(r.body.finished_at[:19]) if first else "",
@@ -209,6 +237,8 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
         "δ",
         "ε round",
         "ε cumulative",
+        "ε lifetime",
+        "noise",
         "accountant",
         "model hash",
         "finished (UTC)",
@@ -283,6 +313,7 @@ def render_html(result: VerificationResult) -> str:
 {_sites_table(result.sites)}
 <p>ε spent is recomputed with the accountant each entry names (PRV is the accountant of record);
 the last columns recompute each site's total with every available accountant as a cross-check.</p>
+<p class="note">{LIFETIME_NOTE}</p>
 <h2>Plots</h2>
 {plots}
 <h2>Mechanisms</h2>

@@ -136,13 +136,18 @@ class LedgerKeeper:
             history, self.last_mechanisms[site], budget, self.delta, self.accountant
         )
 
-    def record_central(self, server_round: int, event: DpSgdEvent, budget: float) -> None:
+    def record_central(
+        self, server_round: int, event: DpSgdEvent, budget: float, *, secret_noise: bool = True
+    ) -> None:
         """Record one noised release of client-level central DP as the coordinator's own guarantee.
 
         Sites are sampled as a fixed-size cohort; the sampling rate cohort/sites is accounted as Poisson
-        sampling (the standard approximation, McMahan et al. 2018), with RDP.
+        sampling (the standard approximation, McMahan et al. 2018), with RDP. The coordinator's
+        guarantee lives in this run only, so its lifetime epsilon is its cumulative epsilon.
+        ``secret_noise`` says whether the release's noise came from the OS CSPRNG.
         """
         history = self.ledger.history(COORDINATOR, guarantee="client-level")
+        cumulative = compute_epsilon([*history, event], self.delta, "rdp")
         body = make_entry_body(
             run_id=self.run_id,
             site_id=COORDINATOR,
@@ -150,10 +155,12 @@ class LedgerKeeper:
             mechanisms=[event],
             accountant="rdp",
             epsilon_round=compute_epsilon([event], self.delta, "rdp"),
-            epsilon_cumulative=compute_epsilon([*history, event], self.delta, "rdp"),
+            epsilon_cumulative=cumulative,
             delta=self.delta,
             budget_epsilon=budget,
             model_hash=self.model_hash or "unknown",
+            secret_noise=secret_noise,
+            epsilon_lifetime=cumulative,
             guarantee="client-level",
         )
         self.ledger.append_coordinator(body)

@@ -15,6 +15,11 @@ Privacy unit: for example-level DP-SGD the unit is one *example* (one image). On
 many images, so a per-example epsilon does not bound what is learned about a person with k images;
 group privacy gives roughly k * epsilon. Client-level DP (unit: *site*) covers everything one site
 holds.
+
+Noise: ``"secret"`` means the release's Gaussian noise and Poisson sampling were drawn from the OS
+CSPRNG, fresh for that release; ``"seeded"`` means they are reproducible from a seed, which only a
+research simulation may do, by explicit opt-in. A seeded release's DP guarantee holds only against
+someone who cannot learn the seed.
 """
 
 from __future__ import annotations
@@ -39,13 +44,16 @@ from common.privacy.accounting import (
 )
 from common.privacy.events import DpSgdEvent
 
-BODY_FORMAT = "facefed-ledger-entry/1"
+BODY_FORMAT = "facefed-ledger-entry/2"
 RECORD_FORMAT = "facefed-ledger/1"
 GENESIS_HASH = "0" * 64
 
 Guarantee = Literal["example-level", "client-level"]
 PRIVACY_UNIT: dict[str, str] = {"example-level": "example", "client-level": "site"}
 RecordKind = Literal["header", "round", "close"]
+NoiseKind = Literal["secret", "seeded"]
+NOISE_KINDS: tuple[NoiseKind, ...] = ("secret", "seeded")
+LIFETIME_TOLERANCE = 1e-9  # relative: float rounding only; the lifetime composes more, never less
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -83,6 +91,28 @@ def _epsilon(name: str, value: float) -> float:
     return float(value)
 
 
+def noise_kind(secret_noise: bool) -> NoiseKind:
+    """Return the body's ``noise`` value: ``"secret"`` (OS CSPRNG) or ``"seeded"`` (reproducible)."""
+    if not isinstance(secret_noise, bool):
+        raise ConfigError(f"secret_noise must be True or False, got {secret_noise!r}")
+    return "secret" if secret_noise else "seeded"
+
+
+def at_least(value: float, bound: float, tolerance: float) -> bool:
+    """True if ``value >= bound`` up to a relative ``tolerance`` of ``bound``."""
+    return value >= bound * (1 - tolerance)
+
+
+def _lifetime(epsilon_lifetime: float, epsilon_cumulative: float) -> float:
+    lifetime = _epsilon("epsilon_lifetime", epsilon_lifetime)
+    if not at_least(lifetime, epsilon_cumulative, LIFETIME_TOLERANCE):
+        raise ConfigError(
+            f"epsilon_lifetime={lifetime!r} is below epsilon_cumulative={epsilon_cumulative!r}; "
+            "the lifetime composes every run of the site, this one included"
+        )
+    return lifetime
+
+
 def make_entry_body(
     *,
     run_id: str,
@@ -95,6 +125,8 @@ def make_entry_body(
     delta: float,
     budget_epsilon: float,
     model_hash: str,
+    secret_noise: bool,
+    epsilon_lifetime: float,
     guarantee: Guarantee = "example-level",
     started_at: str | datetime | None = None,
     finished_at: str | datetime | None = None,
@@ -112,6 +144,12 @@ def make_entry_body(
         delta: the delta at which both epsilons are stated.
         budget_epsilon: the site's approved epsilon budget at ``delta``.
         model_hash: hash of the model version the site trained from.
+        secret_noise: True if the noise and Poisson sampling of this release came from the OS
+            CSPRNG, fresh per release (``"noise": "secret"``); False if reproducible from a seed
+            (``"noise": "seeded"``, research simulations only, by explicit opt-in).
+        epsilon_lifetime: epsilon of every DP event the site ever released, in every run, composed
+            with the same accountant at ``delta``; >= ``epsilon_cumulative``. Client-level entries
+            pass ``epsilon_cumulative``.
         guarantee: ``"example-level"`` (DP-SGD on the site) or ``"client-level"`` (coordinator).
         started_at: when the round started on the site (default: now).
         finished_at: when it finished (default: now).
@@ -140,6 +178,7 @@ def make_entry_body(
     except ValueError as exc:
         raise ConfigError(f"bad timestamp: {exc}; use ISO 8601 with a timezone") from exc
     name = parse_accountant(accountant)
+    cumulative = _epsilon("epsilon_cumulative", epsilon_cumulative)
     return {
         "format": BODY_FORMAT,
         "run_id": check_id("run id", run_id),
@@ -152,7 +191,9 @@ def make_entry_body(
         "accountant": name,
         "accountant_version": accountant_version(name),
         "epsilon_round": _epsilon("epsilon_round", epsilon_round),
-        "epsilon_cumulative": _epsilon("epsilon_cumulative", epsilon_cumulative),
+        "epsilon_cumulative": cumulative,
+        "epsilon_lifetime": _lifetime(epsilon_lifetime, cumulative),
+        "noise": noise_kind(secret_noise),
         "budget_epsilon": budget,
         "model_hash": model_hash,
         "started_at": started,
@@ -170,6 +211,8 @@ def make_round_body(
     delta: float,
     budget_epsilon: float,
     model_hash: str,
+    secret_noise: bool,
+    epsilon_lifetime: float,
     accountant: Accountant = ACCOUNTANT_OF_RECORD,
     guarantee: Guarantee = "example-level",
     started_at: str | datetime | None = None,
@@ -179,6 +222,8 @@ def make_round_body(
 
     ``history`` must be the site's mechanisms as the ledger recorded them (``Ledger.history``, or
     the site's own copy of its acknowledged rounds); otherwise the ledger refuses the entry.
+    ``epsilon_lifetime`` is the site's own number: it composes events of other runs too, which this
+    run's ledger does not hold.
     """
     return make_entry_body(
         run_id=run_id,
@@ -191,6 +236,8 @@ def make_round_body(
         delta=delta,
         budget_epsilon=budget_epsilon,
         model_hash=model_hash,
+        secret_noise=secret_noise,
+        epsilon_lifetime=epsilon_lifetime,
         guarantee=guarantee,
         started_at=started_at,
         finished_at=finished_at,
@@ -212,6 +259,8 @@ class EntryBody:
     accountant_version: str
     epsilon_round: float
     epsilon_cumulative: float
+    epsilon_lifetime: float
+    noise: NoiseKind
     budget_epsilon: float
     model_hash: str
     started_at: str
@@ -238,11 +287,14 @@ def parse_entry_body(body: Mapping[str, Any]) -> EntryBody:
             f"entry body fields differ from the schema: unknown {sorted(set(fields) - expected)}, "
             f"missing {sorted(expected - set(fields))}"
         )
+    if fields["noise"] not in NOISE_KINDS:
+        raise IntegrityError(f"entry body noise {fields['noise']!r} is not one of {NOISE_KINDS}")
     try:
         mechanisms = tuple(DpSgdEvent.from_dict(m) for m in fields["mechanisms"])
+        derived = ("privacy_unit", "accountant_version", "noise")
         rebuilt = make_entry_body(
-            **{k: fields[k] for k in fields if k not in ("privacy_unit", "accountant_version")}
-            | {"mechanisms": mechanisms}
+            **{k: fields[k] for k in fields if k not in derived}
+            | {"mechanisms": mechanisms, "secret_noise": fields["noise"] == "secret"}
         )
     except (FacefedError, TypeError, ValueError, AttributeError) as exc:
         raise IntegrityError(f"entry body is invalid: {exc}") from exc

@@ -15,6 +15,11 @@ verify`` (:mod:`common.privacy.verify`) is for.
 An entry whose epsilon would exceed the site's budget is refused with :class:`PrivacyBudgetError`:
 the caller must then discard that site's update (an update that is never released spends no
 privacy).
+
+Each entry also carries the site's *lifetime* epsilon (every run it ever took part in). One run's
+ledger cannot recompute it, since other runs' events are recorded elsewhere; :func:`lifetime_problem`
+checks what it can: it is at least this run's recomputed cumulative epsilon, and it never decreases
+from one of the site's entries to the next.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ from common.privacy.accounting import compute_epsilon
 from common.privacy.chain import ChainCheck, KeyRow, StoredRow, check_chain
 from common.privacy.entry import (
     GENESIS_HASH,
+    LIFETIME_TOLERANCE,
     RECORD_FORMAT,
     EntryBody,
     Guarantee,
+    at_least,
     b64encode,
     check_id,
     parse_entry_body,
@@ -98,6 +105,33 @@ def relative_mismatch(recorded: float, recomputed: float) -> float:
     if recomputed == 0:
         return 0.0 if recorded == 0 else float("inf")
     return abs(recorded - recomputed) / abs(recomputed)
+
+
+def lifetime_problem(
+    body: EntryBody, previous: EntryBody | None, epsilon_cumulative: float
+) -> str | None:
+    """Say what is wrong with an entry's lifetime epsilon, or return None.
+
+    Args:
+        body: the entry.
+        previous: the same site's entry before it in this ledger (same guarantee), or None.
+        epsilon_cumulative: this run's cumulative epsilon recomputed from the ledger's history; the
+            lifetime may not be below it by more than the 1% accounting tolerance.
+    """
+    if not at_least(body.epsilon_lifetime, epsilon_cumulative, EPSILON_TOLERANCE):
+        return (
+            f"lifetime epsilon {body.epsilon_lifetime:.4f} is below this run's cumulative epsilon "
+            f"{epsilon_cumulative:.4f}; the lifetime composes every run, this one included"
+        )
+    if previous is not None and not at_least(
+        body.epsilon_lifetime, previous.epsilon_lifetime, LIFETIME_TOLERANCE
+    ):
+        return (
+            f"lifetime epsilon {body.epsilon_lifetime:.4f} dropped below the "
+            f"{previous.epsilon_lifetime:.4f} recorded at round {previous.round}; a site's "
+            "lifetime epsilon never decreases"
+        )
+    return None
 
 
 def read_rows(path: str | os.PathLike[str]) -> tuple[list[StoredRow], list[KeyRow]]:
@@ -319,6 +353,9 @@ class Ledger:
                     f"{where}: recorded {name}={recorded:.4f} but the ledger's history gives "
                     f"{recomputed:.4f} ({body.accountant}); compute it from Ledger.history()"
                 )
+        problem = lifetime_problem(body, stream[-1] if stream else None, eps_cum)
+        if problem is not None:
+            raise IntegrityError(f"{where}: {problem}")
         if eps_cum > body.budget_epsilon:
             raise PrivacyBudgetError(
                 f"{where}: cumulative epsilon {eps_cum:.4f} exceeds the budget "

@@ -5,6 +5,11 @@ key. The egress guard lets only finite scalars and two fixed-size byte strings l
 record carries the entry's *numbers* and the signature; the coordinator rebuilds the very same body with
 :func:`entry_body` from those numbers plus what it already knows (run id, the hash of the model it sent,
 the accountant), then appends it to the ledger, which verifies the signature and recomputes epsilon.
+
+Whether the release's noise was secret travels as the scalar ``secret-noise``: exactly the integer 1
+(OS CSPRNG, fresh per release) or 0 (seeded, research simulations only); any other value is refused.
+``epsilon-lifetime`` is the site's epsilon over every run it ever took part in (>= the run's
+``epsilon-cumulative``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ SCALAR_FIELDS = (
     "budget-epsilon",
     "epsilon-round",
     "epsilon-cumulative",
+    "epsilon-lifetime",
+    "secret-noise",
     "started-at",
     "finished-at",
     *(f"{m}-{f}" for m in MODELS for f in ("sample-rate", "steps", "clip")),
@@ -63,6 +70,8 @@ class RoundReport:
     budget_epsilon: float
     epsilon_round: float
     epsilon_cumulative: float
+    epsilon_lifetime: float
+    secret_noise: bool
     started_at: float
     finished_at: float
 
@@ -79,6 +88,8 @@ class RoundReport:
             delta=self.delta,
             budget_epsilon=self.budget_epsilon,
             model_hash=model_hash,
+            secret_noise=self.secret_noise,
+            epsilon_lifetime=self.epsilon_lifetime,
             started_at=_iso(self.started_at),
             finished_at=_iso(self.finished_at),
         )
@@ -93,6 +104,8 @@ class RoundReport:
             "budget-epsilon": self.budget_epsilon,
             "epsilon-round": self.epsilon_round,
             "epsilon-cumulative": self.epsilon_cumulative,
+            "epsilon-lifetime": self.epsilon_lifetime,
+            "secret-noise": 1 if self.secret_noise else 0,
             "started-at": self.started_at,
             "finished-at": self.finished_at,
         }
@@ -122,6 +135,9 @@ class RoundReport:
                 or not math.isfinite(value)
             ):
                 raise IntegrityError(f"privacy record field {key!r} is not a finite number")
+        secret = record["secret-noise"]
+        if not isinstance(secret, int) or secret not in (0, 1):
+            raise IntegrityError("privacy record field 'secret-noise' must be the integer 0 or 1")
         for key, size in BYTES_FIELDS.items():
             if not isinstance(record[key], bytes) or len(record[key]) != size:
                 raise IntegrityError(f"privacy record field {key!r} must be {size} bytes")
@@ -150,6 +166,8 @@ class RoundReport:
             budget_epsilon=float(record["budget-epsilon"]),
             epsilon_round=float(record["epsilon-round"]),
             epsilon_cumulative=float(record["epsilon-cumulative"]),
+            epsilon_lifetime=float(record["epsilon-lifetime"]),
+            secret_noise=secret == 1,
             started_at=float(record["started-at"]),
             finished_at=float(record["finished-at"]),
         )

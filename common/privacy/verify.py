@@ -6,6 +6,12 @@ recomputes epsilon for the round and cumulatively, with the accountant the entry
 recorded ``(noise_multiplier, sample_rate, steps)`` of that site's entries so far, and flags any
 recorded value more than 1% off. For each site's final total it also runs every available accountant
 (PRV, RDP, PLD) as an independent cross-check.
+
+A site's *lifetime* epsilon composes every run it ever took part in; one run's ledger holds only that
+run's events, so the auditor cannot recompute it. It checks what one ledger can show: the lifetime is
+at least the run's recomputed cumulative epsilon, and it never decreases from entry to entry. With
+``require_secret_noise`` every entry must record ``"noise": "secret"`` (OS CSPRNG, fresh per release);
+the first ``"seeded"`` one is an error.
 """
 
 from __future__ import annotations
@@ -18,8 +24,13 @@ from common.crypto.signing import Ed25519PublicKey, fingerprint
 from common.errors import FacefedError
 from common.privacy.accounting import available_accountants, compute_epsilon
 from common.privacy.chain import ChainEntry, Finding, check_chain
-from common.privacy.entry import EntryBody
-from common.privacy.ledger import EPSILON_TOLERANCE, read_rows, relative_mismatch
+from common.privacy.entry import EntryBody, NoiseKind
+from common.privacy.ledger import (
+    EPSILON_TOLERANCE,
+    lifetime_problem,
+    read_rows,
+    relative_mismatch,
+)
 
 CROSS_CHECK_TOLERANCE = 0.05  # relative gap between PRV and PLD that earns a warning
 
@@ -60,6 +71,16 @@ class SiteSummary:
         """Budget minus spent (negative if exceeded)."""
         return self.budget - self.cumulative
 
+    @property
+    def lifetime(self) -> float:
+        """The site's lifetime epsilon (all runs) as recorded in its last entry; not recomputable."""
+        return self.rounds[-1].body.epsilon_lifetime
+
+    @property
+    def noise_kinds(self) -> tuple[NoiseKind, ...]:
+        """The noise kinds of the site's entries, ``("secret",)`` when every release was secret."""
+        return tuple(sorted({r.body.noise for r in self.rounds}))
+
 
 @dataclass
 class VerificationResult:
@@ -74,6 +95,7 @@ class VerificationResult:
     errors: list[Finding]
     warnings: list[str]
     sites: list[SiteSummary]
+    secret_noise_required: bool = False
 
     @property
     def ok(self) -> bool:
@@ -117,6 +139,9 @@ def _recompute(entries: list[ChainEntry], errors: list[Finding]) -> list[SiteSum
                 )
         if eps_cum > body.budget_epsilon:
             bad(f"cumulative epsilon {eps_cum:.4f} exceeds the budget {body.budget_epsilon:.4f}")
+        problem = lifetime_problem(body, site.rounds[-1].body if site.rounds else None, eps_cum)
+        if problem is not None:
+            bad(problem)
         site.rounds.append(RoundCheck(entry.seq, body, eps_round, eps_cum))
     return list(sites.values())
 
@@ -141,12 +166,27 @@ def _cross_check(sites: list[SiteSummary], warnings: list[str]) -> None:
             )
 
 
+def _first_seeded(entries: list[ChainEntry]) -> Finding | None:
+    seeded = [(e.seq, e.body) for e in entries if e.body is not None and e.body.noise == "seeded"]
+    if not seeded:
+        return None
+    seq, body = seeded[0]
+    return Finding(
+        seq,
+        f"noise was seeded (reproducible from a seed), not secret (seeded entries in all: "
+        f"{len(seeded)}); --require-secret-noise accepts only noise from the OS CSPRNG",
+        body.site_id,
+        body.round,
+    )
+
+
 def verify_ledger(
     path: str | os.PathLike[str],
     *,
     coordinator_key: Ed25519PublicKey | None = None,
     site_keys: Mapping[str, Ed25519PublicKey] | None = None,
     require_closed: bool = False,
+    require_secret_noise: bool = False,
     cross_check: bool = True,
 ) -> VerificationResult:
     """Verify a ledger file end to end; see the module docstring.
@@ -157,6 +197,8 @@ def verify_ledger(
         site_keys: pin sites' public keys, by site id.
         require_closed: make a ledger without its closing entry an error (a finished run must have
             one; without it the last entries could have been cut off).
+        require_secret_noise: make the first entry whose noise is ``"seeded"`` an error (a
+            deployment must draw noise from the OS CSPRNG; only research simulations may seed it).
         cross_check: also compute each site's total with every available accountant.
 
     Raises:
@@ -174,6 +216,9 @@ def verify_ledger(
             errors.append(Finding(len(rows), message))
         else:
             warnings.append(message)
+    seeded = _first_seeded(chain.entries) if require_secret_noise else None
+    if seeded is not None:
+        errors.append(seeded)
     if coordinator_key is None:
         warnings.append(
             "coordinator key not pinned: compare its fingerprint with the one the coordinator "
@@ -191,4 +236,5 @@ def verify_ledger(
         errors=sorted(errors, key=lambda f: f.seq),
         warnings=warnings,
         sites=sites,
+        secret_noise_required=require_secret_noise,
     )

@@ -20,6 +20,7 @@ from common.crypto.signing import (
     save_public_key,
     sign,
 )
+from common.privacy.accounting import compute_epsilon
 from common.privacy.entry import make_round_body
 from common.privacy.events import DpSgdEvent
 from common.privacy.ledger import Ledger
@@ -28,10 +29,12 @@ SITES = ("hospital-a", "clinic-b", "lab-c")
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A closed 2-round ledger of three sites (synthetic but typical DP-SGD settings)."""
-    out = tmp_path_factory.mktemp("run")
+def write_ledger(out: Path, *, seeded: tuple[str, int] | None = None) -> Path:
+    """A closed 2-round ledger of three sites (synthetic but typical DP-SGD settings).
+
+    Site ``i`` took part in ``i`` rounds of earlier runs, so its lifetime epsilon exceeds this run's;
+    ``seeded`` names the one (site, round) whose noise was seeded rather than secret.
+    """
     coordinator = generate_private_key()
     save_public_key(coordinator.public_key(), out / "coordinator.pub")
     site_keys = {s: generate_private_key() for s in SITES}
@@ -54,19 +57,35 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         name="emotion",
                     ),
                 ]
+                history = ledger.history(site_id)
+                earlier_runs = mechanisms * i
                 body = make_round_body(
                     run_id="run-cli",
                     site_id=site_id,
                     round=rnd,
                     mechanisms=mechanisms,
-                    history=ledger.history(site_id),
+                    history=history,
                     delta=1e-5,
                     budget_epsilon=6.0 + i,
                     model_hash=f"sha256:{rnd:064x}",
+                    secret_noise=(site_id, rnd) != seeded,
+                    epsilon_lifetime=compute_epsilon([*earlier_runs, *history, *mechanisms], 1e-5),
                 )
                 ledger.append(body, key.public_key(), sign(key, canonical_bytes(body)))
         ledger.finish("2 rounds complete")
     return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every release's noise secret."""
+    return write_ledger(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def seeded_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """clinic-b's round-2 release (entry #5) had seeded noise."""
+    return write_ledger(tmp_path_factory.mktemp("seeded"), seeded=("clinic-b", 2))
 
 
 def test_verify_passes_a_valid_ledger_and_prints_every_site(
@@ -115,6 +134,55 @@ def test_verify_of_a_missing_file_is_a_one_line_error(
     err = capsys.readouterr().err
     assert code == 4
     assert err.count("\n") == 1 and "no ledger at" in err
+
+
+def test_verify_shows_noise_and_lifetime_and_says_lifetime_is_not_recomputed(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["audit", "verify", str(run_dir / "ledger.db"), "--no-cross-check"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^lab-c .* secret +\d+\.\d+ +\d+\.\d+ ", out, re.MULTILINE)
+    assert "cannot recompute" in out
+
+
+def test_require_secret_noise_passes_a_ledger_of_secret_noise_only(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "audit",
+            "verify",
+            str(run_dir / "ledger.db"),
+            "--no-cross-check",
+            "--require-secret-noise",
+        ]
+    )
+
+    assert code == 0
+    assert "every release's noise secret" in capsys.readouterr().out
+
+
+def test_require_secret_noise_fails_on_one_seeded_entry_in_one_line(
+    seeded_run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ledger = str(seeded_run_dir / "ledger.db")
+
+    lenient = main(["audit", "verify", ledger, "--no-cross-check"])
+    lenient_out = capsys.readouterr().out
+    code = main(["audit", "verify", ledger, "--no-cross-check", "--require-secret-noise"])
+    captured = capsys.readouterr()
+
+    assert lenient == 0 and "seeded" in lenient_out  # recorded and shown, allowed by default
+    assert code == 4
+    fail = [line for line in captured.out.splitlines() if line.startswith("FAIL")]
+    assert fail == [
+        "FAIL: first bad entry: entry #5 (site clinic-b, round 2): noise was seeded "
+        "(reproducible from a seed), not secret (seeded entries in all: 1); "
+        "--require-secret-noise accepts only noise from the OS CSPRNG"
+    ]
+    assert captured.err == "" and "Traceback" not in captured.out
 
 
 def test_keygen_writes_an_owner_only_private_key(
@@ -175,6 +243,47 @@ def test_report_json_holds_budgets_and_recomputed_epsilons(report: tuple[Path, P
         )
         assert site["cross_check"]["prv"] < site["cross_check"]["rdp"]
         assert site["privacy_unit"] == "example"
+
+
+def test_report_shows_noise_kinds_and_lifetime_beside_run_epsilon(
+    report: tuple[Path, Path],
+) -> None:
+    data = json.loads(report[1].read_text())
+    page = report[0].read_text()
+
+    sites = {s["site_id"]: s for s in data["sites"]}
+    assert all(s["noise"] == ["secret"] for s in sites.values())
+    assert all(r["noise"] == "secret" for s in sites.values() for r in s["rounds"])
+    a, c = sites["hospital-a"], sites["lab-c"]
+    assert a["lifetime_epsilon"] == pytest.approx(a["cumulative_epsilon"], rel=0.01)  # no past
+    assert c["lifetime_epsilon"] > c["cumulative_epsilon"] + 0.5  # two earlier rounds
+    assert c["rounds"][-1]["epsilon_lifetime"] == c["lifetime_epsilon"]
+    assert "ε lifetime" in page and "ε spent (run)" in page
+    assert f"{c['lifetime_epsilon']:.4f}" in page
+    assert '">secret</td>' in page
+
+
+def test_report_json_lists_both_noise_kinds_of_a_site(seeded_run_dir: Path, tmp_path: Path) -> None:
+    html_path, json_path = tmp_path / "r.html", tmp_path / "r.json"
+
+    code = main(
+        [
+            "audit",
+            "report",
+            str(seeded_run_dir / "ledger.db"),
+            "--html",
+            str(html_path),
+            "--json",
+            str(json_path),
+            "--require-secret-noise",
+        ]
+    )
+
+    data = json.loads(json_path.read_text())
+    assert code == 4 and data["verified"] is False and data["secret_noise_required"] is True
+    assert {s["site_id"]: s["noise"] for s in data["sites"]}["clinic-b"] == ["secret", "seeded"]
+    assert data["first_bad_entry"] == 5
+    assert "secret, seeded" in html_path.read_text()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium is not installed")

@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from common.config import parse_run_config
+from common.crypto.signing import (
+    canonical_bytes,
+    generate_private_key,
+    public_key_to_bytes,
+    sign,
+)
 from common.errors import IntegrityError, PrivacyBudgetError
+from common.privacy.accounting import compute_epsilon
+from common.privacy.events import DpSgdEvent
+from common.privacy.site_record import RoundReport
 from common.privacy.verify import verify_ledger
 from common.serde import arrays_digest
 from server.ledger_keeper import LedgerKeeper
@@ -73,7 +82,8 @@ def test_site_out_of_budget_is_not_eligible(keeper: LedgerKeeper) -> None:
 def test_over_budget_record_is_refused_by_the_ledger(keeper: LedgerKeeper) -> None:
     state = RecordDict()
     # A site that claims a budget of 8 but whose noise would exceed it is refused on append.
-    reply = site_reply(state, 1, keeper.run_id, **{"noise-multiplier": 0.3, "max-epsilon": 100.0})
+    # (sigma 0.8 spends about 6.9 in one round: within the site's default lifetime cap of 16)
+    reply = site_reply(state, 1, keeper.run_id, **{"noise-multiplier": 0.8, "max-epsilon": 100.0})
     record = reply.config_records["privacy"]
     record["budget-epsilon"] = 1.0
     with pytest.raises((PrivacyBudgetError, IntegrityError)):
@@ -91,7 +101,9 @@ def test_a_round_resent_after_a_resume_is_recorded_once(tmp_path: Path) -> None:
     resumed.record(9, 1, model_hash(), reply.config_records["privacy"])  # the stored reply, again
     assert [(e.site_id, e.round) for e in resumed.ledger.entries()] == [("site-0", 1)]
     assert resumed.last_mechanisms["site-0"]  # budget checks know what the site ran last
-    forged = site_reply(RecordDict(), 1, keeper.run_id)  # a second, different release of round 1
+    # A second, different release of round 1 (more steps: its body differs whatever the clock says,
+    # since sites state times to the second only).
+    forged = site_reply(RecordDict(), 1, keeper.run_id, **{"face-steps": 3})
     with pytest.raises(IntegrityError):
         resumed.record(9, 1, model_hash(), forged.config_records["privacy"])
     resumed.finish("test done")
@@ -111,10 +123,79 @@ def test_a_round_whose_reply_was_lost_is_recorded_from_the_sites_next_reply(tmp_
     with pytest.raises(IntegrityError, match="history gives"):  # without round 2 the books differ
         keeper.record(7, 3, model_hash(), third.config_records["privacy"])
     hashes = {1: model_hash(), 2: model_hash(), 3: model_hash()}
-    for record in store.previous_records(keeper.run_id, 3):  # what the ClientApp attaches
+    for record in store.previous_records(keeper.run_id, 3).values():  # as the ClientApp
         keeper.record_previous(7, record, hashes)
     keeper.record(7, 3, model_hash(), third.config_records["privacy"])
     assert [e.round for e in keeper.ledger.entries()] == [1, 2, 3]
     assert keeper.ledger.cumulative_epsilon("site-0") == pytest.approx(
         third["metrics"]["epsilon"], rel=1e-6
     )
+
+
+def signed_record(
+    keeper: LedgerKeeper, *, secret_noise: bool, lifetime_extra: float
+) -> ConfigRecord:
+    """A site's signed privacy record built by hand (no training): one face-model epoch."""
+    key = generate_private_key()
+    event = DpSgdEvent(noise_multiplier=1.1, sample_rate=0.02, steps=50, clip_norm=1.0, name="face")
+    epsilon = compute_epsilon([event], 1e-5, "rdp")
+    report = RoundReport(
+        site_index=4,
+        round=1,
+        mechanisms=(event,),
+        delta=1e-5,
+        budget_epsilon=8.0,
+        epsilon_round=epsilon,
+        epsilon_cumulative=epsilon,
+        epsilon_lifetime=epsilon + lifetime_extra,
+        secret_noise=secret_noise,
+        started_at=1.7e9,
+        finished_at=1.7e9 + 60,
+    )
+    body = report.entry_body(keeper.run_id, "sha256:m", "rdp")
+    signature = sign(key, canonical_bytes(body))
+    return report.to_record(signature, public_key_to_bytes(key.public_key()))
+
+
+@pytest.mark.parametrize(("secret", "noise"), [(True, "secret"), (False, "seeded")])
+def test_record_carries_the_noise_kind_and_lifetime_into_the_ledger(
+    keeper: LedgerKeeper, secret: bool, noise: str
+) -> None:
+    record = signed_record(keeper, secret_noise=secret, lifetime_extra=2.0)
+
+    keeper.record(7, 1, "sha256:m", record)
+
+    (entry,) = keeper.ledger.entries()
+    assert entry.noise == noise
+    assert entry.epsilon_lifetime == pytest.approx(entry.epsilon_cumulative + 2.0)
+
+
+def test_record_with_an_invalid_secret_noise_flag_is_refused(keeper: LedgerKeeper) -> None:
+    record = signed_record(keeper, secret_noise=True, lifetime_extra=0.0)
+    record["secret-noise"] = 2
+
+    with pytest.raises(IntegrityError, match="secret-noise"):
+        keeper.record(7, 1, "sha256:m", record)
+    assert keeper.ledger.entries() == []
+
+
+def test_central_releases_record_their_cumulative_epsilon_as_lifetime(
+    keeper: LedgerKeeper,
+) -> None:
+    event = DpSgdEvent(
+        noise_multiplier=2.0, sample_rate=0.5, steps=1, clip_norm=0.5, name="client-level"
+    )
+
+    keeper.record_central(1, event, 20.0)  # the positional call server/central_dp.py makes
+    keeper.record_central(2, event, 20.0, secret_noise=False)
+
+    entries = keeper.ledger.entries()
+    assert [(e.guarantee, e.noise) for e in entries] == [
+        ("client-level", "secret"),
+        ("client-level", "seeded"),
+    ]
+    assert all(e.epsilon_lifetime == e.epsilon_cumulative for e in entries)
+    assert entries[1].epsilon_lifetime > entries[0].epsilon_lifetime
+    path = keeper.ledger.path
+    keeper.finish("test done")
+    assert verify_ledger(path).ok

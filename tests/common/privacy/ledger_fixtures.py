@@ -7,10 +7,12 @@ typical: this is an accounting/crypto fixture, not an accuracy claim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.crypto.signing import Ed25519PrivateKey, canonical_bytes, sign
+from common.privacy.accounting import Accountant, compute_epsilon
 from common.privacy.entry import make_round_body
 from common.privacy.events import DpSgdEvent
 from common.privacy.ledger import Ledger
@@ -40,17 +42,41 @@ class Keys:
     sites: dict[str, Ed25519PrivateKey]
 
 
-def signed_round(ledger: Ledger, key: Ed25519PrivateKey, site_id: str, rnd: int) -> None:
-    """Build, sign (as the site) and append one realistic round entry."""
+def lifetime(
+    earlier_runs: Sequence[DpSgdEvent],
+    history: Sequence[DpSgdEvent],
+    mechanisms: Sequence[DpSgdEvent],
+    accountant: Accountant = "prv",
+) -> float:
+    """A site's lifetime epsilon: its earlier runs' events, this run's history and this round."""
+    return compute_epsilon([*earlier_runs, *history, *mechanisms], DELTA, accountant)
+
+
+def signed_round(
+    ledger: Ledger,
+    key: Ed25519PrivateKey,
+    site_id: str,
+    rnd: int,
+    *,
+    secret_noise: bool = True,
+    earlier_runs: Sequence[DpSgdEvent] = (),
+) -> None:
+    """Build, sign (as the site) and append one realistic round entry.
+
+    ``earlier_runs``: the site's events of its previous runs, which only its lifetime epsilon holds.
+    """
+    history = ledger.history(site_id)
     body = make_round_body(
         run_id=ledger.run_id,
         site_id=site_id,
         round=rnd,
         mechanisms=site_mechanisms(),
-        history=ledger.history(site_id),
+        history=history,
         delta=DELTA,
         budget_epsilon=BUDGET,
         model_hash=f"sha256:{rnd:064x}",
+        secret_noise=secret_noise,
+        epsilon_lifetime=lifetime(earlier_runs, history, site_mechanisms()),
     )
     ledger.append(body, key.public_key(), sign(key, canonical_bytes(body)))
 
@@ -61,12 +87,15 @@ def build_ledger(path: Path, run_id: str, keys: Keys, rounds: int, *, close: boo
         for rnd in range(1, rounds + 1):
             for site_id, key in keys.sites.items():
                 signed_round(ledger, key, site_id, rnd)
+            history = ledger.history("coordinator", "client-level")
             body = make_round_body(
                 run_id=run_id,
                 site_id="coordinator",
                 round=rnd,
                 mechanisms=client_level_mechanism(),
-                history=ledger.history("coordinator", "client-level"),
+                history=history,
+                secret_noise=True,
+                epsilon_lifetime=lifetime((), history, client_level_mechanism(), "rdp"),
                 delta=DELTA,
                 budget_epsilon=20.0,
                 model_hash=f"sha256:{rnd:064x}",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ledger_fixtures import BUDGET, DELTA, Keys, signed_round, site_mechanisms
+from ledger_fixtures import BUDGET, DELTA, Keys, lifetime, signed_round, site_mechanisms
 
 from common.crypto.signing import canonical_bytes, generate_private_key, sign
 from common.errors import ConfigError, IntegrityError, PrivacyBudgetError
@@ -23,15 +23,18 @@ from common.privacy.verify import verify_ledger
 
 
 def round_body(ledger: Ledger, site_id: str, rnd: int, **overrides: Any) -> dict[str, Any]:
+    history = ledger.history(site_id)
     fields: dict[str, Any] = {
         "run_id": ledger.run_id,
         "site_id": site_id,
         "round": rnd,
         "mechanisms": site_mechanisms(),
-        "history": ledger.history(site_id),
+        "history": history,
         "delta": DELTA,
         "budget_epsilon": BUDGET,
         "model_hash": "sha256:abc",
+        "secret_noise": True,
+        "epsilon_lifetime": lifetime((), history, site_mechanisms()),
     }
     return make_round_body(**(fields | overrides))
 
@@ -137,6 +140,8 @@ GOOD_FIELDS: dict[str, Any] = {
     "delta": 1e-5,
     "budget_epsilon": 8.0,
     "model_hash": "sha256:abc",
+    "secret_noise": True,
+    "epsilon_lifetime": 1.5,
 }
 
 
@@ -155,6 +160,14 @@ def test_make_entry_body_states_the_privacy_unit() -> None:
         {"delta": 1.0},
         {"epsilon_round": float("nan")},
         {"model_hash": ""},
+        {"secret_noise": 1},
+        {"secret_noise": "secret"},
+        {"secret_noise": None},
+        {"epsilon_lifetime": float("nan")},
+        {"epsilon_lifetime": float("inf")},
+        {"epsilon_lifetime": -1.0},
+        {"epsilon_lifetime": "1.5"},
+        {"epsilon_lifetime": 0.5},  # below epsilon_cumulative = 1.0
     ],
 )
 def test_make_entry_body_refuses_invalid_fields(bad: dict[str, Any]) -> None:
@@ -211,7 +224,8 @@ _WRITER = textwrap.dedent(
         for rnd in range(1, 100000):
             body = make_round_body(run_id="run-kill", site_id="site", round=rnd, mechanisms=mech,
                                    history=ledger.history("site"), delta=1e-5,
-                                   budget_epsilon=1e9, model_hash="h", accountant="rdp")
+                                   budget_epsilon=1e9, model_hash="h", accountant="rdp",
+                                   secret_noise=True, epsilon_lifetime=1e6)
             ledger.append(body, site.public_key(), sign(site, canonical_bytes(body)))
             if rnd == 5:
                 print("ready", flush=True)

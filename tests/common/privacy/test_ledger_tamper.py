@@ -14,6 +14,7 @@ import pytest
 from ledger_fixtures import Keys, build_ledger, signed_round
 
 from common.crypto.signing import canonical_bytes, generate_private_key, sign
+from common.privacy.accounting import compute_epsilon
 from common.privacy.chain import check_chain
 from common.privacy.entry import make_entry_body, record_hash
 from common.privacy.ledger import Ledger, read_rows
@@ -226,6 +227,8 @@ def test_a_wrong_epsilon_signed_by_everyone_is_caught_by_recomputation(
             delta=honest.delta,
             budget_epsilon=honest.budget_epsilon,
             model_hash="sha256:2",
+            secret_noise=True,
+            epsilon_lifetime=compute_epsilon([*honest.mechanisms] * 2, honest.delta),
         )
         ledger.append(body, site.public_key(), sign(site, canonical_bytes(body)))
 
