@@ -39,7 +39,7 @@ from common.atomic import atomic_write_text
 from common.cli import configure_logging, report_errors
 from common.config import Scalar
 from common.errors import ConfigError, FacefedError
-from simulations.scenarios import load_scenario, resolve
+from simulations.scenarios import load_scenario, load_site_policies, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         logger.info("federated %s: %s", name, cmd)
         started = time.monotonic()
         try:
-            results = simulate(resolve(load_scenario(SCENARIO), overrides), num_cpus=args.num_cpus)
+            results = simulate(
+                resolve(load_scenario(SCENARIO), overrides),
+                num_cpus=args.num_cpus,
+                site_policies=load_site_policies(SCENARIO),
+            )
             entry = {"kind": "federated", "epsilon": label(epsilon)}
             entry |= summarise_federated(results, time.monotonic() - started)
         except FacefedError as exc:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.timing import load_average, machine
+from client.dp_random import SecretRandomness, SeededRandomness
 from client.fast_dp import FastDpSgd, poisson_indices
 from client.train import expected_batch, sample_rate
 from common.atomic import atomic_write_text
@@ -125,7 +126,7 @@ def make_step(work: Workload, mode: str, device: torch.device) -> Step:
             expected_batch_size=work.expected,
             sample_rate=work.q,
             accountant=RDPAccountant(),
-            generator=noise,
+            randomness=SecretRandomness(),  # what a site uses: the OS CSPRNG, fresh per draw
         )
 
         def private_fast(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -168,7 +169,7 @@ class Batches:
         self.rng = torch.Generator().manual_seed(SEED)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = poisson_indices(len(self.work.y), self.work.q, self.rng)
+        idx = poisson_indices(len(self.work.y), self.work.q, SeededRandomness(self.rng))
         x, y = self.work.x[idx], self.work.y[idx]
         flip = torch.rand(len(y), generator=self.rng) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)

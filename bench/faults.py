@@ -242,6 +242,7 @@ def dropout_mod(site_index: int, server_round: int, how: str) -> Callable[..., A
 
 def run_inprocess(kind: str, out: Path) -> None:
     """One simulation with a fault-injecting mod (called in a fresh process, see ``main``)."""
+    from client.site_policy import SitePolicies, SitePolicy
     from common.config import parse_run_config
     from simulations.runner import simulate
 
@@ -256,7 +257,9 @@ def run_inprocess(kind: str, out: Path) -> None:
             "min-replies": 3,
         }
         mods = [dropout_mod(DROPOUT_SITE, DROPOUT_ROUND, kind.removeprefix("dropout-"))]
-    simulate(parse_run_config(config), outer_mods=mods)
+    # the quality runs train without DP: their simulated sites' policy allows that
+    policies = SitePolicies(SitePolicy(require_dp=False)) if kind in QUALITY_RUNS else None
+    simulate(parse_run_config(config), outer_mods=mods, site_policies=policies)
 
 
 def inprocess(kind: str, out: Path, reuse: bool = False) -> tuple[int, dict[str, Any]]:

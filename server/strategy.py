@@ -46,6 +46,17 @@ WEIGHT_KEY = "coordinator-weight"
 SECRET_SAMPLER_STATE: Mapping[str, str] = MappingProxyType({"sampler": "secret"})
 
 
+def _previous_in_round_order(names: Iterable[str]) -> list[str]:
+    """The ``privacy-previous-<round>`` records, oldest round first (the ledger appends in order)."""
+    rounds = {
+        int(suffix): name
+        for name in names
+        if name.startswith(PREVIOUS_PREFIX)
+        and (suffix := name.removeprefix(PREVIOUS_PREFIX)).isdigit()
+    }
+    return [rounds[r] for r in sorted(rounds)]
+
+
 class BudgetExhausted(FacefedError):
     """Too few sites can train within their budgets: the run stops cleanly after the last round."""
 
@@ -181,11 +192,10 @@ class CohortMixin:
             return False
         if self.keeper is not None:
             try:
-                for name in sorted(reply.content.config_records):
-                    if name.startswith(PREVIOUS_PREFIX):
-                        self.keeper.record_previous(
-                            node, reply.content.config_records[name], self.round_hashes
-                        )
+                for name in _previous_in_round_order(reply.content.config_records):
+                    self.keeper.record_previous(
+                        node, reply.content.config_records[name], self.round_hashes
+                    )
                 self.keeper.record(
                     node,
                     server_round,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from client.augment import Jitter, augment, flip, jitter
+from client.dp_random import SeededRandomness
 from client.privacy_state import SitePrivacyState
 from client.train import SiteTensors, train_round
 from common.config import parse_run_config
@@ -132,6 +133,7 @@ def test_face_augment_changes_what_local_training_sees(dp: bool, dp_path: str) -
             settings,
             SitePrivacyState("rdp", noise_multiplier=1.0),
             seeded(),
+            SeededRandomness(seeded()),  # research: reproducible sampling and noise
         )
         return outcome.face_loss
 

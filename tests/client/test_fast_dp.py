@@ -23,6 +23,7 @@ from scipy import stats
 from torch import nn
 
 import client.train as train
+from client.dp_random import SecretRandomness, SeededRandomness
 from client.fast_dp import FastDpSgd, poisson_indices
 from client.privacy_state import SitePrivacyState
 from client.train import SiteTensors, train_round
@@ -83,7 +84,7 @@ def fast_dp(
         expected_batch_size=kw.pop("expected", 1),  # type: ignore[arg-type]
         sample_rate=0.1,
         accountant=kw.pop("accountant", RDPAccountant()),
-        generator=torch.Generator().manual_seed(seed),
+        randomness=kw.pop("randomness", SeededRandomness(torch.Generator().manual_seed(seed))),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -181,22 +182,27 @@ def test_noised_step_equals_opacus_with_the_same_generator() -> None:
     assert_same([p.grad for p in dp.params], reference)
 
 
-def _noise_samples(sigma: float, clip: float, expected: int) -> np.ndarray:
+def _noise_samples(sigma: float, clip: float, expected: int, secret: bool = False) -> np.ndarray:
     model, loss, x, y = model_and_batch("emotion")
-    dp = fast_dp(model, loss, clip=clip, sigma=sigma, expected=expected, seed=3)
+    randomness = (
+        SecretRandomness() if secret else SeededRandomness(torch.Generator().manual_seed(3))
+    )
+    dp = fast_dp(model, loss, clip=clip, sigma=sigma, expected=expected, randomness=randomness)
     clipped = dp.clipped_sum(x, y).grads
     dp.step(x, y)
     noise = [p.grad * expected - c for p, c in zip(dp.params, clipped, strict=True)]
     return torch.cat([n.flatten() for n in noise]).double().numpy()
 
 
-def test_noise_std_is_sigma_c_by_seeded_ks_test_that_rejects_a_wrong_sigma() -> None:
+@pytest.mark.parametrize("secret", [True, False], ids=["secret", "seeded"])
+def test_noise_std_is_sigma_c_by_ks_test_that_rejects_a_wrong_sigma(secret: bool) -> None:
     sigma, clip = 0.8, 2.0
-    samples = _noise_samples(sigma, clip, expected=10)  # ~81k coordinates
+    samples = _noise_samples(sigma, clip, expected=10, secret=secret)  # ~81k coordinates
     right = stats.kstest(samples, "norm", args=(0.0, sigma * clip))
     too_big = stats.kstest(samples, "norm", args=(0.0, 1.1 * sigma * clip))
     too_small = stats.kstest(samples, "norm", args=(0.0, sigma * clip / 1.1))
-    assert right.pvalue > 0.01
+    # secret draws differ every run: a correct sampler fails this bound once in 10^4 runs
+    assert right.pvalue > (1e-4 if secret else 0.01)
     assert too_big.pvalue < 1e-6
     assert too_small.pvalue < 1e-6
 
@@ -215,8 +221,8 @@ def test_each_step_records_sigma_and_q_once_even_for_an_empty_batch() -> None:
 
 
 def test_poisson_sampling_includes_each_example_with_probability_q() -> None:
-    g = torch.Generator().manual_seed(0)
-    sizes = [len(poisson_indices(1000, 0.05, g)) for _ in range(200)]
+    rng = SecretRandomness()
+    sizes = [len(poisson_indices(1000, 0.05, rng)) for _ in range(200)]
     assert np.mean(sizes) == pytest.approx(50, rel=0.05)
     assert np.var(sizes) == pytest.approx(1000 * 0.05 * 0.95, rel=0.3)  # binomial, not fixed size
 
@@ -278,6 +284,7 @@ def _round(dp_path: str, **overrides: int) -> tuple[SitePrivacyState, float]:
         settings,
         privacy,
         torch.Generator().manual_seed(0),
+        SecretRandomness(),
     )
     return privacy, outcome.emotion_loss
 

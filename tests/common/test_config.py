@@ -64,3 +64,18 @@ def test_flower_app_config_in_pyproject_lists_every_key_with_its_default() -> No
     ]
     assert parse_run_config(table) == RunSettings()
     assert set(table) == set(RunSettings().to_flat())
+
+
+def test_central_dp_with_a_server_optimiser_is_refused() -> None:
+    # The central noise is sized for a mean; FedAdam would build its moments from un-noised averages.
+    with pytest.raises(
+        ConfigError, match=r"central-dp cannot be combined with strategy = .fedadam."
+    ):
+        parse_run_config({"central-dp": True, "strategy": "fedadam"})
+
+
+def test_noise_source_is_secret_unless_a_run_opts_in() -> None:
+    assert parse_run_config({}).privacy.noise_source == "secret"
+    assert parse_run_config({"noise-source": "seeded"}).privacy.noise_source == "seeded"
+    with pytest.raises(ConfigError, match="noise-source must be one of secret, seeded"):
+        parse_run_config({"noise-source": "fixed"})
