@@ -1,19 +1,24 @@
-"""Startup kits for a real Flower federation, and the SuperLink / SuperNode command lines.
+"""Startup kits for a real Flower federation, and the SuperLink / gateway / SuperNode command lines.
 
 ``facefed deploy init`` provisions one directory tree (NVIDIA FLARE calls these startup kits)::
 
     OUT/ca/                      ca.crt, ca.key (0600)       keep offline: rotation, adding sites
-    OUT/coordinator/             coordinator.toml, start-coordinator.sh, submit.sh
+    OUT/publisher/               publisher.key (0600), publisher.pub, trusted-entities.yaml
+                                 the app publisher: only bundles it signed run on a site
+    OUT/coordinator/             coordinator.toml, start-coordinator.sh, trusted-entities.yaml
         certs/                   ca.crt, server.crt, server.key (0600)
         sites/<site>.pub         public keys to register (and <site>.node-id once registered)
-        flwr-home/config.toml    SuperLink connection "facefed" for the ``flwr`` CLI
+        flwr-home/config.toml    SuperLink connection "facefed" for the ``flwr`` CLI (loopback)
         state/ logs/             SuperLink database and log files (created on first start)
-    OUT/sites/<site>/            site.toml, start-site.sh, certs/ca.crt,
+    OUT/sites/<site>/            site.toml, start-site.sh, certs/ca.crt, trusted-entities.yaml
         keys/                    supernode.key (0600), supernode.pub
 
-Flower 1.41 serves its Fleet, Control and Runtime APIs over HTTPS on ONE port (``--host/--port``);
-the SuperLink's own SuperExec dials that port on loopback, hence loopback in the certificate SANs.
-Kit files store paths relative to the kit; commands are built with absolute paths.
+Flower 1.41 serves its Fleet, Control and Runtime APIs over HTTPS on ONE ``--host/--port``, with no
+login on the Control API. So the SuperLink listens on ``127.0.0.1:<control-port>`` only, and the
+public ``<bind>:<port>`` is facefed's gateway, which forwards the Fleet API and nothing else
+(:mod:`server.deploy_gateway`). The ``flwr`` CLI (register, submit) therefore works only on the
+coordinator host, or through an SSH tunnel to it. Kit files store paths relative to the kit;
+commands are built with absolute paths.
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ from pathlib import Path
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
+from server import deploy_publisher
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "facefed"
 DEFAULT_PORT = 9093
+DEFAULT_CONTROL_PORT = 9091
+DEFAULT_HUB_PORT = 9092
+LOOPBACK = "127.0.0.1"
 DEFAULT_SITE_RUNTIME_PORT = 9094
 SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Air-gapped: no telemetry, no PyPI version check (the two outbound calls flwr makes on its own).
@@ -46,24 +55,46 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 @dataclass(frozen=True, kw_only=True)
 class CoordinatorConfig:
-    """``coordinator.toml``: how the SuperLink is started and which sites belong."""
+    """``coordinator.toml``: how the SuperLink and its gateway are started, which sites belong.
+
+    ``port`` (on ``bind``) is the gateway: the Fleet API, open to the sites. ``control-port`` is the
+    SuperLink itself, on 127.0.0.1 only. ``hub-port`` (127.0.0.1) is where ``deploy submit`` serves
+    the signed app bundle while a run starts.
+    """
 
     host: str
     port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
+    control_port: int = DEFAULT_CONTROL_PORT
+    hub_port: int = DEFAULT_HUB_PORT
     sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         pki.san_entry(self.host)  # raises ConfigError for a malformed host
-        _check_port(self.port, "port")
+        for value, key in (
+            (self.port, "port"),
+            (self.control_port, "control-port"),
+            (self.hub_port, "hub-port"),
+        ):
+            _check_port(value, key)
+        if len({self.port, self.control_port, self.hub_port}) != 3:
+            raise ConfigError(
+                f"port = {self.port}, control-port = {self.control_port} and hub-port = "
+                f"{self.hub_port} must be three different ports"
+            )
         for site in self.sites:
             check_site_id(site)
 
     @property
     def address(self) -> str:
-        """``host:port`` as SuperNodes and the ``flwr`` CLI dial it."""
+        """``host:port`` as SuperNodes dial it (the gateway)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink itself (Control API), as the ``flwr`` CLI on the coordinator dials it."""
+        return f"{LOOPBACK}:{self.control_port}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,7 +236,7 @@ def load_coordinator(kit: Path) -> CoordinatorConfig:
     path = kit / "coordinator.toml"
     doc = _read_toml(path, "coordinator")
     table = _table(doc, "coordinator", path)
-    known = {"host", "port", "bind"}
+    known = {"host", "port", "bind", "control-port", "hub-port"}
     if unknown := set(table) - known:
         raise ConfigError(
             f"{path}: unknown key(s) {sorted(unknown)} in [coordinator]; known: {sorted(known)}"
@@ -217,6 +248,8 @@ def load_coordinator(kit: Path) -> CoordinatorConfig:
         host=str(_typed(table, "host", str, path)),
         port=int(_typed(table, "port", int, path, DEFAULT_PORT)),  # type: ignore[call-overload]
         bind=str(_typed(table, "bind", str, path, "0.0.0.0")),
+        control_port=int(_typed(table, "control-port", int, path, DEFAULT_CONTROL_PORT)),  # type: ignore[call-overload]
+        hub_port=int(_typed(table, "hub-port", int, path, DEFAULT_HUB_PORT)),  # type: ignore[call-overload]
         sites=tuple(sorted(sites)),
     )
 
@@ -258,7 +291,7 @@ def _optional_int(table: Mapping[str, object], key: str, path: Path) -> int | No
 
 
 def superlink_command(kit: Path, cfg: CoordinatorConfig) -> list[str]:
-    """The ``flower-superlink`` argument list: TLS, node auth, offline, database on disk."""
+    """The ``flower-superlink`` argument list: loopback only, TLS, node auth, offline, on disk."""
     kit = kit.resolve()
     return [
         _flwr_bin("flower-superlink"),
@@ -269,16 +302,38 @@ def superlink_command(kit: Path, cfg: CoordinatorConfig) -> list[str]:
         "--disable-runtime-dependency-installation",
         "--database", str(kit / "state" / "superlink.db"),
         "--log-file", str(kit / "logs" / "superlink.log"),
-        "--host", cfg.bind,
-        "--port", str(cfg.port),
+        "--host", LOOPBACK,
+        "--port", str(cfg.control_port),
     ]  # fmt: skip
+
+
+def superlink_env(kit: Path, cfg: CoordinatorConfig) -> dict[str, str]:
+    """Environment for ``flower-superlink``: :func:`flwr_env`, plus facefed's hub on loopback.
+
+    ``FLWR_SUPERGRID_API_URL`` is where Flower's SuperLink fetches hub apps, with their signatures
+    (:mod:`server.deploy_publisher`). The two ``FLWR_INTERNAL_GRPC_*`` switches would open legacy
+    gRPC Fleet/Control servers on 0.0.0.0, so they are forced off.
+    """
+    env = flwr_env(kit)
+    env["FLWR_SUPERGRID_API_URL"] = deploy_publisher.hub_api_url(cfg.hub_port)
+    env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY", ""), LOOPBACK, "localhost"]))
+    env["FLWR_INTERNAL_GRPC_CONTROL_API"] = "0"
+    env["FLWR_INTERNAL_GRPC_FLEET_API"] = "0"
+    return env
+
+
+def gateway_command(kit: Path) -> list[str]:
+    """The public Fleet-only gateway (:mod:`server.deploy_gateway`) for a coordinator kit."""
+    return [sys.executable, "-m", "common.cli", "deploy", "gateway", "--kit", str(kit.resolve())]
 
 
 def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
     """The ``flower-supernode`` argument list for a site kit.
 
     Runtime dependency installation is off by default for SuperNodes in 1.41 (only
-    ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it. The site's
+    ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it.
+    ``--trusted-entities`` makes the SuperNode refuse every app bundle not signed by the publisher
+    named in the kit's ``trusted-entities.yaml`` (:mod:`server.deploy_publisher`). The site's
     durable state (privacy history, ledger key, stored replies: :mod:`client.site_store`) lives in the
     kit's ``state/``, so a rebooted site keeps its spent budget.
     """
@@ -288,6 +343,7 @@ def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
         "--superlink", cfg.superlink,
         "--root-certificates", str(kit / "certs" / "ca.crt"),
         "--auth-supernode-private-key", str(kit / "keys" / "supernode.key"),
+        "--trusted-entities", str(kit / deploy_publisher.TRUSTED_ENTITIES),
         "--node-config", format_node_config({**cfg.node_config(), "state-dir": str(kit / "state")}),
         "--host", "127.0.0.1",
         "--port", str(cfg.runtime_port),
@@ -393,8 +449,10 @@ def coordinator_toml(cfg: CoordinatorConfig, site_epsilons: Mapping[str, float])
         "# facefed coordinator kit. Sites listed here are registered by `facefed deploy register`.",
         "[coordinator]",
         f"host = {_toml_str(cfg.host)}   # the name sites dial; it is in the server certificate",
-        f"port = {cfg.port}   # HTTPS: Fleet + Control + Runtime APIs; open to sites",
-        f"bind = {_toml_str(cfg.bind)}",
+        f"port = {cfg.port}   # HTTPS gateway: the Fleet API only; open to sites",
+        f"bind = {_toml_str(cfg.bind)}   # the gateway's address",
+        f"control-port = {cfg.control_port}   # the SuperLink (Control API): 127.0.0.1 only",
+        f"hub-port = {cfg.hub_port}   # 127.0.0.1: signed app bundle, while `deploy submit` runs",
         "",
     ]
     for site in sorted(site_epsilons):

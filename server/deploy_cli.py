@@ -2,15 +2,17 @@
 
 Subcommands (see docs/deploy.md for the step-by-step guide)::
 
-    init         CA + server certificate + coordinator kit + one kit per site
+    init         CA + server certificate + publisher key + coordinator kit + one kit per site
     add-site     one more site kit signed by the existing CA
     rotate-cert  a fresh SuperLink certificate from the existing CA
-    coordinator  start flower-superlink from a coordinator kit, register the kit's sites
+    coordinator  start flower-superlink (127.0.0.1) and the Fleet gateway, register the sites
+    gateway      the public Fleet-only gateway alone (``coordinator`` starts it)
     register     register site public keys with a running SuperLink (idempotent)
     revoke       unregister a site's SuperNode and stop re-registering it
     site         start flower-supernode from a site kit
     nodes        list SuperNodes and their status
-    submit       `flwr run` the facefed app; success judged from `flwr ls`, not flwr's exit code
+    submit       sign the facefed app and start it; success judged from `flwr ls`, not flwr's exit
+                 code
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_flwr, deploy_provision
+from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +49,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--site-names", help="comma-separated site ids instead of --sites")
     p.add_argument("--coordinator", required=True, help="DNS name or IP the sites dial")
     p.add_argument("--extra-host", action="append", default=[], help="another SAN (repeatable)")
-    p.add_argument("--port", type=int, default=deploy.DEFAULT_PORT, help="SuperLink HTTPS port")
-    p.add_argument("--bind", default="0.0.0.0", help="address the SuperLink listens on")
+    p.add_argument(
+        "--port", type=int, default=deploy.DEFAULT_PORT, help="public HTTPS port (Fleet API only)"
+    )
+    p.add_argument("--bind", default="0.0.0.0", help="address the public port listens on")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=deploy.DEFAULT_CONTROL_PORT,
+        help="the SuperLink's own port (Control API), on 127.0.0.1 only",
+    )
+    p.add_argument(
+        "--hub-port",
+        type=int,
+        default=deploy.DEFAULT_HUB_PORT,
+        help="127.0.0.1 port where `deploy submit` serves the signed app bundle",
+    )
+    p.add_argument(
+        "--publisher-pub",
+        type=Path,
+        help="trust this existing publisher (ssh-ed25519 public key file) instead of creating one",
+    )
     p.add_argument("--out", type=Path, default=Path("facefed-kits"), help="output directory")
     p.add_argument("--max-epsilon", type=float, default=8.0, help="per-site privacy budget")
     p.add_argument(
@@ -83,8 +105,12 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("coordinator", help="start flower-superlink and register the kit's sites")
     _kit_arg(p)
     p.add_argument("--no-register", action="store_true", help="do not register site keys on start")
-    p.add_argument("--print-command", action="store_true", help="print the command and exit")
+    p.add_argument("--print-command", action="store_true", help="print the commands and exit")
     p.set_defaults(func=_cmd_coordinator)
+
+    p = sub.add_parser("gateway", help="serve only the Fleet API on the public port")
+    _kit_arg(p)
+    p.set_defaults(func=_cmd_gateway)
 
     for name, func, help_text in (
         ("register", _cmd_register, "register site keys with the running SuperLink"),
@@ -120,13 +146,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--run-config", action="append", default=[], help="'k=v k2=v2' or a .toml file")
     p.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for the run")
     p.add_argument("--no-wait", action="store_true", help="print the run id and return")
+    p.add_argument(
+        "--publisher-key",
+        type=Path,
+        help="the publisher's private key (default: publisher/publisher.key next to the kit)",
+    )
     p.set_defaults(func=_cmd_submit)
 
 
 def _coordinator_env(kit: Path) -> dict[str, str]:
     """Env for `flwr` calls from a coordinator kit; (re)writes its connection file for this path."""
     cfg = deploy.load_coordinator(kit)
-    home = deploy.connection_toml(cfg.address, kit / "certs" / "ca.crt")
+    home = deploy.connection_toml(cfg.control_address, kit / "certs" / "ca.crt")
     deploy.write_text(kit / "flwr-home" / "config.toml", home, force=True)
     return deploy.flwr_env(kit)
 
@@ -143,12 +174,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
     names = deploy.site_ids(args.sites if args.sites is not None else args.site_names.split(","))
     plan = deploy_provision.ProvisionPlan(
         out=args.out, coordinator_host=args.coordinator, sites=tuple(names), port=args.port,
-        bind=args.bind, extra_hosts=tuple(args.extra_host), max_epsilon=args.max_epsilon,
+        bind=args.bind, control_port=args.control_port, hub_port=args.hub_port,
+        publisher_pub=args.publisher_pub,
+        extra_hosts=tuple(args.extra_host), max_epsilon=args.max_epsilon,
         data_dir=args.data_dir,
         server_valid_days=args.valid_days, force=args.force, partitions=args.demo_partitions,
     )  # fmt: skip
     kits = deploy_provision.provision(plan)
     print(f"CA (keep offline):  {args.out / 'ca'}")
+    print(f"app publisher:      {deploy_provision.publisher_dir(args.out)}   (signs every run)")
     print(f"coordinator kit:    {kits[0]}")
     for kit in kits[1:]:
         print(f"site kit:           {kit}   (edit data-dir in site.toml, then ship it to the site)")
@@ -174,35 +208,72 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     cfg = deploy.load_coordinator(args.kit)
-    cmd = deploy.superlink_command(args.kit, cfg)
+    commands = {
+        "superlink": (deploy.superlink_command(args.kit, cfg), deploy.superlink_env(args.kit, cfg)),
+        "gateway": (deploy.gateway_command(args.kit), deploy.flwr_env(args.kit)),
+    }
     if args.print_command:
-        print(shlex.join(cmd))
+        for cmd, _env in commands.values():
+            print(shlex.join(cmd))
         return 0
     for sub in ("state", "logs"):
         (args.kit / sub).mkdir(parents=True, exist_ok=True)
     env = _coordinator_env(args.kit)
     logger.info(
-        "starting SuperLink on %s (log: %s)", cfg.address, args.kit / "logs" / "superlink.log"
-    )
-    proc = subprocess.Popen(cmd, env=env)
-    previous = {
-        s: signal.signal(s, lambda n, _f: proc.send_signal(n))
-        for s in (signal.SIGTERM, signal.SIGINT)
-    }
+        "starting SuperLink on %s (Control API, loopback only; log: %s), Fleet gateway on %s:%d",
+        cfg.control_address, args.kit / "logs" / "superlink.log", cfg.bind, cfg.port,
+    )  # fmt: skip
+    procs = {name: subprocess.Popen(cmd, env=penv) for name, (cmd, penv) in commands.items()}
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs.values():
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if not args.no_register:
             deploy_flwr.wait_for_superlink(env, timeout=120.0)
             _register_sites(args.kit, env, None)
-        return proc.wait()
+        return _wait_first(procs)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        for proc in procs.values():
+            _stop(proc)
+
+
+def _wait_first(procs: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Block until one process exits (the other is then stopped by the caller); its exit code."""
+    while True:
+        for name, proc in procs.items():
+            if (code := proc.poll()) is not None:
+                logger.info("%s exited with code %d; stopping the coordinator", name, code)
+                return code
+        time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
         if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
-            if proc.poll() is None:
-                proc.kill()
+            proc.kill()
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from server import deploy_gateway  # uvicorn and httpx: only this command needs them
+
+    cfg = deploy.load_coordinator(args.kit)
+    certs = args.kit.resolve() / "certs"
+    for name in ("server.crt", "server.key", "ca.crt"):
+        if not (certs / name).is_file():
+            raise ConfigError(f"{certs / name} not found; re-provision or `deploy rotate-cert`")
+    deploy_gateway.serve(
+        host=cfg.bind, port=cfg.port, upstream=cfg.control_address,
+        certfile=certs / "server.crt", keyfile=certs / "server.key", ca_file=certs / "ca.crt",
+    )  # fmt: skip
+    return 0
 
 
 def _register_sites(kit: Path, env: dict[str, str], only: list[str] | None) -> int:
@@ -248,6 +319,8 @@ def _cmd_site(args: argparse.Namespace) -> int:
     if args.print_command:
         print(shlex.join(cmd))
         return 0
+    # Fail closed: without a trusted publisher, Flower runs whatever bundle a run brings.
+    deploy_publisher.load_trusted_entities(args.kit / deploy_publisher.TRUSTED_ENTITIES)
     if not Path(cfg.data_dir).is_dir():
         raise ConfigError(
             f"data-dir {cfg.data_dir} in {args.kit / 'site.toml'} does not exist; set it to this "
@@ -264,9 +337,21 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    cfg = deploy.load_coordinator(args.kit)
+    key_path = args.publisher_key or deploy_provision.publisher_dir(args.kit.resolve().parent) / (
+        "publisher.key"
+    )
+    key = deploy_publisher.load_signing_key(key_path)
+    trusted = deploy_publisher.load_trusted_entities(args.kit / deploy_publisher.TRUSTED_ENTITIES)
+    if deploy_publisher.key_id(key.public_key()) not in trusted:
+        raise ConfigError(
+            f"{key_path} is not the publisher the sites trust ({sorted(trusted)} in "
+            f"{args.kit / deploy_publisher.TRUSTED_ENTITIES}); the sites would refuse the run"
+        )
+    fab = deploy_publisher.build_signed_fab(args.app.resolve(), key)
     env = _coordinator_env(args.kit)
-    run_id = deploy_flwr.submit(env, args.app.resolve(), run_config=args.run_config)
-    print(f"run {run_id} submitted")
+    run_id = deploy_flwr.submit(env, fab, hub_port=cfg.hub_port, run_config=args.run_config)
+    print(f"run {run_id} submitted ({fab.app_spec}, signed by {fab.key_id})")
     if args.no_wait:
         return 0
     record = deploy_flwr.wait_for_run(env, run_id, timeout=args.timeout)

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, FacefedError
-from server import deploy
+from common.errors import FacefedError
+from server import deploy, deploy_publisher
 
 logger = logging.getLogger(__name__)
 
@@ -105,22 +105,25 @@ def unregister(env: Mapping[str, str], node_id: int) -> None:
 
 def submit(
     env: Mapping[str, str],
-    app: Path,
+    fab: deploy_publisher.SignedFab,
     *,
+    hub_port: int,
     run_config: Sequence[str] = (),
     federation: str | None = None,
 ) -> int:
-    """``flwr run APP`` against the kit's SuperLink; return the run id (the run is NOT finished)."""
-    if not (app / "pyproject.toml").is_file():
-        raise ConfigError(
-            f"{app} has no pyproject.toml; pass --app pointing at the facefed checkout"
-        )
-    args = ["run", str(app), deploy.CONNECTION]
+    """Start a run of a signed bundle; return the run id (the run is NOT finished).
+
+    The bundle is served with its signature on facefed's loopback hub for as long as ``flwr run
+    @publisher/app==x.y.z`` takes: that is how Flower's SuperLink attaches a signature that the
+    sites verify (:mod:`server.deploy_publisher`).
+    """
+    args = ["run", fab.app_spec, deploy.CONNECTION]
     for item in run_config:
         args += ["--run-config", item]
     if federation:
         args += ["--federation", federation]
-    doc = call(args, env, timeout=300.0)
+    with deploy_publisher.serve_hub(fab, hub_port):
+        doc = call(args, env, timeout=300.0)
     return int(doc["run-id"])
 
 

@@ -10,26 +10,35 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
-from server import deploy
+from server import deploy, deploy_publisher
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProvisionPlan:
-    """What ``facefed deploy init`` creates."""
+    """What ``facefed deploy init`` creates.
+
+    ``publisher_pub``: the ``ssh-ed25519`` public key of an existing app publisher, whose private
+    key stays with its holder; without it a publisher key pair is created under ``OUT/publisher``.
+    """
 
     out: Path
     coordinator_host: str
     sites: tuple[str, ...]
     port: int = deploy.DEFAULT_PORT
     bind: str = "0.0.0.0"
+    control_port: int = deploy.DEFAULT_CONTROL_PORT
+    hub_port: int = deploy.DEFAULT_HUB_PORT
+    publisher_pub: Path | None = None
     extra_hosts: tuple[str, ...] = ()
     max_epsilon: float = 8.0
     data_dir: str = "/srv/facefed/data"
@@ -41,9 +50,20 @@ class ProvisionPlan:
 
     def __post_init__(self) -> None:
         deploy.site_ids(list(self.sites))
-        deploy.CoordinatorConfig(host=self.coordinator_host, port=self.port, sites=self.sites)
+        self.coordinator_config()
         for host in self.extra_hosts:
             pki.san_entry(host)
+
+    def coordinator_config(self) -> deploy.CoordinatorConfig:
+        """The coordinator's settings (validated)."""
+        return deploy.CoordinatorConfig(
+            host=self.coordinator_host,
+            port=self.port,
+            bind=self.bind,
+            control_port=self.control_port,
+            hub_port=self.hub_port,
+            sites=self.sites,
+        )
 
 
 def coordinator_dir(out: Path) -> Path:
@@ -56,6 +76,11 @@ def site_dir(out: Path, site_id: str) -> Path:
     return out / "sites" / site_id
 
 
+def publisher_dir(out: Path) -> Path:
+    """The app publisher's keys inside a provisioning directory."""
+    return out / "publisher"
+
+
 def provision(plan: ProvisionPlan) -> list[Path]:
     """Create the CA, server certificate, coordinator kit and one kit per site.
 
@@ -65,24 +90,28 @@ def provision(plan: ProvisionPlan) -> list[Path]:
     Raises:
         ConfigError: if any file to be written exists and ``plan.force`` is False.
     """
-    out, coord = plan.out, coordinator_dir(plan.out)
+    out, coord, pub = plan.out, coordinator_dir(plan.out), publisher_dir(plan.out)
     targets = [out / "ca" / "ca.key", out / "ca" / "ca.crt", coord / "coordinator.toml"]
     targets += [coord / "certs" / n for n in ("ca.crt", "server.crt", "server.key")]
+    targets += [
+        pub / n for n in ("publisher.key", "publisher.pub", deploy_publisher.TRUSTED_ENTITIES)
+    ]
+    targets += [coord / deploy_publisher.TRUSTED_ENTITIES]
     for site in plan.sites:
         targets += _site_targets(out, site)
     if not plan.force:
         _refuse_existing(targets)
+    publisher = deploy_publisher.load_public_key(plan.publisher_pub) if plan.publisher_pub else None
 
     ca = pki.create_ca(valid_days=plan.ca_valid_days, now=plan.now)
     pki.write_secret(out / "ca" / "ca.key", ca.key_pem(), force=plan.force)
     pki.write_public(out / "ca" / "ca.crt", ca.cert_pem(), force=plan.force)
-    cfg = deploy.CoordinatorConfig(
-        host=plan.coordinator_host, port=plan.port, bind=plan.bind, sites=plan.sites
-    )
-    _write_coordinator_kit(plan, ca, cfg)
+    trusted = _write_publisher(pub, publisher, force=plan.force)
+    cfg = plan.coordinator_config()
+    _write_coordinator_kit(plan, ca, cfg, trusted)
     kits = [coord]
     for index, site in enumerate(plan.sites):
-        kits.append(_write_site_kit(plan, ca, cfg, site, index))
+        kits.append(_write_site_kit(plan, ca, cfg, site, index, trusted))
     logger.info("provisioned %d site kit(s) and the coordinator kit under %s", len(plan.sites), out)
     return kits
 
@@ -101,15 +130,16 @@ def add_site(
     if not force:
         _refuse_existing(_site_targets(out, site_id))
     ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key")
+    trusted_file = publisher_dir(out) / deploy_publisher.TRUSTED_ENTITIES
+    deploy_publisher.load_trusted_entities(trusted_file)  # refuses a missing or empty file
     plan = ProvisionPlan(
-        out=out, coordinator_host=cfg.host, port=cfg.port, sites=(*cfg.sites, site_id),
+        out=out, coordinator_host=cfg.host, port=cfg.port, bind=cfg.bind,
+        control_port=cfg.control_port, hub_port=cfg.hub_port, sites=(*cfg.sites, site_id),
         max_epsilon=max_epsilon, data_dir=data_dir, force=force,
     )  # fmt: skip
-    kit = _write_site_kit(plan, ca, cfg, site_id, len(cfg.sites))
+    kit = _write_site_kit(plan, ca, cfg, site_id, len(cfg.sites), trusted_file.read_text())
     epsilons = _site_epsilons(coord) | {site_id: max_epsilon}
-    new_cfg = deploy.CoordinatorConfig(
-        host=cfg.host, port=cfg.port, bind=cfg.bind, sites=tuple(epsilons)
-    )
+    new_cfg = replace(cfg, sites=tuple(epsilons))
     deploy.write_text(
         coord / "coordinator.toml", deploy.coordinator_toml(new_cfg, epsilons), force=True
     )
@@ -138,6 +168,7 @@ def _site_targets(out: Path, site: str) -> list[Path]:
         kit / "keys" / "supernode.key",
         kit / "keys" / "supernode.pub",
         kit / "site.toml",
+        kit / deploy_publisher.TRUSTED_ENTITIES,
         coordinator_dir(out) / "sites" / f"{site}.pub",
     ]
 
@@ -159,8 +190,24 @@ def _site_epsilons(coord: Path) -> dict[str, float]:
     return {name: float(table.get("max-epsilon", 0.0)) for name, table in sites.items()}
 
 
+def _write_publisher(pub: Path, public_key: Ed25519PublicKey | None, *, force: bool) -> str:
+    """Write the publisher's keys (a new pair unless ``public_key`` is given).
+
+    Returns:
+        The trusted-entities file that every site kit gets.
+    """
+    if public_key is None:
+        keys = pki.create_publisher_keypair()
+        pki.write_secret(pub / "publisher.key", keys.private_openssh, force=force)
+        public_key = deploy_publisher.parse_public_line(keys.public_openssh.decode(), "new key")
+    pki.write_public(pub / "publisher.pub", deploy_publisher.public_line(public_key), force=force)
+    trusted = deploy_publisher.trusted_entities_yaml(public_key)
+    deploy.write_text(pub / deploy_publisher.TRUSTED_ENTITIES, trusted, force=True)
+    return trusted
+
+
 def _write_coordinator_kit(
-    plan: ProvisionPlan, ca: pki.Issued, cfg: deploy.CoordinatorConfig
+    plan: ProvisionPlan, ca: pki.Issued, cfg: deploy.CoordinatorConfig, trusted: str
 ) -> None:
     coord, force = coordinator_dir(plan.out), plan.force
     server = pki.issue_server_cert(
@@ -176,9 +223,11 @@ def _write_coordinator_kit(
     deploy.write_text(
         coord / "coordinator.toml", deploy.coordinator_toml(cfg, epsilons), force=force
     )
-    # The flwr CLI dials the coordinator by its public name, which the certificate lists.
-    home = deploy.connection_toml(cfg.address, coord / "certs" / "ca.crt")
+    # The flwr CLI dials the SuperLink on loopback (in the certificate); the public port is Fleet only.
+    home = deploy.connection_toml(cfg.control_address, coord / "certs" / "ca.crt")
     deploy.write_text(coord / "flwr-home" / "config.toml", home, force=True)
+    # Public: `deploy submit` checks that it signs with the key the sites trust.
+    deploy.write_text(coord / deploy_publisher.TRUSTED_ENTITIES, trusted, force=True)
     deploy.write_text(
         coord / "start-coordinator.sh",
         deploy.start_script("coordinator", REPO_ROOT),
@@ -190,7 +239,12 @@ def _write_coordinator_kit(
 
 
 def _write_site_kit(
-    plan: ProvisionPlan, ca: pki.Issued, cfg: deploy.CoordinatorConfig, site: str, index: int
+    plan: ProvisionPlan,
+    ca: pki.Issued,
+    cfg: deploy.CoordinatorConfig,
+    site: str,
+    index: int,
+    trusted: str,
 ) -> Path:
     kit, force = site_dir(plan.out, site), plan.force
     keys = pki.create_node_keypair(comment=site)
@@ -200,6 +254,7 @@ def _write_site_kit(
         coordinator_dir(plan.out) / "sites" / f"{site}.pub", keys.public_openssh, force=force
     )
     pki.write_public(kit / "certs" / "ca.crt", ca.cert_pem(), force=True)
+    deploy.write_text(kit / deploy_publisher.TRUSTED_ENTITIES, trusted, force=force)
     site_cfg = deploy.SiteConfig(
         site_id=site,
         superlink=cfg.address,

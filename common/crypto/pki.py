@@ -6,6 +6,9 @@ Three kinds of material, each in the format the Flower 1.41 tool that reads it e
 * the SuperLink server certificate, signed by the CA, whose subjectAltName lists every DNS name and
   IP address that clients dial (``flower-supernode --superlink``, the ``flwr`` CLI) plus loopback,
   which SuperLink's own SuperExec dials for its Runtime API. PEM, read by uvicorn's ``ssl`` module;
+* the app publisher's signing key pair: Ed25519, the private key in unencrypted OpenSSH format (as
+  Flower's ``flwr app review`` loads a signing key), the public key as an ``ssh-ed25519`` line (as
+  ``flower-supernode --trusted-entities`` requires). Only bundles signed with it run on a site;
 * one authentication key pair per site: ECDSA P-384 (a NIST curve, as ``flwr supernode register``
   requires), the private key in unencrypted OpenSSH format (``flower-supernode
   --auth-supernode-private-key`` loads it with ``load_ssh_private_key(data, None)``), the public key
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.atomic import atomic_write_bytes
@@ -65,7 +68,7 @@ class Issued:
 
 @dataclass(frozen=True, kw_only=True)
 class NodeKeyPair:
-    """A SuperNode authentication key pair, serialized for Flower."""
+    """A key pair serialized for Flower: a SuperNode's authentication key or the publisher's."""
 
     private_openssh: bytes
     public_openssh: bytes
@@ -220,6 +223,28 @@ def create_node_keypair(comment: str = "") -> NodeKeyPair:
             keys apart; Flower ignores it.
     """
     key = ec.generate_private_key(CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    if comment:
+        if any(c.isspace() for c in comment):
+            raise ConfigError(f"key comment {comment!r} must not contain whitespace")
+        public += b" " + comment.encode("ascii")
+    return NodeKeyPair(private_openssh=private, public_openssh=public + b"\n")
+
+
+def create_publisher_keypair(comment: str = "facefed-publisher") -> NodeKeyPair:
+    """Create the app publisher's signing key pair (Ed25519, OpenSSH encodings).
+
+    ``flower-supernode --trusted-entities`` accepts only Ed25519 public keys
+    (``_validate_public_keys_ed25519`` in ``flwr.supernode.cli.flower_supernode``).
+    """
+    key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,

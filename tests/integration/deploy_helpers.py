@@ -29,6 +29,52 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def non_loopback_ipv4() -> str:
+    """An IPv4 address of one of this machine's own interfaces that is not loopback.
+
+    Read from the interfaces (``SIOCGIFADDR``), so no packet leaves the machine. Tests that play a
+    remote party dial this address; the test is skipped on a machine without one.
+    """
+    import fcntl
+    import struct
+
+    import pytest
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name[:15].encode())
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, request)  # SIOCGIFADDR
+            except OSError:
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if not address.startswith("127."):
+                return address
+    pytest.skip("this machine has no non-loopback IPv4 address to play a remote party from")
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket process ``pid`` is listening on (Linux ``/proc``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc prints the address as host-order 32-bit words
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, raw), int(hex_port, 16)))
+    return found
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -112,49 +158,67 @@ class Federation:
 
     @property
     def env(self) -> dict[str, str]:
+        """The operator's ``flwr`` environment on the coordinator host (Control API on loopback)."""
         return deploy.flwr_env(self.coordinator)
+
+    @property
+    def hub_port(self) -> int:
+        return deploy.load_coordinator(self.coordinator).hub_port
 
 
 def provision_loopback(out: Path, sites: Sequence[str], **plan_kwargs: object) -> Federation:
-    """Provision kits for a coordinator on 127.0.0.1 at a free port."""
+    """Provision kits for a coordinator on 127.0.0.1 at free ports."""
     port = free_port()
     plan = deploy_provision.ProvisionPlan(
-        out=out,
-        coordinator_host="127.0.0.1",
-        bind="127.0.0.1",
-        port=port,
-        sites=tuple(sites),
-        data_dir=str(out / "data"),
-        **plan_kwargs,  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "out": out,
+            "coordinator_host": "127.0.0.1",
+            "bind": "127.0.0.1",
+            "port": port,
+            "control_port": free_port(),
+            "hub_port": free_port(),
+            "sites": tuple(sites),
+            "data_dir": str(out / "data"),
+            **plan_kwargs,
+        }
     )
     deploy_provision.provision(plan)
     (out / "data").mkdir(exist_ok=True)
     return Federation(out=out, port=port, sites=tuple(sites))
 
 
+def _wait_listening(
+    procs: Procs, proc: subprocess.Popen[bytes], name: str, host: str, port: int
+) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 1.0):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{name} did not listen on {host}:{port}: {procs.log(name)[-2000:]}")
+
+
 def start_superlink(
     procs: Procs, fed: Federation, *, extra: Sequence[str] = (), verified_wait: bool = True
 ) -> subprocess.Popen[bytes]:
-    """Start the SuperLink from the coordinator kit and wait until it serves.
+    """Start the coordinator kit's SuperLink (loopback) and its Fleet gateway; wait until both serve.
 
     ``verified_wait`` waits for the Control API through ``flwr`` (TLS verified); without it, for the
-    TCP port to accept (for servers whose certificate is deliberately bad).
+    TCP ports to accept (for servers whose certificate is deliberately bad).
     """
     cfg = deploy.load_coordinator(fed.coordinator)
     proc = procs.start(
-        "superlink", [*deploy.superlink_command(fed.coordinator, cfg), *extra], fed.env
+        "superlink",
+        [*deploy.superlink_command(fed.coordinator, cfg), *extra],
+        deploy.superlink_env(fed.coordinator, cfg),
     )
+    gateway = procs.start("gateway", deploy.gateway_command(fed.coordinator), fed.env)
     if verified_wait:
         deploy_flwr.wait_for_superlink(fed.env, timeout=STARTUP_TIMEOUT_S)
-        return proc
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", fed.port), 1.0):
-            return proc
-        time.sleep(0.5)
-    raise AssertionError(
-        f"SuperLink did not listen on {fed.port}: {procs.log('superlink')[-2000:]}"
-    )
+    else:
+        _wait_listening(procs, proc, "superlink", deploy.LOOPBACK, cfg.control_port)
+    _wait_listening(procs, gateway, "gateway", cfg.bind, cfg.port)
+    return proc
 
 
 def supernode_command(

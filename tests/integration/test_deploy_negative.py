@@ -1,13 +1,17 @@
-"""A deployed SuperLink refuses SuperNodes that lack a registered key, TLS, or a valid certificate.
+"""A deployed coordinator refuses SuperNodes that lack a registered key, TLS, or a valid certificate,
+and refuses Control API calls from anyone but its own loopback.
 
-Real ``flower-superlink`` / ``flower-supernode`` processes on 127.0.0.1. The signal for "refused" is
-the SuperNode exiting non-zero with Flower's own reason in its log (refused SuperNodes are started
-with a bounded retry budget), and never printing ``SuperNode ID:``, which it prints only once the
-SuperLink has accepted it. The first test is the positive control that these signals can change.
+Real ``flower-superlink`` / gateway / ``flower-supernode`` processes on this machine. The signal for
+"refused" is the SuperNode exiting non-zero with Flower's own reason in its log (refused SuperNodes
+are started with a bounded retry budget), and never printing ``SuperNode ID:``, which it prints only
+once the SuperLink has accepted it. The first test is the positive control that these signals can
+change. The Control API tests play a party that holds the public ``ca.crt`` and dials the
+coordinator's public address from a non-loopback address of this machine.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +19,8 @@ import pytest
 from deploy_helpers import (
     Federation,
     Procs,
+    listening_sockets,
+    non_loopback_ipv4,
     provision_loopback,
     run_until_exit,
     start_superlink,
@@ -23,7 +29,7 @@ from deploy_helpers import (
 )
 
 from common.crypto import pki
-from server import deploy_flwr
+from server import deploy, deploy_flwr
 
 # Real SuperLink/SuperNode processes on loopback (~2 min in all): part of the default run, because CI
 # must show that unregistered keys, --insecure, a wrong CA and bad server certificates are refused.
@@ -146,3 +152,61 @@ def test_server_certificate_for_another_host_is_refused(procs: Procs, tmp_path: 
     assert code not in (0, None), log
     assert "certificate is not valid for '127.0.0.1'" in log
     assert ACCEPTED not in log
+
+
+# --- the Control API is not open to sites (attack: a party holding only ca.crt) ----------------
+
+
+def _attacker_env(fed: Federation, home: Path, address: str) -> dict[str, str]:
+    """A ``flwr`` environment holding nothing but the public ``ca.crt`` (as every site kit does)."""
+    home.mkdir(parents=True, exist_ok=True)
+    ca = home / "ca.crt"
+    ca.write_bytes((fed.site("site-1") / "certs" / "ca.crt").read_bytes())
+    (home / "config.toml").write_text(deploy.connection_toml(address, ca))
+    return {**deploy.flwr_env(), "FLWR_HOME": str(home)}
+
+
+@pytest.fixture
+def public(procs: Procs, tmp_path: Path) -> Federation:
+    """A coordinator whose public port is on this machine's non-loopback address, with site-1
+    registered and online through it."""
+    own_ip = non_loopback_ipv4()
+    fed = provision_loopback(tmp_path / "fed", ["site-1"], coordinator_host=own_ip, bind=own_ip)
+    start_superlink(procs, fed)
+    assert deploy_flwr.register(fed.env, fed.coordinator / "sites" / "site-1.pub", "site-1")
+    procs.start("site-1", supernode_command(fed, "site-1"), fed.env)
+    assert len(wait_online(fed.env, 1)) == 1  # the Fleet API works on the public address
+    return fed
+
+
+def test_ca_holder_on_the_network_cannot_register_or_unregister_nodes(
+    public: Federation, procs: Procs, tmp_path: Path
+) -> None:
+    own_ip = deploy.load_coordinator(public.coordinator).host
+    rogue = tmp_path / "rogue.pub"
+    pki.write_public(rogue, pki.create_node_keypair(comment="rogue").public_openssh)
+    attacker = _attacker_env(public, tmp_path / "attacker", f"{own_ip}:{public.port}")
+    [site] = deploy_flwr.list_nodes(public.env)
+
+    # TLS to the public port works (site-1 is online through it); the gateway answers 404.
+    with pytest.raises(deploy_flwr.FlwrError, match="404 Not Found"):
+        deploy_flwr.register(attacker, rogue, "rogue")
+    with pytest.raises(deploy_flwr.FlwrError, match="404 Not Found"):
+        deploy_flwr.unregister(attacker, int(site["node-id"]))
+    with pytest.raises(deploy_flwr.FlwrError, match="404 Not Found"):
+        deploy_flwr.list_nodes(attacker)
+
+    after = deploy_flwr.list_nodes(public.env)  # the operator, on the coordinator's loopback
+    assert [(n["node-id"], n["status"]) for n in after] == [(site["node-id"], "online")]
+    assert "refused POST /v1/control/unregister-node" in procs.log("gateway")
+
+
+def test_control_api_listens_on_loopback_only(public: Federation, procs: Procs) -> None:
+    cfg = deploy.load_coordinator(public.coordinator)
+    superlink = next(p for p in procs.procs if "flower-superlink" in p.args[0])
+
+    listening = listening_sockets(superlink.pid)
+
+    assert listening == {("127.0.0.1", cfg.control_port)}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((cfg.host, cfg.control_port), timeout=5).close()

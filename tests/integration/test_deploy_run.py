@@ -1,8 +1,10 @@
 """End to end on loopback, the way docs/deploy.md tells an IT team to do it.
 
-``facefed deploy init`` -> ``start-coordinator.sh`` (SuperLink with TLS + node auth, registers the
-sites) -> two ``start-site.sh`` -> ``facefed deploy submit``. Success is judged from
-``flwr ls --format json``; the failing-run test shows why ``flwr run``'s exit code cannot be used.
+``facefed deploy init`` -> ``start-coordinator.sh`` (SuperLink on loopback with TLS + node auth, the
+Fleet gateway, registers the sites) -> two ``start-site.sh`` (SuperNodes trusting only the provisioned
+app publisher) -> ``facefed deploy submit`` (signs the bundle). Success is judged from
+``flwr ls --format json``; the failing-run test shows why ``flwr run``'s exit code cannot be used, and
+the publisher test that a bundle not signed by the trusted publisher never runs on a site.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import pytest
 from deploy_helpers import Federation, Procs, free_port, wait_online
 
 from common.cli import main
+from common.crypto import pki
 from common.paths import REPO_ROOT
-from server import deploy, deploy_flwr, deploy_provision
+from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
 
 SMOKE_APP = Path(__file__).parent / "smoke_app"
 # Run-config overrides for a tiny 2-round facefed run; FACEFED_DEPLOY_RUN_CONFIG overrides them.
@@ -35,7 +38,13 @@ def bring_up(procs: Procs, out: Path, data_dir: Path) -> Federation:
     """Provision with the CLI, start the coordinator and two sites with their start scripts."""
     port = free_port()
     argv = ["deploy", "init", "--sites", "2", "--coordinator", "127.0.0.1", "--bind", "127.0.0.1"]
-    argv += ["--demo-partitions"]
+    argv += [
+        "--demo-partitions",
+        "--control-port",
+        str(free_port()),
+        "--hub-port",
+        str(free_port()),
+    ]
     assert main([*argv, "--port", str(port), "--out", str(out), "--data-dir", str(data_dir)]) == 0
     fed = Federation(out=out, port=port, sites=("site-1", "site-2"))
     for site in fed.sites:  # what an IT person edits: a free loopback port for the runtime API
@@ -85,6 +94,47 @@ def test_two_round_run_over_tls_with_node_auth_finishes_and_failures_are_caught(
     assert raw.returncode == 0  # although this run fails: hence success is read from `flwr ls`
     assert failed.returncode == 1 and "finished:failed" in failed.stdout, failed.stdout
     assert "smoke app asked to fail" in failed.stdout
+
+
+def _runs_executed(fed: Federation, site: str) -> set[int]:
+    """Run ids whose smoke ClientApp code ran on ``site`` (it records each in its state dir)."""
+    marker = fed.site(site) / "state" / "smoke-runs.txt"
+    return {int(line) for line in marker.read_text().split()} if marker.exists() else set()
+
+
+def test_sites_run_only_app_bundles_signed_by_the_trusted_publisher(
+    procs: Procs, tmp_path: Path
+) -> None:
+    data = tmp_path / "site-data"
+    data.mkdir()
+    fed = bring_up(procs, tmp_path / "kits", data)
+    run_config = 'num-server-rounds=1 expected-sites="site-1,site-2"'
+    rogue_key = tmp_path / "rogue.key"
+    pki.write_secret(rogue_key, pki.create_publisher_keypair("rogue").private_openssh)
+
+    # Attack 1: whoever reaches the Control API submits a bundle the plain Flower way, unsigned.
+    unsigned = deploy_flwr.call(
+        ["run", str(SMOKE_APP), deploy.CONNECTION, "--run-config", run_config], fed.env, timeout=300
+    )
+    unsigned_run = deploy_flwr.wait_for_run(fed.env, int(unsigned["run-id"]), timeout=RUN_TIMEOUT_S)
+    # Attack 2: the bundle comes through facefed's hub with a valid signature, by another key.
+    rogue = deploy_publisher.build_signed_fab(
+        SMOKE_APP, deploy_publisher.load_signing_key(rogue_key)
+    )
+    rogue_id = deploy_flwr.submit(fed.env, rogue, hub_port=fed.hub_port, run_config=[run_config])
+    rogue_run = deploy_flwr.wait_for_run(fed.env, rogue_id, timeout=RUN_TIMEOUT_S)
+    # Control: the same bundle signed by the trusted publisher, through `facefed deploy submit`.
+    trusted = submit(fed, SMOKE_APP, run_config)
+
+    assert unsigned_run["status"] == "finished:failed", unsigned_run
+    assert "could not be verified" in unsigned_run["status-details"]
+    assert rogue_run["status"] == "finished:failed", rogue_run
+    assert "could not be verified" in rogue_run["status-details"]
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    trusted_id = int(trusted.stdout.split()[1])
+    for site in fed.sites:  # the refused bundles' code never ran on a site; the signed one did
+        assert _runs_executed(fed, site) == {trusted_id}
+        assert "FAB verification failed" in procs.log(site)
 
 
 def test_facefed_app_runs_two_rounds_on_deployed_sites(procs: Procs, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import stat
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
 from common.cli import main
+from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_provision
+from server import deploy, deploy_provision, deploy_publisher
 
 SITES = ("site-1", "site-2")
 
@@ -34,7 +36,7 @@ def _all_files(root: Path) -> dict[Path, bytes]:
 def test_every_private_key_in_every_kit_is_0600(kits: Path) -> None:
     keys = [p for p in kits.rglob("*.key")]
 
-    assert len(keys) == 2 + len(SITES)  # CA, server, one per site
+    assert len(keys) == 3 + len(SITES)  # CA, server, app publisher, one per site
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keys)
 
 
@@ -88,7 +90,7 @@ def test_superlink_command_is_tls_node_auth_offline_and_persistent(kits: Path) -
     assert args.enable_supernode_auth
     assert args.runtime_dependency_install is False
     assert args.database == str((coord / "state" / "superlink.db").resolve())
-    assert (args.host, args.port) == ("0.0.0.0", 9443)
+    assert (args.host, args.port) == ("127.0.0.1", deploy.DEFAULT_CONTROL_PORT)  # loopback only
     assert all(
         Path(f).is_file() for f in (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
     )
@@ -156,7 +158,9 @@ def test_flwr_cli_reads_the_kit_connection(kits: Path, monkeypatch: pytest.Monke
     conn = read_superlink_connection(None)
 
     assert conn.name == deploy.CONNECTION
-    assert conn.address == "fl.example.org:9443"
+    assert (
+        conn.address == f"127.0.0.1:{deploy.DEFAULT_CONTROL_PORT}"
+    )  # loopback, not the public port
     assert conn.root_certificates == str((coord / "certs" / "ca.crt").resolve())
     assert not conn.insecure
 
@@ -233,3 +237,146 @@ def test_demo_partitions_reach_node_config_as_ints(tmp_path: Path) -> None:
 
     parsed = parse_config_args([args.node_config])
     assert (parsed["partition-id"], parsed["num-partitions"]) == (1, 2)
+
+
+# --- the trusted publisher and the loopback Control API -------------------------------------------
+
+
+def _trusted_by_flower(path: Path) -> dict[str, str]:
+    """The trusted entities exactly as ``flower-supernode --trusted-entities`` loads and checks them."""
+    from flwr.supernode.cli.flower_supernode import (
+        _try_obtain_trusted_entities,
+        _validate_public_keys_ed25519,
+    )
+
+    entities = _try_obtain_trusted_entities(path)
+    assert entities
+    _validate_public_keys_ed25519(entities)
+    return entities
+
+
+def test_every_site_kit_trusts_exactly_the_provisioned_publisher(kits: Path) -> None:
+    publisher = load_ssh_private_key((kits / "publisher" / "publisher.key").read_bytes(), None)
+    expected_id = deploy_publisher.key_id(publisher.public_key())  # type: ignore[arg-type]
+
+    for site in SITES:
+        entities = _trusted_by_flower(kits / "sites" / site / "trusted-entities.yaml")
+
+        assert list(entities) == [expected_id]
+        trusted = load_ssh_public_key(entities[expected_id].encode())
+        assert trusted.public_bytes_raw() == publisher.public_key().public_bytes_raw()  # type: ignore[union-attr]
+    assert stat.S_IMODE((kits / "publisher" / "publisher.key").stat().st_mode) == 0o600
+    assert not list((kits / "sites").rglob("publisher.key"))  # sites hold only the public half
+
+
+def test_site_start_script_runs_the_supernode_with_trusted_entities(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = kits / "sites" / "site-1"
+    script = (site / "start-site.sh").read_text()
+
+    assert main(["deploy", "site", "--kit", str(site), "--print-command"]) == 0
+    args = _parse_args_run_supernode().parse_args(shlex.split(capsys.readouterr().out)[1:])
+
+    assert 'deploy site --kit "$KIT"' in script  # the script runs exactly this command
+    assert args.trusted_entities == (site / "trusted-entities.yaml").resolve()
+    assert _trusted_by_flower(args.trusted_entities)
+
+
+def test_coordinator_serves_control_api_on_loopback_and_only_the_gateway_publicly(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = kits / "coordinator"
+    cfg = deploy.load_coordinator(coord)
+
+    assert main(["deploy", "coordinator", "--kit", str(coord), "--print-command"]) == 0
+    superlink, gateway = (shlex.split(line) for line in capsys.readouterr().out.splitlines())
+    args = _parse_args_run_superlink().parse_args(superlink[1:])
+    env = deploy.superlink_env(coord, cfg)
+
+    assert (args.host, args.port) == ("127.0.0.1", cfg.control_port)
+    assert gateway[-4:] == ["deploy", "gateway", "--kit", str(coord.resolve())]
+    assert (cfg.bind, cfg.port) == ("0.0.0.0", 9443)  # what the gateway serves: Fleet API only
+    assert env["FLWR_SUPERGRID_API_URL"] == f"http://127.0.0.1:{cfg.hub_port}/v1"
+    assert env["FLWR_INTERNAL_GRPC_CONTROL_API"] == "0"  # no legacy gRPC Control API on 0.0.0.0
+    assert "control-port = 9091" in (coord / "coordinator.toml").read_text()
+
+
+def test_ports_of_the_coordinator_must_differ(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="three different ports"):
+        deploy_provision.ProvisionPlan(
+            out=tmp_path, coordinator_host="h", sites=SITES, port=9091, control_port=9091
+        )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "not found"),
+        ("", "names no trusted publisher"),
+        ("{}\n", "names no trusted publisher"),
+        ("fpk_x: 'ecdsa-sha2-nistp256 AAAA'\n", "not an OpenSSH public key"),
+        ("[unclosed\n", "not valid YAML"),
+    ],
+)
+def test_site_without_a_trusted_publisher_refuses_to_start(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, reason: str
+) -> None:
+    site = kits / "sites" / "site-1"
+    trusted = site / "trusted-entities.yaml"
+    trusted.unlink()
+    if content is not None:
+        trusted.write_text(content)
+
+    code = main(["deploy", "site", "--kit", str(site), "--data-dir", str(tmp_path)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and reason in err[0]
+
+
+def test_init_with_a_given_publisher_key_trusts_it_and_holds_no_private_key(tmp_path: Path) -> None:
+    keys = pki.create_publisher_keypair("release-manager")
+    (tmp_path / "rm.pub").write_bytes(keys.public_openssh)
+    plan = deploy_provision.ProvisionPlan(
+        out=tmp_path / "kits", coordinator_host="h", sites=SITES, publisher_pub=tmp_path / "rm.pub"
+    )
+
+    deploy_provision.provision(plan)
+
+    given = load_ssh_public_key(keys.public_openssh)
+    entities = _trusted_by_flower(tmp_path / "kits" / "sites" / "site-2" / "trusted-entities.yaml")
+    assert list(entities) == [deploy_publisher.key_id(given)]  # type: ignore[arg-type]
+    assert not (tmp_path / "kits" / "publisher" / "publisher.key").exists()
+
+
+def test_added_site_trusts_the_same_publisher(kits: Path) -> None:
+    deploy_provision.add_site(kits, "clinic-3", max_epsilon=2.0, data_dir="/d")
+
+    assert _trusted_by_flower(kits / "sites" / "clinic-3" / "trusted-entities.yaml") == (
+        _trusted_by_flower(kits / "sites" / "site-1" / "trusted-entities.yaml")
+    )
+
+
+def test_submit_refuses_to_sign_with_a_key_the_sites_do_not_trust(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rogue = tmp_path / "rogue.key"
+    pki.write_secret(rogue, pki.create_publisher_keypair().private_openssh)
+    argv = ["deploy", "submit", "--kit", str(kits / "coordinator"), "--publisher-key", str(rogue)]
+
+    code = main(argv)
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not the publisher the sites trust" in err[0]
+
+
+def test_submit_without_the_publisher_key_is_one_clear_error(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["deploy", "submit", "--kit", str(kits / "coordinator")]
+    argv += ["--publisher-key", str(tmp_path / "missing.key")]
+
+    code = main(argv)
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--publisher-key" in err[0]

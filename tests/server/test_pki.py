@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from common.crypto import pki
@@ -117,6 +117,22 @@ def test_node_keypair_is_p384_in_the_openssh_formats_flower_loads(tmp_path: Path
     assert try_load_public_key(tmp_path / "k.pub") == public_key_to_bytes(private.public_key())
     assert load_ssh_public_key(pair.public_openssh).public_numbers() == (  # type: ignore[union-attr]
         private.public_key().public_numbers()
+    )
+
+
+def test_publisher_keypair_is_ed25519_in_the_openssh_formats_flower_loads(tmp_path: Path) -> None:
+    from flwr.supercore.primitives.asymmetric_ed25519 import load_private_key
+    from flwr.supernode.cli.flower_supernode import _validate_public_keys_ed25519
+
+    pair = pki.create_publisher_keypair()
+    (tmp_path / "p.key").write_bytes(pair.private_openssh)
+    private = load_private_key(tmp_path / "p.key")  # how `flwr app review` loads a signing key
+
+    assert isinstance(private, ed25519.Ed25519PrivateKey)
+    assert pair.public_openssh.startswith(b"ssh-ed25519 ")
+    _validate_public_keys_ed25519({"fpk_x": pair.public_openssh.decode()})  # exits if not Ed25519
+    assert load_ssh_public_key(pair.public_openssh).public_bytes_raw() == (  # type: ignore[union-attr]
+        private.public_key().public_bytes_raw()
     )
 
 
