@@ -1,4 +1,4 @@
-"""The facefed ClientApp: unpack the message, run the local round, reply. Logic lives in client/round.py.
+"""The facefed ClientApp: unpack the message, answer it, reply. Logic: client/release.py, client/round.py.
 
 ``app`` is the ClientApp a deployed SuperNode loads (its run config comes from ``flwr run``).
 :func:`build_client_app` makes one with a run config injected, for the in-process simulation engine,
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -27,17 +27,16 @@ from client.egress import (
     guard_stats,
     make_egress_guard,
 )
-from client.round import round_from_config, run_round
-from client.site_data import SiteSpec, load_site_tensors
-from client.site_keys import site_signing_key
-from client.site_policy import PolicyRefusal, SitePolicies, SitePolicy, check_run
-from client.site_store import Release, SiteStore, events_of
+from client.release import handle_train
+from client.round import RoundFailed
+from client.site_data import SiteSpec
+from client.site_policy import PolicyRefusal, SitePolicies, SitePolicy
+from client.site_store import ReplayRefused, SiteStore
 from common.config import RunSettings, Scalar, parse_run_config
 from common.errors import FacefedError, IntegrityError, PrivacyBudgetError
 from common.models import EmotionNet, FaceEmbedder
-from common.privacy.events import DpSgdEvent
-from common.privacy.site_record import PREVIOUS_PREFIX, site_id
-from common.serde import arrays_digest, manifest
+from common.privacy.site_record import site_id
+from common.serde import manifest
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +105,15 @@ def build_client_app(
     def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         try:
             settings = _settings(injected, context)
-        except FacefedError as exc:  # never the exception's text: a fixed code leaves the site
-            logger.error("refusing the message: %s", exc)
+            widths = (settings.face_width, settings.emotion_width)
+            if widths not in guards:
+                guards[widths] = make_egress_guard(
+                    _manifest_for(*widths), stored_record=stored_record
+                )
+        except Exception:  # never the exception's text: a fixed code leaves the site
+            logger.exception("refusing the message before training")
             error = Error(code=SITE_INTERNAL_ERROR_CODE, reason=SITE_INTERNAL_ERROR_REASON)
             return Message(error=error, reply_to=msg)
-        widths = (settings.face_width, settings.emotion_width)
-        if widths not in guards:
-            guards[widths] = make_egress_guard(_manifest_for(*widths), stored_record=stored_record)
         reply = guards[widths](msg, context, call_next)
         if not reply.has_error() and "metrics" in reply.content.metric_records:
             # Stamp the reply with the guard's running count (added after the check: a scalar), so the
@@ -144,79 +145,26 @@ def build_client_app(
         node_config = dict(context.node_config)
         site = SiteSpec.from_node_config(node_config, settings)
         try:
-            content = _train(msg, context, settings, node_config, site)
+            policy = (
+                site_policies.for_site(site.site_index)
+                if site_policies is not None
+                else SitePolicy.from_node_config(node_config)
+            )
+            content = handle_train(
+                msg.content,
+                context.state,
+                settings,
+                node_config,
+                site,
+                policy,
+                _site_store(node_config, state_root, site.site_index),
+                deployed=not research,
+            )
         except FacefedError as exc:  # the full reason stays in the site's own log
             raise SiteRefusal(
                 _refusal_code(exc), site.site_index, _setting(exc), detail=str(exc)
             ) from None
         return Message(content=content, reply_to=msg)
-
-    def _train(
-        msg: Message,
-        context: Context,
-        settings: RunSettings,
-        node_config: Mapping[str, object],
-        site: SiteSpec,
-    ) -> RecordDict:
-        # The site's policy first, before any data is read or any state is written.
-        policy = (
-            site_policies.for_site(site.site_index)
-            if site_policies is not None
-            else SitePolicy.from_node_config(node_config)
-        )
-        budget = check_run(policy, settings, site.site_index, deployed=not research)
-        arrays = msg.content.array_records["arrays"]
-        train_config = msg.content.config_records["config"]
-        model_hash = arrays_digest(arrays)
-        run_id, server_round = _run_id(msg), round_from_config(train_config)
-        store = _site_store(node_config, state_root, site.site_index)
-        if store is None:
-            if not research:
-                raise PolicyRefusal(
-                    site.site_index,
-                    "state-dir",
-                    "a deployed site needs a state-dir to account its lifetime budget",
-                )
-            other_runs: list[DpSgdEvent] = []  # in memory only: no other run is known
-            signing_key = site_signing_key(context.state, node_config)
-        else:
-            store.restore(context.state, run_id)
-            stored = store.replay(run_id, server_round, model_hash)
-            if stored is not None:
-                return stored
-            other_runs = events_of([r for r in store.lifetime() if r.run_id != run_id])
-            signing_key = (
-                site_signing_key(context.state, node_config)
-                if "site-key" in node_config
-                else store.signing_key()
-            )
-        release = run_round(
-            arrays=arrays,
-            train_config=train_config,
-            state=context.state,
-            data=load_site_tensors(settings, site),
-            settings=settings,
-            budget=budget,
-            site_index=site.site_index,
-            signing_key=signing_key,
-            model_hash=model_hash,
-            policy=policy,
-            other_runs=other_runs,
-        )
-        content = release.content
-        if store is not None:
-            for number, record in store.previous_records(run_id, server_round).items():
-                content.config_records[f"{PREVIOUS_PREFIX}{number}"] = record
-            # Durable before the reply can leave: a crash after this point is answered by a replay.
-            store.commit(
-                run_id,
-                server_round,
-                model_hash,
-                context.state,
-                content,
-                Release(run_id, server_round, release.events, release.secret_noise),
-            )
-        return content
 
     return client_app
 
@@ -227,20 +175,26 @@ def _run_id(msg: Message) -> str:
 
 def _refusal_code(exc: FacefedError) -> str:
     """The fixed refusal code the coordinator is told (the message itself stays on the site)."""
+    if isinstance(exc, RoundFailed | IntegrityError):
+        return "state"
     if isinstance(exc, PolicyRefusal):
         return {"one-release-per-round": "replay", "max-epsilon-lifetime": "budget"}.get(
             exc.setting, "policy"
         )
-    if isinstance(exc, IntegrityError):
-        return "state"
+    if isinstance(exc, ReplayRefused):
+        return "replay"
     if isinstance(exc, PrivacyBudgetError):
-        return "replay" if "charged twice" in str(exc) else "budget"
+        return "budget"
     return "data"
 
 
 def _setting(exc: FacefedError) -> str:
     if isinstance(exc, PolicyRefusal):
         return exc.setting
+    if isinstance(exc, RoundFailed):
+        return "training-failed"
+    if isinstance(exc, ReplayRefused):
+        return "one-release-per-round"
     return {IntegrityError: "site-state", PrivacyBudgetError: "max-epsilon-run"}.get(
         type(exc), "site-data"
     )

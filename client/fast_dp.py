@@ -303,6 +303,11 @@ def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> _Layer
     return _instantiated(per_sample)
 
 
+def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t`` with the examples in ``rows`` set to zero (``where``, so that NaN and inf go too)."""
+    return torch.where(rows.view(-1, *([1] * (t.dim() - 1))), torch.zeros((), dtype=t.dtype), t)
+
+
 def _layer_grads(
     layer: nn.Module,
     a: torch.Tensor,
@@ -388,19 +393,33 @@ class FastDpSgd:
             loss = self.loss_fn(self.module(x), y)
         finally:
             capture.remove()
-        if not torch.isfinite(loss):
-            raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
         capture.check_unmodified()
         calls = list(capture.calls.items())
         # The mean loss times n: each example's own gradient, as Opacus's loss_reduction="mean" scales it.
         scaled = loss * len(y)
         outputs = torch.autograd.grad(scaled, [out for _, (_, out) in calls], allow_unused=True)
+        used = [(layer, a, out, g) for (layer, (a, out)), g in zip(calls, outputs, strict=True)]
+        used = [(layer, a, out, g) for layer, a, out, g in used if g is not None]
         layer_grads = [
-            _layer_grads(layer, a, out, g, self.conv_method)
-            for (layer, (a, out)), g in zip(calls, outputs, strict=True)
-            if g is not None
+            _layer_grads(layer, a, out, g, self.conv_method) for layer, a, out, g in used
         ]
         norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
+        broken = ~torch.isfinite(norms)
+        if bool(broken.any()):
+            # An example whose gradient is not finite (a model that overflows on it) contributes
+            # nothing, like any other example's clipped share it is bounded by C; raising instead
+            # would tell the coordinator whether the batch held such an example, outside DP.
+            layer_grads = [
+                _layer_grads(
+                    layer,
+                    _zero_rows(a, broken),
+                    _zero_rows(out, broken),
+                    _zero_rows(g, broken),
+                    self.conv_method,
+                )
+                for layer, a, out, g in used
+            ]
+            norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         summed = {id(p): z for p, z in zip(self.params, zeros, strict=True)}
         for lg in layer_grads:

@@ -71,6 +71,20 @@ def _calibrated_noise(
     return max(sigma, floor)
 
 
+class RoundFailed(PrivacyBudgetError):
+    """Training failed after the site's data was read. Its planned spend is charged (the failure
+    itself may depend on the data) and the round is never trained again."""
+
+    def __init__(
+        self, site_index: int, server_round: int, events: tuple[DpSgdEvent, ...], secret: bool
+    ) -> None:
+        self.events, self.secret_noise = events, secret
+        super().__init__(
+            f"site {site_index}: round {server_round} failed after reading the site's data; its "
+            "planned privacy spend is charged and the round is not trained again (see the log above)"
+        )
+
+
 @dataclass(frozen=True)
 class RoundRelease:
     """What one round releases: the reply, and the DP events it spent (none without DP)."""
@@ -132,6 +146,13 @@ def run_round(
             privacy.noise_multiplier = _calibrated_noise(
                 settings, data, budget, site_index, policy.min_noise_multiplier
             )
+        elif privacy.noise_multiplier < policy.min_noise_multiplier:
+            raise PolicyRefusal(
+                site_index,
+                "min-noise-multiplier",
+                f"this run releases at noise multiplier {privacy.noise_multiplier:.4g}, below the "
+                f"policy's floor {policy.min_noise_multiplier:g}",
+            )
         planned = planned_events(settings, data, privacy.noise_multiplier)
         projected = privacy.epsilon(p.delta, extra=planned)
         if projected > budget:
@@ -157,7 +178,16 @@ def run_round(
     from_arrays(arrays, face, emotion)
     head = _load_head(state, data.num_identities, generator)
 
-    outcome = train_round(face, head, emotion, data, settings, privacy, generator, randomness)
+    try:
+        outcome = train_round(face, head, emotion, data, settings, privacy, generator, randomness)
+    except Exception as exc:
+        if not p.dp:
+            raise
+        logger.exception("site %d: round %d failed during training", site_index, server_round)
+        privacy.history.extend(planned)
+        privacy.rounds.append(server_round)
+        privacy.save(state)
+        raise RoundFailed(site_index, server_round, tuple(planned), randomness.secret) from exc
 
     state.array_records[HEAD_KEY] = ArrayRecord(torch_state_dict={"weight": head.weight.detach()})
     privacy.rounds.append(server_round)

@@ -31,13 +31,16 @@ image or a template.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import config_record_from_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 
-from common.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_create_bytes, atomic_write_text
 from common.crypto.signing import generate_private_key, load_private_key, save_private_key
 from common.errors import IntegrityError, PrivacyBudgetError
 from common.privacy.events import DpSgdEvent
@@ -62,6 +65,10 @@ KEEP = 3  # releases kept per run: a coordinator falls back at most a checkpoint
 RUNS_KEPT = 4  # runs whose newest releases are kept (older runs live on in the lifetime history)
 _NAME = re.compile(r"^release-(\d{8})\.state$")
 _LEN = struct.Struct(">QQ")
+
+
+class ReplayRefused(PrivacyBudgetError):
+    """The round was released (or failed and was charged) already: it is never trained again."""
 
 
 @dataclass(frozen=True)
@@ -136,17 +143,40 @@ class SiteStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._loaded: dict[Path, StoredRelease] = {}
+        self._new_key: Ed25519PrivateKey | None = None
+        self._basis: int | None = None  # the newest release when this object first read the spend
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory exclusively (``flock``) from reading the spend to recording a release.
+
+        Two rounds of one site in parallel would otherwise both pass the budget check on the same
+        history. A directory that does not exist yet has nothing to protect; two first releases
+        racing for it are stopped by :meth:`commit` (only one can create release 1).
+        """
+        if not self.root.is_dir():
+            yield
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # ------------------------------------------------------------------ key
     def signing_key(self) -> Ed25519PrivateKey:
-        """The site's Ed25519 ledger key, created (0600) on first use; it never leaves the site."""
+        """The site's Ed25519 ledger key; it never leaves the site.
+
+        A new key is written (0600) only with the first release, so that a refused first run
+        leaves no state behind.
+        """
         path = self.root / "site.key"
         if path.exists():
             return load_private_key(path)
-        self._mkdir()
-        key = generate_private_key()
-        save_private_key(key, path)
-        return key
+        if self._new_key is None:
+            self._new_key = generate_private_key()
+        return self._new_key
 
     # ------------------------------------------------------------------ releases
     def _files(self) -> list[tuple[int, Path]]:
@@ -181,6 +211,8 @@ class SiteStore:
                 "privacy budget this site has spent cannot be established, so it refuses to train. "
                 "Restore the state directory from backup"
             )
+        if self._basis is None:
+            self._basis = newest
         return self._load(files[-1][1]) if files else None
 
     def lifetime(self) -> tuple[Release, ...]:
@@ -213,6 +245,11 @@ class SiteStore:
         if not released or server_round > max(released):
             return None
         for stored in self._run_files(run_id):
+            if stored.round == server_round and not stored.reply_proto.items:
+                raise ReplayRefused(
+                    f"round {server_round} of run {run_id} failed on this site and was charged; "
+                    "it is not trained again"
+                )
             if stored.round == server_round and stored.model_hash == model_hash:
                 logger.info(
                     "round %d of run %s was already released; resending the stored reply",
@@ -220,7 +257,7 @@ class SiteStore:
                     run_id,
                 )
                 return stored.reply
-        raise PrivacyBudgetError(
+        raise ReplayRefused(
             f"this site already released round {max(released)} of run {run_id} and holds no stored "
             f"reply for round {server_round} on this model; refusing to train it again (the round "
             "would be charged twice). Resume the coordinator from its latest checkpoint"
@@ -251,9 +288,22 @@ class SiteStore:
         reply: RecordDict,
         release: Release,
     ) -> None:
-        """Durably record a release before its reply is sent; prune old releases."""
+        """Durably record a release before its reply is sent; prune old releases.
+
+        A round that failed after reading data is recorded too, with an empty ``reply``: its
+        planned spend is charged, and it is never trained again.
+
+        Raises:
+            IntegrityError: another process recorded a release meanwhile (nothing was written).
+        """
         newest = self.newest()
-        seq = (newest.seq if newest is not None else 0) + 1
+        basis = self._basis or 0  # the spend every check of this round was made against
+        if newest is not None and newest.seq != basis:
+            raise IntegrityError(
+                f"site state {self.root}: another process recorded release {newest.seq} "
+                "meanwhile; this round is not released (a site's rounds must run one at a time)"
+            )
+        seq = basis + 1
         lifetime = [*(newest.lifetime if newest is not None else ()), release]
         meta = {
             "run-id": run_id,
@@ -267,12 +317,22 @@ class SiteStore:
         reply_bytes = recorddict_to_proto(reply).SerializeToString()
         body = _LEN.pack(len(meta_bytes), len(state_bytes)) + meta_bytes + state_bytes + reply_bytes
         self._mkdir()
+        if self._new_key is not None:
+            save_private_key(self._new_key, self.root / "site.key")
+            self._new_key = None
         self._loaded.clear()
-        atomic_write_bytes(
-            self.root / f"release-{seq:08d}.state",
-            MAGIC + hashlib.sha256(body).digest() + body,
-            mode=0o600,
-        )
+        try:
+            atomic_create_bytes(
+                self.root / f"release-{seq:08d}.state",
+                MAGIC + hashlib.sha256(body).digest() + body,
+                mode=0o600,
+            )
+        except FileExistsError:
+            raise IntegrityError(
+                f"site state {self.root}: another process recorded release {seq} meanwhile; this "
+                "round is not released (a site's rounds must run one at a time)"
+            ) from None
+        self._basis = seq
         marker = {"format": STORE_FORMAT, "last-release": seq}
         atomic_write_text(self.root / MARKER, json.dumps(marker), mode=0o600)
         self._prune()

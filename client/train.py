@@ -135,16 +135,39 @@ def _run_steps(
             losses.append(float("nan"))
             continue
         loss = loss_fn(module(augment(x, generator, geometric)), y)  # type: ignore[operator]
-        if not torch.isfinite(loss):
+        private = isinstance(optimizer, DPOptimizer)
+        if not private and not torch.isfinite(loss):
             raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
         with warnings.catch_warnings():
             # Opacus's hooks on the first layer fire although the input needs no gradient.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
+        if private:
+            _drop_non_finite_examples(optimizer)
         optimizer.step()
         losses.append(float(loss.detach()))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _drop_non_finite_examples(optimizer: DPOptimizer) -> None:
+    """Zero the per-sample gradients of examples whose gradient is not finite.
+
+    Such an example (a model that overflows on it) then contributes nothing. Raising instead, as
+    non-private training does, would tell whoever sent the model whether the Poisson batch held
+    such an example: a yes/no answer about the data outside DP (the fast path does the same).
+    """
+    samples = [p.grad_sample for p in optimizer.params if p.grad_sample is not None]
+    if not samples:
+        return
+    broken = torch.zeros(samples[0].shape[0], dtype=torch.bool)
+    for sample in samples:
+        broken |= ~torch.isfinite(sample.flatten(1)).all(dim=1)
+    if bool(broken.any()):
+        for p in optimizer.params:
+            if p.grad_sample is not None:
+                rows = broken.view(-1, *([1] * (p.grad_sample.dim() - 1)))
+                p.grad_sample = torch.where(rows, torch.zeros((), dtype=p.dtype), p.grad_sample)
 
 
 def _run_fast_steps(

@@ -45,3 +45,25 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def atomic_create_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to a new file ``path`` atomically; FileExistsError if ``path`` exists.
+
+    Like :func:`atomic_write_bytes`, but never replaces a file: of two writers racing for one name,
+    exactly one succeeds (``link(2)`` is atomic and fails on an existing name).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp_name, target)
+        _fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)

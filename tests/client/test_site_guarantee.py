@@ -25,12 +25,13 @@ from client.dp_random import SecretRandomness
 from client.privacy_state import SitePrivacyState
 from client.round import run_round
 from client.site_policy import PolicyRefusal, SitePolicies, SitePolicy, check_run
+from client.site_store import SiteStore
 from client.train import sample_rate, train_round
 from common.config import parse_run_config
 from common.errors import ConfigError
 from common.models import CosineHead, EmotionNet, FaceEmbedder
 from common.privacy.events import DpSgdEvent
-from common.serde import arrays_digest
+from common.serde import arrays_digest, to_arrays
 from tests.client.test_round import KEY, SMALL, config, initial_arrays, tiny_site
 from tests.messages import train_message
 
@@ -335,3 +336,105 @@ def test_the_opacus_path_takes_a_noise_only_step_on_an_empty_batch() -> None:
     assert randomness.calls == settings.face_steps  # every step drew its batch from it
     assert [(e.name, e.steps) for e in outcome.events] == [("face", 2)]
     assert any(not torch.equal(a, b) for a, b in zip(before, face.parameters(), strict=True))
+
+
+# --- found by the attack review (each reproduced against the code before its fix) -----------------
+
+
+def ask_run(
+    state_dir: Path, run_id: str, server_round: int, node: dict | None = None, **run_config: object
+):
+    """One training request of run ``run_id`` to a freshly started deployed site."""
+    app, context = deployed_site(state_dir, **(node or {}))
+    settings = parse_run_config({**SMALL, **run_config})
+    content = RecordDict(
+        {"arrays": initial_arrays(settings), "config": config(server_round, run_id)}
+    )
+    context.run_config = dict(run_config)
+    return app(train_message(content), context)  # type: ignore[operator]
+
+
+def test_a_run_whose_files_were_pruned_keeps_its_spend_and_its_run_cap(tmp_path: Path) -> None:
+    for server_round in (1, 2, 3):  # run A spends its whole budget of 8
+        assert not ask_run(tmp_path, "run-a", server_round).has_error()
+    for other in ("b", "c", "d", "e"):  # four cheap runs later, run A's own files are pruned
+        assert not ask_run(tmp_path, f"run-{other}", 1, **{"noise-multiplier": 50.0}).has_error()
+    assert not any(SiteStore(tmp_path)._run_files("run-a"))
+    again = ask_run(tmp_path, "run-a", 4)  # run A comes back
+    assert again.has_error()
+    assert again.error.reason == "site-0 refused: budget (max-epsilon-run)"
+
+
+def poisoned_emotion_arrays(settings, klass: int = 1):
+    """A global model whose emotion logit for one class overflows to -inf (its weights are finite)."""
+    torch.manual_seed(0)
+    face, emotion = FaceEmbedder(settings.face_width), EmotionNet(settings.emotion_width)
+    with torch.no_grad():
+        emotion.classifier.weight[klass] = -3.0e38
+    return to_arrays(face, emotion)
+
+
+@pytest.mark.parametrize("dp_path", ["fast", "opacus"])
+def test_a_model_that_overflows_on_some_examples_gives_no_data_dependent_error(
+    dp_path: str,
+) -> None:
+    # Before: the non-finite loss raised iff the Poisson batch held such an example, and that
+    # yes/no left the site as an error, uncharged, as often as the coordinator asked.
+    data = tiny_site()
+    settings = parse_run_config({**SMALL, "dp-path": dp_path, "emotion-batch": 100})
+    arrays = poisoned_emotion_arrays(settings)
+    assert (data.emotion_y == 1).any()  # the site holds examples of that class
+    release = run_round(arrays, config(1), RecordDict(), data, settings, 8.0, 0, KEY)
+    out = release.content.array_records["arrays"]
+    assert all(np.isfinite(out[k].numpy()).all() for k in out)  # a normal, charged release
+    assert [e.name for e in release.events] == ["face", "emotion"]
+
+
+def test_a_request_with_a_malformed_round_or_run_id_is_refused_before_anything(
+    tmp_path: Path,
+) -> None:
+    ask_run(tmp_path, "run-a", 1)
+    before = snapshot(tmp_path)
+    for server_round, run_id in ((-1, "run-a"), (0, "run-a"), (2.0, "run-a"), (2, "../x")):
+        reply = ask_run(tmp_path, run_id, server_round)  # type: ignore[arg-type]
+        assert reply.error.reason == "site-0 refused: policy (request)"
+    assert snapshot(tmp_path) == before
+
+
+def test_a_raised_noise_floor_applies_to_a_run_already_under_way(tmp_path: Path) -> None:
+    assert not ask_run(tmp_path, "run-a", 1).has_error()  # calibrated sigma ~0.8
+    reply = ask_run(tmp_path, "run-a", 2, {"policy-min-noise-multiplier": 2.0})
+    assert reply.error.reason == "site-0 refused: policy (min-noise-multiplier)"
+
+
+def test_a_first_run_refused_on_its_budget_creates_no_state(tmp_path: Path) -> None:
+    reply = ask_run(tmp_path / "state", "run-a", 1, **{"noise-multiplier": 0.3})
+    assert reply.error.reason == "site-0 refused: budget (max-epsilon-run)"
+    assert not (tmp_path / "state").exists()  # not even the signing key
+
+
+def test_an_exception_before_training_leaves_as_a_fixed_code(tmp_path: Path) -> None:
+    app, context = deployed_site(tmp_path)
+    settings = parse_run_config(SMALL)
+    content = RecordDict({"arrays": initial_arrays(settings), "config": config(1, "run-a")})
+    context.run_config = {"face-width": 12}  # the model cannot be built: GroupNorm's groups
+    reply = app(train_message(content), context)  # type: ignore[operator]
+    assert reply.error.reason == "site-internal-error"
+
+
+def test_a_round_that_fails_after_reading_data_is_charged_and_never_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import round as round_module
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("something went wrong with example 17")
+
+    monkeypatch.setattr(round_module, "train_round", crash)
+    reply = ask_run(tmp_path, "run-a", 1)
+    assert reply.error.reason == "site-0 refused: state (training-failed)"
+    [failed] = SiteStore(tmp_path).lifetime()
+    assert failed.round == 1 and [e.name for e in failed.events] == ["face", "emotion"]
+    monkeypatch.undo()
+    again = ask_run(tmp_path, "run-a", 1)
+    assert again.error.reason == "site-0 refused: replay (one-release-per-round)"

@@ -169,8 +169,13 @@ def test_a_corrupt_state_file_stops_the_site(tmp_path: Path, offset: int) -> Non
         SiteStore(tmp_path).restore(RecordDict(), "test-run")  # the site process restarts
 
 
-def test_the_signing_key_survives_a_restart_and_is_private(tmp_path: Path) -> None:
-    key = SiteStore(tmp_path).signing_key()
+def test_the_signing_key_is_kept_with_the_first_release_survives_a_restart_and_is_private(
+    tmp_path: Path,
+) -> None:
+    store = SiteStore(tmp_path)
+    key = store.signing_key()
+    assert not (tmp_path / "site.key").exists()  # nothing is written before a release
+    released(store, 1)
     assert (tmp_path / "site.key").stat().st_mode & 0o077 == 0
     again = SiteStore(tmp_path).signing_key()
     assert again.public_key().public_bytes_raw() == key.public_key().public_bytes_raw()
@@ -229,3 +234,13 @@ def test_the_client_app_travels_to_a_simulation_actor_as_its_arguments(tmp_path:
     )  # the original app finds the round already stored
     assert not first.has_error() and not again.has_error()
     assert wire(again.content) == wire(first.content)
+
+
+def test_two_processes_racing_for_the_same_release_cannot_both_record_it(tmp_path: Path) -> None:
+    released(SiteStore(tmp_path), 1, run_id="warm")
+    first, second = SiteStore(tmp_path), SiteStore(tmp_path)
+    first.newest(), second.newest()  # both read the spend before either records
+    released(first, 1, run_id="run-p")
+    with pytest.raises(IntegrityError, match="another process recorded release 2"):
+        released(second, 1, run_id="run-q")
+    assert [r.run_id for r in SiteStore(tmp_path).lifetime()] == ["warm", "run-p"]
