@@ -23,6 +23,7 @@ commands are built with absolute paths.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -35,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.site_policy import SitePolicy
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
@@ -110,6 +112,8 @@ class SiteConfig:
     emotion_dir: str = ""
     partition_id: int | None = None
     num_partitions: int | None = None
+    # the rest of the site's privacy policy (``[policy]``); max-epsilon above is its run cap
+    policy: SitePolicy | None = None
 
     def __post_init__(self) -> None:
         check_site_id(self.site_id)
@@ -133,12 +137,23 @@ class SiteConfig:
                 f"superlink = {self.superlink!r} must be host:port, e.g. fl.example.org:9093"
             )
 
-    def node_config(self) -> dict[str, str | float | int]:
-        """Key/values the ClientApp reads from ``context.node_config`` in deployment."""
-        cfg: dict[str, str | float | int] = {
+    @property
+    def site_policy(self) -> SitePolicy:
+        """The site's privacy policy: ``[policy]``, with ``max-epsilon`` as the run cap."""
+        policy = self.policy or SitePolicy(
+            max_epsilon_run=self.max_epsilon, max_epsilon_lifetime=max(16.0, self.max_epsilon)
+        )
+        run_cap = min(policy.max_epsilon_run, self.max_epsilon)
+        return dataclasses.replace(policy, max_epsilon_run=run_cap)
+
+    def node_config(self) -> dict[str, str | float | int | bool]:
+        """Key/values the ClientApp reads from ``context.node_config`` in deployment; the policy
+        travels as ``policy-*`` keys (client/site_policy.py), set by the site alone."""
+        cfg: dict[str, str | float | int | bool] = {
             "data-dir": self.data_dir,
             "site-id": self.site_id,
             "max-epsilon": float(self.max_epsilon),
+            **self.site_policy.to_node_config(),
         }
         if self.face_dir:
             cfg["face-dir"] = self.face_dir
@@ -257,7 +272,8 @@ def load_coordinator(kit: Path) -> CoordinatorConfig:
 def load_site(kit: Path) -> SiteConfig:
     """Read and validate ``site.toml`` in a site kit."""
     path = kit / "site.toml"
-    table = _table(_read_toml(path, "site"), "site", path)
+    raw = _read_toml(path, "site")
+    table = _table(raw, "site", path)
     known = {
         "site-id",
         "superlink",
@@ -273,6 +289,18 @@ def load_site(kit: Path) -> SiteConfig:
         raise ConfigError(
             f"{path}: unknown key(s) {sorted(unknown)} in [site]; known: {sorted(known)}"
         )
+    policy_table = raw.get("policy")
+    if policy_table is not None and not isinstance(policy_table, dict):
+        raise ConfigError(f"{path}: [policy] must be a table of the site's privacy settings")
+    policy = (
+        None
+        if policy_table is None
+        else SitePolicy.from_mapping(
+            # [site] max-epsilon is the run cap unless [policy] sets a stricter one
+            {"max-epsilon-run": table.get("max-epsilon"), **policy_table},
+            f"{path} [policy]",
+        )
+    )
     return SiteConfig(
         site_id=str(_typed(table, "site-id", str, path)),
         superlink=str(_typed(table, "superlink", str, path)),
@@ -283,6 +311,7 @@ def load_site(kit: Path) -> SiteConfig:
         emotion_dir=str(_typed(table, "emotion-dir", str, path, "")),
         partition_id=_optional_int(table, "partition-id", path),
         num_partitions=_optional_int(table, "num-partitions", path),
+        policy=policy,
     )
 
 
@@ -440,6 +469,23 @@ def site_toml(cfg: SiteConfig) -> str:
             if cfg.partition_id is not None
             else ""
         )
+        + _policy_toml(cfg.site_policy)
+    )
+
+
+def _policy_toml(policy: SitePolicy) -> str:
+    """The ``[policy]`` table: set by the site's privacy officer; no run config can ask for less."""
+    values = policy.to_mapping()
+    return (
+        "\n# This site's privacy policy (docs/threat-model.md). A run that asks for less is refused\n"
+        "# before any data is read; the coordinator sees one line naming this site and the setting.\n"
+        "# max-epsilon above is the per-run cap; a deployed site never releases seeded noise.\n"
+        "[policy]\n"
+        f"require-dp = {str(values['require-dp']).lower()}\n"
+        f"max-epsilon-lifetime = {float(values['max-epsilon-lifetime'])!r}   # over every run\n"
+        f"max-delta = {float(values['max-delta'])!r}\n"
+        f"accountant = {_toml_str(str(values['accountant']))}   # any, prv, rdp or pld\n"
+        f"min-noise-multiplier = {float(values['min-noise-multiplier'])!r}   # 0: no floor\n"
     )
 
 

@@ -438,3 +438,18 @@ def test_a_round_that_fails_after_reading_data_is_charged_and_never_retried(
     monkeypatch.undo()
     again = ask_run(tmp_path, "run-a", 1)
     assert again.error.reason == "site-0 refused: replay (one-release-per-round)"
+
+
+def test_a_deployed_site_without_a_state_directory_refuses_to_train() -> None:
+    app = build_client_app(parse_run_config(SMALL).to_flat())
+    context = Context(
+        run_id=1,
+        node_id=1,
+        state=RecordDict(),
+        run_config={},
+        node_config={"partition-id": 0, "num-partitions": 8},
+    )
+    settings = parse_run_config(SMALL)
+    content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
+    reply = app(train_message(content), context)  # type: ignore[operator]
+    assert reply.error.reason == "site-0 refused: policy (state-dir)"  # no lifetime, no training

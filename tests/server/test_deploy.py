@@ -12,6 +12,7 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
+from client.site_policy import SitePolicy
 from common.cli import main
 from common.crypto import pki
 from common.errors import ConfigError
@@ -111,7 +112,48 @@ def test_supernode_command_carries_tls_key_and_typed_node_config(kits: Path) -> 
         "site-id": "site-2",
         "max-epsilon": 8.0,
         "state-dir": str((site / "state").resolve()),  # the privacy history survives a reboot
+        # the site's own policy ([policy] in site.toml), which no run config can override
+        **{f"policy-{k}": v for k, v in SitePolicy(max_epsilon_run=8.0).to_mapping().items()},
     }
+
+
+def test_the_kit_policy_reaches_the_site_and_a_stricter_one_is_kept(kits: Path) -> None:
+    site = kits / "sites" / "site-2"
+    text = (site / "site.toml").read_text()
+    assert "[policy]" in text and "require-dp = true" in text
+    (site / "site.toml").write_text(
+        text.replace("max-delta = 1e-05", "max-delta = 1e-06").replace(
+            "min-noise-multiplier = 0.0", "min-noise-multiplier = 1.5"
+        )
+    )
+
+    node = parse_config_args([deploy.format_node_config(deploy.load_site(site).node_config())])
+    policy = SitePolicy.from_node_config(node)
+
+    assert policy.max_delta == 1e-6 and policy.min_noise_multiplier == 1.5
+    assert policy.max_epsilon_run == 8.0 and policy.require_dp
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max-delta = 2.0", "max-delta must be in (0, 1)"),
+        ("secret = true", "unknown policy key 'secret'"),
+        ("max-epsilon-lifetime = 4.0", "max-epsilon-lifetime (4) is below"),
+    ],
+)
+def test_a_bad_kit_policy_is_one_line_naming_the_file_and_setting(
+    kits: Path, line: str, message: str
+) -> None:
+    path = kits / "sites" / "site-2" / "site.toml"
+    path.write_text(path.read_text() + line + "\n")
+    if line.startswith(("max-delta", "max-epsilon-lifetime")):  # replace, not repeat, the key
+        key = line.split(" ")[0]
+        lines = [ln for ln in path.read_text().splitlines() if not ln.startswith(key + " ")]
+        path.write_text("\n".join([*lines, line]) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        deploy.load_site(path.parent)
+    assert message in str(caught.value) and "site.toml [policy]" in str(caught.value)
 
 
 @pytest.mark.parametrize(
