@@ -117,6 +117,7 @@ def handle_train(
                 request,
                 other_runs,
                 store,
+                released_without_dp=any(not r.private for r in lifetime),
             )
         except RoundFailed as failed:  # charged: the failure came after the data was read
             store.commit(
@@ -144,6 +145,7 @@ def _release(
     request: Request,
     other_runs: list[DpSgdEvent],
     store: SiteStore | None = None,
+    released_without_dp: bool = False,
 ) -> RecordDict:
     if store is None or "site-key" in node_config:
         signing_key = site_signing_key(state, node_config)
@@ -161,6 +163,7 @@ def _release(
         model_hash=request.model_hash,
         policy=policy,
         other_runs=other_runs,
+        released_without_dp=released_without_dp,
     )
     if store is not None:
         # Durable before the reply can leave: a crash after this point is answered by a replay.
@@ -170,7 +173,13 @@ def _release(
             request.model_hash,
             state,
             release.content,
-            Release(request.run_id, request.server_round, release.events, release.secret_noise),
+            Release(
+                request.run_id,
+                request.server_round,
+                release.events,
+                release.secret_noise,
+                private=release.private,
+            ),
         )
     return release.content
 

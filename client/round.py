@@ -92,6 +92,7 @@ class RoundRelease:
     content: RecordDict
     events: tuple[DpSgdEvent, ...]
     secret_noise: bool
+    private: bool = True
 
 
 def run_round(
@@ -107,6 +108,7 @@ def run_round(
     *,
     policy: SitePolicy | None = None,
     other_runs: Sequence[DpSgdEvent] = (),
+    released_without_dp: bool = False,
 ) -> RoundRelease:
     """Train on the site for one round and build the reply.
 
@@ -115,7 +117,8 @@ def run_round(
     ``budget`` is the run's epsilon budget for this site, already checked against its ``policy``
     (:func:`client.site_policy.check_run`); ``other_runs`` holds the DP events of every release the
     site made in other runs: with this run's own history they make its lifetime epsilon, which the
-    policy's lifetime cap bounds.
+    policy's lifetime cap bounds. ``released_without_dp`` says the site once released without DP
+    (its policy allowed it): no finite lifetime guarantee remains, so no DP round is trained.
     ``model_hash`` is ``arrays_digest(arrays)`` when the caller has it already.
 
     Raises:
@@ -138,6 +141,12 @@ def run_round(
         raise DataError(
             f"site {site_index} holds faces of {data.num_identities} person(s); the margin loss needs "
             "at least 2 identities: add people to the site's face data or set face-steps = 0"
+        )
+    if p.dp and released_without_dp:
+        raise PolicyRefusal(
+            site_index,
+            "max-epsilon-lifetime",
+            "this site released a model without DP before: its lifetime epsilon is unbounded",
         )
     if p.dp:
         if signing_key is None:
@@ -237,7 +246,7 @@ def run_round(
         signature = sign(signing_key, canonical_bytes(body))
         public = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         reply.config_records[RECORD_NAME] = report.to_record(signature, public)
-    return RoundRelease(reply, tuple(outcome.events), randomness.secret)
+    return RoundRelease(reply, tuple(outcome.events), randomness.secret, private=p.dp)
 
 
 def round_from_config(config: ConfigRecord) -> int:

@@ -38,6 +38,9 @@ class SitePolicy:
             it is raised to it, a run that fixes a lower one is refused.
         allow_seeded_noise: accept ``noise-source = "seeded"`` (reproducible noise) in research
             simulations. A deployed site refuses seeded noise whatever this says.
+        min_batch: the smallest expected batch a run may ask for. The sampling rate is
+            ``1 / ceil(N / batch)``, and every signed record carries it: a batch of 1 would tell the
+            coordinator the site's example count N exactly; this floor keeps it to within a batch.
     """
 
     require_dp: bool = True
@@ -47,6 +50,7 @@ class SitePolicy:
     accountant: Literal["any", "prv", "rdp", "pld"] = "any"
     min_noise_multiplier: float = 0.0
     allow_seeded_noise: bool = False
+    min_batch: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_epsilon_run", "max_epsilon_lifetime"):
@@ -69,6 +73,12 @@ class SitePolicy:
             raise ConfigError(
                 f"policy accountant must be one of {', '.join(_ACCOUNTANTS)}, got {self.accountant!r}"
             )
+        if (
+            isinstance(self.min_batch, bool)
+            or not isinstance(self.min_batch, int)
+            or self.min_batch < 1
+        ):
+            raise ConfigError(f"policy min-batch must be an integer >= 1, got {self.min_batch!r}")
         for name in ("require_dp", "allow_seeded_noise"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"policy {_kebab(name)} must be true or false")
@@ -162,6 +172,16 @@ def check_run(
             "max-epsilon-lifetime",
             f"the run's budget {budget:g} is above the lifetime cap {policy.max_epsilon_lifetime:g}",
         )
+    for key, batch in (
+        ("face-batch", settings.face_batch),
+        ("emotion-batch", settings.emotion_batch),
+    ):
+        if batch < policy.min_batch:
+            raise refuse(
+                "min-batch",
+                f"the run's {key} {batch} is below {policy.min_batch}; the sampling rate it gives "
+                "would tell the site's example count",
+            )
     if 0 < p.noise_multiplier < policy.min_noise_multiplier:
         raise refuse(
             "min-noise-multiplier",
@@ -191,6 +211,12 @@ def _coerce(where: str, value: object, annotation: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
     if annotation is float:
         if _is_number(value):
             return float(value)  # type: ignore[arg-type]

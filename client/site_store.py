@@ -79,6 +79,7 @@ class Release:
     round: int
     events: tuple[DpSgdEvent, ...]
     secret_noise: bool
+    private: bool = True  # False: released without DP; no finite lifetime guarantee remains
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class Release:
             "round": self.round,
             "events": [e.to_dict() for e in self.events],
             "secret-noise": self.secret_noise,
+            "private": self.private,
         }
 
     @classmethod
@@ -95,6 +97,7 @@ class Release:
             round=int(data["round"]),
             events=tuple(DpSgdEvent.from_dict(e) for e in data["events"]),
             secret_noise=bool(data["secret-noise"]),
+            private=bool(data.get("private", True)),
         )
 
 

@@ -486,6 +486,7 @@ def _policy_toml(policy: SitePolicy) -> str:
         f"max-delta = {float(values['max-delta'])!r}\n"
         f"accountant = {_toml_str(str(values['accountant']))}   # any, prv, rdp or pld\n"
         f"min-noise-multiplier = {float(values['min-noise-multiplier'])!r}   # 0: no floor\n"
+        f"min-batch = {values['min-batch']}   # a smaller batch would tell the site's image count\n"
     )
 
 

@@ -267,6 +267,7 @@ def test_a_simulation_may_opt_into_seeded_noise_only_where_the_policy_allows() -
         ({"require-dp": "maybe"}, "require-dp must be true or false"),
         ({"min-noise-multiplier": float("nan")}, "min-noise-multiplier must be a finite number"),
         ({"site-x": {"max-delta": 1e-6}}, "must name a site as site-N"),
+        ({"min-batch": 0}, "min-batch must be an integer >= 1"),
     ],
 )
 def test_a_bad_policy_table_is_one_line_naming_the_file_and_setting(
@@ -453,3 +454,11 @@ def test_a_deployed_site_without_a_state_directory_refuses_to_train() -> None:
     content = RecordDict({"arrays": initial_arrays(settings), "config": config(1)})
     reply = app(train_message(content), context)  # type: ignore[operator]
     assert reply.error.reason == "site-0 refused: policy (state-dir)"  # no lifetime, no training
+
+
+def test_after_a_release_without_dp_no_dp_round_claims_a_finite_lifetime(tmp_path: Path) -> None:
+    allow = {"policy-require-dp": False}
+    assert not ask_run(tmp_path, "plain", 1, allow, dp=False).has_error()  # the policy allowed it
+    reply = ask_run(tmp_path, "dp-run", 1, allow)
+    assert reply.error.reason == "site-0 refused: budget (max-epsilon-lifetime)"
+    assert [r.private for r in SiteStore(tmp_path).lifetime()] == [False]
