@@ -462,3 +462,13 @@ def test_after_a_release_without_dp_no_dp_round_claims_a_finite_lifetime(tmp_pat
     reply = ask_run(tmp_path, "dp-run", 1, allow)
     assert reply.error.reason == "site-0 refused: budget (max-epsilon-lifetime)"
     assert [r.private for r in SiteStore(tmp_path).lifetime()] == [False]
+
+
+def test_a_new_run_past_the_lifetime_cap_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    for server_round in (1, 2, 3):  # run A spends its whole run budget: epsilon 7.98
+        assert not ask_run(tmp_path, "run-a", server_round).has_error()
+    before = snapshot(tmp_path)
+    # A new run id does not reset the spend: its first round would take the lifetime past 8.
+    reply = ask_run(tmp_path, "run-b", 1, {"policy-max-epsilon-lifetime": 8.0})
+    assert reply.error.reason == "site-0 refused: budget (max-epsilon-lifetime)"
+    assert snapshot(tmp_path) == before
