@@ -51,7 +51,7 @@ from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cos
 
 logger = logging.getLogger(__name__)
 
-MODES = ("non-private", "opacus-hooks", "opacus-ghost", "opacus-functorch", "fast")
+MODES = ("non-private", "opacus-hooks", "opacus-ghost", "opacus-functorch", "fast", "fast-seeded")
 MODELS = ("face", "emotion")
 SIGMA, CLIP, SEED = 1.0, 1.0, 0
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,7 +116,10 @@ def make_step(work: Workload, mode: str, device: torch.device) -> Step:
             optimizer.step()
 
         return plain
-    if mode == "fast":
+    if mode in ("fast", "fast-seeded"):
+        # "fast" is what a site runs: noise and sampling from the OS CSPRNG; "fast-seeded" the same
+        # step with torch's seeded generator (research opt-in), to show what the secret draw costs
+        randomness = SecretRandomness() if mode == "fast" else SeededRandomness(noise)
         fast = FastDpSgd(
             module,
             optimizer,
@@ -126,7 +129,7 @@ def make_step(work: Workload, mode: str, device: torch.device) -> Step:
             expected_batch_size=work.expected,
             sample_rate=work.q,
             accountant=RDPAccountant(),
-            randomness=SecretRandomness(),  # what a site uses: the OS CSPRNG, fresh per draw
+            randomness=randomness,
         )
 
         def private_fast(x: torch.Tensor, y: torch.Tensor) -> None:
