@@ -22,9 +22,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically, with permissions ``mode``."""
-    target = Path(path)
+def _durable_temp(target: Path, data: bytes, mode: int) -> str:
+    """A temporary file beside ``target`` holding ``data`` (``mode``, fsynced); its name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -33,6 +32,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return tmp_name
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically, with permissions ``mode``."""
+    target = Path(path)
+    tmp_name = _durable_temp(target, data, mode)
+    try:
         failpoint("atomic.before-rename")
         os.replace(tmp_name, target)
         _fsync_dir(target.parent)
@@ -54,14 +65,8 @@ def atomic_create_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0
     exactly one succeeds (``link(2)`` is atomic and fails on an existing name).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = _durable_temp(target, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.link(tmp_name, target)
         _fsync_dir(target.parent)
     finally:

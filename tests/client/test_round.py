@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.egress import guard_stats
 from client.privacy_state import STATE_KEY, SitePrivacyState
-from client.round import HEAD_KEY, run_round
+from client.round import HEAD_KEY, RoundRelease, run_round
 from client.train import SiteTensors
 from common.config import parse_run_config
 from common.crypto.signing import generate_private_key
@@ -26,6 +27,7 @@ from common.data.orl import load_orl
 from common.data.preprocess import emotion_tensor, face_tensor
 from common.errors import DataError, PrivacyBudgetError
 from common.models import EmotionNet, FaceEmbedder
+from common.privacy.events import DpSgdEvent
 from common.serde import to_arrays
 from tests.messages import train_message
 
@@ -66,7 +68,14 @@ def config(server_round: int, run_id: str = "test-run") -> ConfigRecord:
     return ConfigRecord({"server-round": server_round, "run-id": run_id})
 
 
-def run(state: RecordDict, server_round: int, run_id: str = "test-run", **overrides):
+def release(
+    state: RecordDict,
+    server_round: int,
+    run_id: str = "test-run",
+    other_runs: Sequence[DpSgdEvent] = (),
+    **overrides: object,
+) -> RoundRelease:
+    """One round of the tiny site at its run budget, signed with the test key."""
     settings = parse_run_config({**SMALL, **overrides})
     return run_round(
         initial_arrays(settings),
@@ -77,7 +86,12 @@ def run(state: RecordDict, server_round: int, run_id: str = "test-run", **overri
         budget=settings.privacy.max_epsilon,
         site_index=0,
         signing_key=KEY,
-    ).content
+        other_runs=other_runs,
+    )
+
+
+def run(state: RecordDict, server_round: int, run_id: str = "test-run", **overrides):
+    return release(state, server_round, run_id, **overrides).content
 
 
 def test_epsilon_grows_each_round_and_matches_opacus_offline() -> None:

@@ -10,13 +10,12 @@ from flwr.app import Context, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from client.privacy_state import STATE_KEY, SitePrivacyState
-from client.round import run_round
 from client.site_store import Release, SiteStore, events_of
 from common.config import parse_run_config
 from common.errors import IntegrityError, PrivacyBudgetError
 from common.privacy.site_record import RECORD_NAME
 from common.serde import arrays_digest
-from tests.client.test_round import KEY, SMALL, config, initial_arrays, tiny_site
+from tests.client.test_round import SMALL, config, initial_arrays, release
 from tests.messages import train_message
 
 HASH = arrays_digest(initial_arrays(parse_run_config(SMALL)))
@@ -30,30 +29,19 @@ def released(
     **overrides: object,
 ) -> RecordDict:
     """Train a round on the state restored from ``store`` and commit it, as the ClientApp does."""
-    settings = parse_run_config({**SMALL, **overrides})
     state = RecordDict()
     store.restore(state, run_id)
     other_runs = events_of([r for r in store.lifetime() if r.run_id != run_id])
-    release = run_round(
-        initial_arrays(settings),
-        config(server_round, run_id),
-        state,
-        tiny_site(),
-        settings,
-        budget=settings.privacy.max_epsilon,
-        site_index=0,
-        signing_key=KEY,
-        other_runs=other_runs,
-    )
+    done = release(state, server_round, run_id, other_runs, **overrides)
     store.commit(
         run_id,
         server_round,
         model_hash,
         state,
-        release.content,
-        Release(run_id, server_round, release.events, release.secret_noise),
+        done.content,
+        Release(run_id, server_round, done.events, done.secret_noise),
     )
-    return release.content
+    return done.content
 
 
 def wire(record: RecordDict) -> bytes:
