@@ -297,7 +297,10 @@ def load_site(kit: Path) -> SiteConfig:
         if policy_table is None
         else SitePolicy.from_mapping(
             # [site] max-epsilon is the run cap unless [policy] sets a stricter one
-            {"max-epsilon-run": table.get("max-epsilon"), **policy_table},
+            {
+                **({"max-epsilon-run": table["max-epsilon"]} if "max-epsilon" in table else {}),
+                **policy_table,
+            },
             f"{path} [policy]",
         )
     )
