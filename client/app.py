@@ -19,14 +19,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.egress import (
-    SITE_INTERNAL_ERROR_CODE,
-    SITE_INTERNAL_ERROR_REASON,
-    EgressGuard,
-    SiteRefusal,
-    guard_stats,
-    make_egress_guard,
-)
+from client.egress import EgressGuard, guard_stats, make_egress_guard
+from client.refusal import SITE_INTERNAL_ERROR_CODE, SITE_INTERNAL_ERROR_REASON, SiteRefusal
 from client.release import handle_train
 from client.round import RoundFailed
 from client.site_data import SiteSpec

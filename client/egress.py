@@ -51,22 +51,23 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.refusal import (
+    MAX_SITE_INDEX,
+    SITE_INTERNAL_ERROR_CODE,
+    SITE_INTERNAL_ERROR_REASON,
+    SiteRefusal,
+    is_site_refusal,
+)
 from common.privacy.site_record import BYTES_FIELDS, PREVIOUS_PREFIX, RECORD_NAME, SCALAR_FIELDS
 from common.serde import decode, encode
 
 logger = logging.getLogger(__name__)
 
 EGRESS_REFUSED_CODE = 4_030
-SITE_INTERNAL_ERROR_CODE = 4_100
-SITE_INTERNAL_ERROR_REASON = "site-internal-error"
-REFUSAL_CODES: Mapping[str, int] = MappingProxyType(
-    {"policy": 4_101, "budget": 4_102, "replay": 4_103, "state": 4_104, "data": 4_105}
-)
 ARRAYS_RECORD_NAME = "arrays"
 METRICS_RECORD_NAME = "metrics"
 PRIVACY_RECORD_NAME = RECORD_NAME
 MAX_PREVIOUS = 3  # the site store keeps its last 3 rounds
-MAX_SITE_INDEX = 999_999
 STATS_RECORD = "egress_guard"
 FLOAT_DTYPES = frozenset({"float16", "float32", "float64"})
 _MIN_IMAGE_SIDE = 16
@@ -153,39 +154,6 @@ PRIVACY_RECORD_FIELDS: Mapping[str, FieldRule] = MappingProxyType(
     }
 )
 _PREVIOUS_NAME = re.compile(re.escape(PREVIOUS_PREFIX) + r"(0|[1-9][0-9]{0,8})")
-_SETTING = re.compile(r"[a-z][a-z0-9-]{0,39}")
-_SITE_REFUSAL = re.compile(
-    r"site-(0|[1-9][0-9]{0,5}) refused: ([a-z]+) \(" + _SETTING.pattern + r"\)"
-)
-
-
-class SiteRefusal(Exception):
-    """A site's deliberate refusal, sent as one fixed text: ``site-N refused: <code> (<setting>)``.
-
-    Raise it from the handler; the guard replies ``Error(REFUSAL_CODES[code_name], reason)``. The
-    text is built only from a code name, the site index and a short setting name; ``detail`` (say,
-    the numbers) is logged at the site and never sent.
-    """
-
-    def __init__(self, code_name: str, site_index: int, setting: str, *, detail: str = "") -> None:
-        if code_name not in REFUSAL_CODES:
-            raise ValueError(
-                f"unknown refusal code {code_name!r}; use one of {list(REFUSAL_CODES)}"
-            )
-        if isinstance(site_index, bool) or not 0 <= site_index <= MAX_SITE_INDEX:
-            raise ValueError(f"Expected 0 <= {site_index=} <= {MAX_SITE_INDEX}")
-        if not isinstance(setting, str) or not _SETTING.fullmatch(setting):
-            raise ValueError(f"setting must match {_SETTING.pattern!r}, got {_clip(setting)}")
-        self.code = REFUSAL_CODES[code_name]
-        self.reason = f"site-{site_index} refused: {code_name} ({setting})"
-        self.detail = detail
-        super().__init__(self.reason)
-
-
-def is_site_refusal(error: Error) -> bool:
-    """Whether ``error`` is exactly one of the texts :class:`SiteRefusal` produces, with its code."""
-    match = _SITE_REFUSAL.fullmatch(error.reason or "")
-    return match is not None and REFUSAL_CODES.get(match.group(2)) == error.code
 
 
 class EgressRefused(Exception):

@@ -33,15 +33,13 @@ from client.egress import (
     MAX_PREVIOUS,
     METRIC_RULES,
     PRIVACY_RECORD_FIELDS,
-    REFUSAL_CODES,
-    SITE_INTERNAL_ERROR_CODE,
     Rule,
-    SiteRefusal,
     StoredRecord,
     guard_stats,
     make_egress_guard,
     manifest_from_state_dict,
 )
+from client.refusal import REFUSAL_CODES, SITE_INTERNAL_ERROR_CODE, SiteRefusal
 from common.models import EmotionNet, FaceEmbedder
 from common.privacy.site_record import PREVIOUS_PREFIX
 from tests.messages import train_message

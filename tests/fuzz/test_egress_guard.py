@@ -27,10 +27,9 @@ from client.egress import (
     METRIC_RULES,
     PRIVACY_RECORD_FIELDS,
     Rule,
-    SiteRefusal,
-    is_site_refusal,
     make_egress_guard,
 )
+from client.refusal import SiteRefusal, is_site_refusal
 from common.privacy.site_record import PREVIOUS_PREFIX
 from tests.messages import train_message
 
