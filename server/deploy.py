@@ -50,7 +50,12 @@ DEFAULT_CONTROL_PORT = 9091
 DEFAULT_HUB_PORT = 9092
 LOOPBACK = "127.0.0.1"
 DEFAULT_SITE_RUNTIME_PORT = 9094
-SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: `$` admits a final "\n"
+# Kit permissions, whatever the umask: directories owner-only, state and logs owner-only, and the
+# processes facefed starts create files with umask 077 (superlink.db and its -wal/-shm, logs).
+DIR_MODE = 0o700
+STATE_FILE_MODE = 0o600
+PROCESS_UMASK = 0o077
 # Air-gapped: no telemetry, no PyPI version check (the two outbound calls flwr makes on its own).
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -167,7 +172,7 @@ class SiteConfig:
 
 def check_site_id(site_id: str) -> str:
     """Return ``site_id`` if it is a safe directory / key-comment name, else raise ConfigError."""
-    if not SITE_ID_RE.match(site_id):
+    if not isinstance(site_id, str) or not SITE_ID_RE.fullmatch(site_id):
         raise ConfigError(
             f"site id {site_id!r} must be 1-63 lowercase letters, digits, '-' or '_', starting "
             "with a letter or digit (it names a directory and a key), e.g. uni-hospital-1"
@@ -431,6 +436,7 @@ def start_script(kit_kind: str, repo: Path) -> str:
         "#!/bin/sh\n"
         f"# Start this facefed {kit_kind}. Written by `facefed deploy init`; safe to edit.\n"
         "set -eu\n"
+        "umask 077   # state, logs and keys this process creates: owner only\n"
         'KIT="$(cd "$(dirname "$0")" && pwd)"\n'
         f'FACEFED_PYTHON="${{FACEFED_PYTHON:-{shlex.quote(sys.executable)}}}"\n'
         f'FACEFED_REPO="${{FACEFED_REPO:-{shlex.quote(str(repo))}}}"\n'
@@ -450,7 +456,21 @@ def write_text(path: Path, text: str, *, force: bool, executable: bool = False) 
         raise ConfigError(
             f"{path} already exists; choose a new --out, or pass --force to re-provision"
         )
-    atomic_write_text(path, text, mode=0o755 if executable else 0o644)
+    atomic_write_text(path, text, mode=0o700 if executable else 0o644)
+
+
+def secure_tree(root: Path, *, state_dirs: Sequence[str] = ("state", "logs")) -> None:
+    """Set kit modes explicitly, whatever the umask was: every directory 0700, and every file in
+    ``state_dirs`` (the SuperLink database with its -wal/-shm, logs, site state) 0600."""
+    if not root.is_dir():
+        return
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(DIR_MODE)
+        elif path.relative_to(root).parts[0] in state_dirs:
+            path.chmod(STATE_FILE_MODE)
 
 
 def site_toml(cfg: SiteConfig) -> str:

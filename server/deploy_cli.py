@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -30,11 +31,66 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
 from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
 
 logger = logging.getLogger(__name__)
+
+CA_PASSPHRASE_ENV = "FACEFED_CA_PASSPHRASE"
+
+
+def _ca_passphrase_args(parser: argparse.ArgumentParser, *, new: bool) -> None:
+    if new:
+        parser.add_argument(
+            "--encrypt-ca",
+            action="store_true",
+            help=f"encrypt ca/ca.key with a passphrase (prompted twice, or ${CA_PASSPHRASE_ENV}, "
+            "or --ca-passphrase-fd); implied by either of those two",
+        )
+    parser.add_argument(
+        "--ca-passphrase-fd",
+        type=int,
+        metavar="FD",
+        help=f"read the CA passphrase (one line) from this file descriptor; else ${CA_PASSPHRASE_ENV}"
+        ", else a prompt. Never on the command line",
+    )
+
+
+def ca_passphrase(
+    args: argparse.Namespace, *, new: bool, key_path: Path | None = None
+) -> bytes | None:
+    """The CA passphrase from ``--ca-passphrase-fd``, ``$FACEFED_CA_PASSPHRASE`` or a prompt.
+
+    For ``init`` (``new``), None unless encryption was asked for; the prompt asks twice. For the
+    commands that load the CA, None when ``key_path`` is not encrypted.
+    """
+    fd = getattr(args, "ca_passphrase_fd", None)
+    if not new and key_path is not None and not pki.ca_key_is_encrypted(key_path):
+        return None
+    if fd is not None:
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                value = handle.readline().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(f"--ca-passphrase-fd {fd}: cannot read it ({exc.strerror})") from exc
+    elif CA_PASSPHRASE_ENV in os.environ:
+        value = os.environ[CA_PASSPHRASE_ENV].encode()
+    elif new and not args.encrypt_ca:
+        return None
+    elif not sys.stdin.isatty():
+        raise ConfigError(
+            f"the CA key needs a passphrase and there is no terminal to ask it on; set "
+            f"${CA_PASSPHRASE_ENV} or pass --ca-passphrase-fd"
+        )
+    else:
+        value = getpass.getpass("CA passphrase: ").encode()
+        if new and getpass.getpass("CA passphrase (again): ").encode() != value:
+            raise ConfigError("the two CA passphrases differ; run the command again")
+    if not value:
+        raise ConfigError("the CA passphrase is empty; choose a non-empty passphrase")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -82,8 +138,11 @@ def register(subparsers: Any) -> None:
         help="sites share one dataset: write partition-id/num-partitions into each site.toml",
     )
     p.add_argument(
-        "--force", action="store_true", help="replace existing files, keeping .bak copies"
+        "--force",
+        action="store_true",
+        help="replace existing files; replaced keys are deleted and put on the deny list",
     )
+    _ca_passphrase_args(p, new=True)
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("add-site", help="add one site to an existing provisioning directory")
@@ -91,15 +150,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--site", required=True, help="new site id")
     p.add_argument("--max-epsilon", type=float, default=8.0)
     p.add_argument("--data-dir", default="/srv/facefed/data")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="re-key the site (old key denied)")
+    _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_add_site)
 
     p = sub.add_parser(
-        "rotate-cert", help="issue a fresh SuperLink certificate (old one kept as .bak)"
+        "rotate-cert", help="issue a fresh SuperLink certificate (old key deleted, serial denied)"
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--extra-host", action="append", default=[])
     p.add_argument("--valid-days", type=int, default=825)
+    _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_rotate)
 
     p = sub.add_parser("coordinator", help="start flower-superlink and register the kit's sites")
@@ -180,7 +241,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         server_valid_days=args.valid_days, force=args.force, partitions=args.demo_partitions,
     )  # fmt: skip
-    kits = deploy_provision.provision(plan)
+    kits = deploy_provision.provision(plan, ca_passphrase=ca_passphrase(args, new=True))
     print(f"CA (keep offline):  {args.out / 'ca'}")
     print(f"app publisher:      {deploy_provision.publisher_dir(args.out)}   (signs every run)")
     print(f"coordinator kit:    {kits[0]}")
@@ -191,8 +252,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_add_site(args: argparse.Namespace) -> int:
     kit = deploy_provision.add_site(
-        args.out, args.site, max_epsilon=args.max_epsilon, data_dir=args.data_dir, force=args.force
-    )
+        args.out, args.site, max_epsilon=args.max_epsilon, data_dir=args.data_dir,
+        force=args.force, ca_passphrase=ca_passphrase(args, new=False, key_path=_ca_key(args.out)),
+    )  # fmt: skip
     coord = deploy_provision.coordinator_dir(args.out)
     print(f"site kit: {kit}; now run `facefed deploy register --kit {coord}`")
     return 0
@@ -200,10 +262,15 @@ def _cmd_add_site(args: argparse.Namespace) -> int:
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
     cert = deploy_provision.rotate_server_cert(
-        args.out, extra_hosts=args.extra_host, valid_days=args.valid_days
-    )
+        args.out, extra_hosts=args.extra_host, valid_days=args.valid_days,
+        ca_passphrase=ca_passphrase(args, new=False, key_path=_ca_key(args.out)),
+    )  # fmt: skip
     print(f"new server certificate: {cert}; restart the coordinator to use it")
     return 0
+
+
+def _ca_key(out: Path) -> Path:
+    return out / "ca" / "ca.key"
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -216,14 +283,20 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         for cmd, _env in commands.values():
             print(shlex.join(cmd))
         return 0
+    deploy_provision.refuse_revoked_server_cert(args.kit)
     for sub in ("state", "logs"):
         (args.kit / sub).mkdir(parents=True, exist_ok=True)
+    deploy.secure_tree(args.kit)  # 0700 dirs, 0600 state/log files, whatever they were
     env = _coordinator_env(args.kit)
     logger.info(
         "starting SuperLink on %s (Control API, loopback only; log: %s), Fleet gateway on %s:%d",
         cfg.control_address, args.kit / "logs" / "superlink.log", cfg.bind, cfg.port,
     )  # fmt: skip
-    procs = {name: subprocess.Popen(cmd, env=penv) for name, (cmd, penv) in commands.items()}
+    # umask 077: superlink.db, its -wal/-shm and the log are created owner-only.
+    procs = {
+        name: subprocess.Popen(cmd, env=penv, umask=deploy.PROCESS_UMASK)
+        for name, (cmd, penv) in commands.items()
+    }
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs.values():
@@ -265,6 +338,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from server import deploy_gateway  # uvicorn and httpx: only this command needs them
 
     cfg = deploy.load_coordinator(args.kit)
+    deploy_provision.refuse_revoked_server_cert(args.kit)
+    os.umask(deploy.PROCESS_UMASK)
     certs = args.kit.resolve() / "certs"
     for name in ("server.crt", "server.key", "ca.crt"):
         if not (certs / name).is_file():
@@ -283,8 +358,15 @@ def _register_sites(kit: Path, env: dict[str, str], only: list[str] | None) -> i
             raise ConfigError(
                 f"site {site!r} is not in {kit / 'coordinator.toml'}; add it with `deploy add-site`"
             )
-        if (kit / "sites" / f"{site}.revoked").exists():
-            logger.info("site %s is revoked; not registering it", site)
+        if (kit / "sites" / f"{site}.revoked").exists() or deploy_provision.site_key_revoked(
+            kit, site
+        ):
+            if only:
+                raise ConfigError(
+                    f"site {site!r}: its key is revoked (deny list {kit / deploy_provision.REVOKED})"
+                    f"; re-key it with `facefed deploy add-site --force --site {site}`"
+                )
+            logger.warning("site %s: its key is revoked; not registering it", site)
             continue
         node_id = deploy_flwr.register(env, kit / "sites" / f"{site}.pub", site)
         if node_id is not None:
@@ -300,7 +382,12 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_revoke(args: argparse.Namespace) -> int:
     env = _coordinator_env(args.kit)
     for site in args.site:
+        deploy.check_site_id(site)
         id_file = args.kit / "sites" / f"{site}.node-id"
+        pub = args.kit / "sites" / f"{site}.pub"
+        if pub.exists():  # denied first: even if unregistering fails, it is never registered again
+            fingerprint = pki.key_fingerprint(pub.read_bytes())
+            deploy_provision.record_revoked(args.kit, "key", fingerprint, f"{site} revoked")
         if not id_file.exists():
             raise ConfigError(
                 f"{id_file} not found: site {site!r} was never registered from this kit"
@@ -327,6 +414,8 @@ def _cmd_site(args: argparse.Namespace) -> int:
             "site's face data folder (or pass --data-dir) before starting the SuperNode"
         )
     sys.stdout.flush()
+    os.umask(deploy.PROCESS_UMASK)  # the site's state and logs: owner only
+    deploy.secure_tree(args.kit)
     os.execvpe(cmd[0], cmd, deploy.flwr_env(args.kit))  # replaces this process (systemd-friendly)
     return 0  # pragma: no cover
 

@@ -1,20 +1,27 @@
 """Provisioning: the CA, the SuperLink certificate, site keys and kits (``facefed deploy init``).
 
-Nothing here overwrites an existing key or kit file unless ``force`` is given; then each replaced
-file is kept next to it as ``<name>.<UTC timestamp>.bak``. All target paths are checked before
-the first write, so a refused run leaves the directory exactly as it was.
+Nothing here overwrites an existing key or kit file unless ``force`` is given; a replaced private
+key is deleted, never kept in clear, and the key or certificate it belonged to goes on the
+coordinator's deny list (``coordinator/revoked.txt``), which ``deploy register`` and the
+coordinator / gateway start check. Provisioning is all or nothing: every file is written into a
+staging folder beside ``OUT`` and moved into place only when all of them were written, so a
+refused or failed run leaves ``OUT`` byte-identical. Directories are 0700 whatever the umask.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
@@ -81,8 +88,56 @@ def publisher_dir(out: Path) -> Path:
     return out / "publisher"
 
 
-def provision(plan: ProvisionPlan) -> list[Path]:
-    """Create the CA, server certificate, coordinator kit and one kit per site.
+REVOKED = "revoked.txt"
+_REVOKED_HEADER = (
+    "# facefed deny list: site keys (SHA256 fingerprints) and server certificates (hex serials)\n"
+    "# that must never be used again. Append-only; checked by `deploy register`, `deploy\n"
+    "# coordinator` and `deploy gateway`. Format: kind id note time\n"
+)
+
+
+def deny_list(coord: Path) -> set[str]:
+    """The revoked key fingerprints and certificate serials of a coordinator kit."""
+    path = coord / REVOKED
+    if not path.exists():
+        return set()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {f.split()[1] for f in lines if not f.startswith("#") and len(f.split()) >= 2}
+
+
+def record_revoked(coord: Path, kind: str, ident: str, note: str) -> None:
+    """Append ``ident`` (a key fingerprint or certificate serial) to the deny list."""
+    if ident in deny_list(coord):
+        return
+    path = coord / REVOKED
+    old = path.read_text(encoding="utf-8") if path.exists() else _REVOKED_HEADER
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    atomic_write_text(path, f"{old}{kind} {ident} {note} {stamp}\n", mode=0o644)
+    logger.warning("deny list %s: %s %s (%s)", path, kind, ident, note)
+
+
+def site_key_revoked(coord: Path, site: str) -> bool:
+    """Whether the key in ``coord/sites/<site>.pub`` is on the deny list."""
+    pub = coord / "sites" / f"{site}.pub"
+    return pki.key_fingerprint(pub.read_bytes()) in deny_list(coord)
+
+
+def refuse_revoked_server_cert(coord: Path) -> None:
+    """Raise if the kit's ``certs/server.crt`` was rotated out (its serial is on the deny list)."""
+    cert = coord / "certs" / "server.crt"
+    if cert.exists() and (serial := pki.cert_serial(cert.read_bytes())) in deny_list(coord):
+        raise ConfigError(
+            f"{cert} (serial {serial}) was rotated out and is on the deny list "
+            f"{coord / REVOKED}; run `facefed deploy rotate-cert` for a fresh one"
+        )
+
+
+def provision(plan: ProvisionPlan, *, ca_passphrase: bytes | None = None) -> list[Path]:
+    """Create the CA, server certificate, coordinator kit and one kit per site, all or nothing.
+
+    Args:
+        plan: what to create.
+        ca_passphrase: encrypt ``ca/ca.key`` with it (None: unencrypted).
 
     Returns:
         The kit directories: the coordinator's first, then one per site.
@@ -102,24 +157,88 @@ def provision(plan: ProvisionPlan) -> list[Path]:
     if not plan.force:
         _refuse_existing(targets)
     publisher = deploy_publisher.load_public_key(plan.publisher_pub) if plan.publisher_pub else None
+    replaced = _replaced_identities(coord, plan.sites) if plan.force else []
 
-    ca = pki.create_ca(valid_days=plan.ca_valid_days, now=plan.now)
-    pki.write_secret(out / "ca" / "ca.key", ca.key_pem(), force=plan.force)
-    pki.write_public(out / "ca" / "ca.crt", ca.cert_pem(), force=plan.force)
-    trusted = _write_publisher(pub, publisher, force=plan.force)
-    cfg = plan.coordinator_config()
-    _write_coordinator_kit(plan, ca, cfg, trusted)
-    kits = [coord]
-    for index, site in enumerate(plan.sites):
-        kits.append(_write_site_kit(plan, ca, cfg, site, index, trusted))
+    with _staging(out) as stage:
+        staged = replace(plan, out=stage, force=False)
+        ca = pki.create_ca(valid_days=plan.ca_valid_days, now=plan.now)
+        pki.write_secret(stage / "ca" / "ca.key", ca.key_pem(ca_passphrase))
+        pki.write_public(stage / "ca" / "ca.crt", ca.cert_pem())
+        trusted = _write_publisher(publisher_dir(stage), publisher, force=False)
+        cfg = plan.coordinator_config()
+        _write_coordinator_kit(staged, ca, cfg, trusted, final_out=out)
+        for index, site in enumerate(plan.sites):
+            _write_site_kit(staged, ca, cfg, site, index, trusted)
+        if (coord / REVOKED).exists():
+            shutil.copy2(coord / REVOKED, coordinator_dir(stage) / REVOKED)
+        for kind, ident, note in replaced:
+            record_revoked(coordinator_dir(stage), kind, ident, note)
+        _commit(stage, out)
+    kits = [coord, *(site_dir(out, site) for site in plan.sites)]
     logger.info("provisioned %d site kit(s) and the coordinator kit under %s", len(plan.sites), out)
     return kits
 
 
+class _staging:
+    """A 0700 staging folder beside ``out`` (same file system), removed on exit."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def __enter__(self) -> Path:
+        parent = self.out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(
+            tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=parent)
+        )
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Move a fully written staging tree into ``out``: one rename when ``out`` does not exist."""
+    deploy.secure_tree(stage, state_dirs=())
+    if not out.exists():
+        os.rename(stage, out)
+    else:
+        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+            dest = out / src.relative_to(stage)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    deploy.secure_tree(out, state_dirs=())
+    for kit in (coordinator_dir(out), *sorted((out / "sites").glob("*"))):
+        deploy.secure_tree(kit)
+
+
+def _replaced_identities(coord: Path, sites: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The site keys and server certificate that ``--force`` is about to replace (deny list)."""
+    found = []
+    for site in sites:
+        if (pub := coord / "sites" / f"{site}.pub").exists():
+            found.append(("key", pki.key_fingerprint(pub.read_bytes()), f"{site} re-keyed"))
+    cert = coord / "certs" / "server.crt"
+    if cert.exists():
+        found.append(("cert", pki.cert_serial(cert.read_bytes()), "server re-provisioned"))
+    return found
+
+
 def add_site(
-    out: Path, site_id: str, *, max_epsilon: float, data_dir: str, force: bool = False
+    out: Path,
+    site_id: str,
+    *,
+    max_epsilon: float,
+    data_dir: str,
+    force: bool = False,
+    ca_passphrase: bytes | None = None,
 ) -> Path:
-    """Add one site to an existing provisioning directory (new key pair, kit, coordinator entry)."""
+    """Add one site to an existing provisioning directory (new key pair, kit, coordinator entry).
+
+    With ``force`` an existing site is re-keyed: its old key goes on the deny list. A site still
+    registered with the SuperLink must be revoked first (``deploy revoke``), so that its old key
+    is unregistered too.
+    """
     deploy.check_site_id(site_id)
     coord = coordinator_dir(out)
     cfg = deploy.load_coordinator(coord)
@@ -127,9 +246,15 @@ def add_site(
         raise ConfigError(
             f"site {site_id!r} is already provisioned; pick another id or pass --force"
         )
+    registered = coord / "sites" / f"{site_id}.node-id"
+    if registered.exists() and not (coord / "sites" / f"{site_id}.revoked").exists():
+        raise ConfigError(
+            f"site {site_id!r} is registered ({registered}); run `facefed deploy revoke --kit "
+            f"{coord} --site {site_id}` first so that its old key cannot be used again"
+        )
     if not force:
         _refuse_existing(_site_targets(out, site_id))
-    ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key")
+    ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key", ca_passphrase)
     trusted_file = publisher_dir(out) / deploy_publisher.TRUSTED_ENTITIES
     deploy_publisher.load_trusted_entities(trusted_file)  # refuses a missing or empty file
     plan = ProvisionPlan(
@@ -137,26 +262,41 @@ def add_site(
         control_port=cfg.control_port, hub_port=cfg.hub_port, sites=(*cfg.sites, site_id),
         max_epsilon=max_epsilon, data_dir=data_dir, force=force,
     )  # fmt: skip
-    kit = _write_site_kit(plan, ca, cfg, site_id, len(cfg.sites), trusted_file.read_text())
+    old = _replaced_identities(coord, [site_id])
+    with _staging(out / ".staging") as stage:
+        staged = replace(plan, out=stage, force=False)
+        _write_site_kit(staged, ca, cfg, site_id, len(cfg.sites), trusted_file.read_text())
+        _commit(stage, out)
+    for kind, ident, note in old:
+        record_revoked(coord, kind, ident, note)
     epsilons = _site_epsilons(coord) | {site_id: max_epsilon}
     new_cfg = replace(cfg, sites=tuple(epsilons))
     deploy.write_text(
         coord / "coordinator.toml", deploy.coordinator_toml(new_cfg, epsilons), force=True
     )
-    return kit
+    return site_dir(out, site_id)
 
 
 def rotate_server_cert(
-    out: Path, *, extra_hosts: Sequence[str] = (), valid_days: int = 825
+    out: Path,
+    *,
+    extra_hosts: Sequence[str] = (),
+    valid_days: int = 825,
+    ca_passphrase: bytes | None = None,
 ) -> Path:
-    """Issue a fresh SuperLink certificate from the existing CA; the old one is kept as ``.bak``.
+    """Issue a fresh SuperLink certificate from the existing CA.
 
-    Sites need nothing new: they trust the CA, not the server certificate.
+    The old private key is deleted (not kept as a backup) and the old certificate's serial goes on
+    the deny list, so the coordinator and gateway refuse to start with it again. Sites need nothing
+    new: they trust the CA, not the server certificate.
     """
     coord = coordinator_dir(out)
     cfg = deploy.load_coordinator(coord)
-    ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key")
+    ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key", ca_passphrase)
     server = pki.issue_server_cert(ca, [cfg.host, *extra_hosts], valid_days=valid_days)
+    old = coord / "certs" / "server.crt"
+    if old.exists():
+        record_revoked(coord, "cert", pki.cert_serial(old.read_bytes()), "server rotated")
     pki.write_secret(coord / "certs" / "server.key", server.key_pem(), force=True)
     pki.write_public(coord / "certs" / "server.crt", server.cert_pem(), force=True)
     return coord / "certs" / "server.crt"
@@ -178,7 +318,7 @@ def _refuse_existing(targets: Sequence[Path]) -> None:
     if existing:
         raise ConfigError(
             f"{existing[0]} (and {len(existing) - 1} other file(s)) already exist; facefed never "
-            "overwrites keys silently: choose a new --out, or pass --force (old files kept as .bak)"
+            "overwrites keys silently: choose a new --out, or pass --force (old keys deleted, denied)"
         )
 
 
@@ -207,7 +347,12 @@ def _write_publisher(pub: Path, public_key: Ed25519PublicKey | None, *, force: b
 
 
 def _write_coordinator_kit(
-    plan: ProvisionPlan, ca: pki.Issued, cfg: deploy.CoordinatorConfig, trusted: str
+    plan: ProvisionPlan,
+    ca: pki.Issued,
+    cfg: deploy.CoordinatorConfig,
+    trusted: str,
+    *,
+    final_out: Path,
 ) -> None:
     coord, force = coordinator_dir(plan.out), plan.force
     server = pki.issue_server_cert(
@@ -224,7 +369,9 @@ def _write_coordinator_kit(
         coord / "coordinator.toml", deploy.coordinator_toml(cfg, epsilons), force=force
     )
     # The flwr CLI dials the SuperLink on loopback (in the certificate); the public port is Fleet only.
-    home = deploy.connection_toml(cfg.control_address, coord / "certs" / "ca.crt")
+    home = deploy.connection_toml(
+        cfg.control_address, coordinator_dir(final_out) / "certs" / "ca.crt"
+    )
     deploy.write_text(coord / "flwr-home" / "config.toml", home, force=True)
     # Public: `deploy submit` checks that it signs with the key the sites trust.
     deploy.write_text(coord / deploy_publisher.TRUSTED_ENTITIES, trusted, force=True)

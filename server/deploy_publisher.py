@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 TRUSTED_ENTITIES = "trusted-entities.yaml"
 HUB_HOST = "127.0.0.1"
 # Flower's own patterns for `flwr run @account/app==x.y.z` (flwr.supercore.constant).
-APP_ID_RE = re.compile(r"^@[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
-APP_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+APP_ID_RE = re.compile(r"@[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")  # fullmatch: `$` admits "\n"
+APP_VERSION_RE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
 _MAX_HUB_REQUEST = 64 * 1024
 
 
@@ -214,7 +214,7 @@ def sign_fab(
 
     fab_id, version = get_metadata_from_config(get_fab_config(content))
     app_id = f"@{fab_id}"
-    if not APP_ID_RE.match(app_id) or not APP_VERSION_RE.match(version):
+    if not APP_ID_RE.fullmatch(app_id) or not APP_VERSION_RE.fullmatch(version):
         raise ConfigError(
             f"app {app_id} version {version!r}: a signed bundle needs [tool.flwr.app] publisher "
             "and [project] name of letters, digits, '.', '_' or '-', and a version x.y.z (digits)"

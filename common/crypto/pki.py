@@ -16,12 +16,16 @@ Three kinds of material, each in the format the Flower 1.41 tool that reads it e
   ``load_ssh_public_key``).
 
 Private keys are written with mode 0600, atomically, and never silently replace an existing file:
-:func:`write_secret` refuses unless ``force`` is set, and then keeps a timestamped backup.
+:func:`write_secret` refuses unless ``force`` is set. A replaced private key is gone, never kept as
+a clear backup (the old key would outlive its revocation). The CA key may be encrypted at rest with
+a passphrase (:meth:`Issued.key_pem`, :func:`load_ca`).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -53,12 +57,21 @@ class Issued:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
-    def key_pem(self) -> bytes:
-        """Return the private key as unencrypted PKCS#8 PEM."""
+    def key_pem(self, passphrase: bytes | None = None) -> bytes:
+        """Return the private key as PKCS#8 PEM, encrypted with ``passphrase`` when one is given.
+
+        Encryption is ``cryptography``'s ``BestAvailableEncryption`` (PBES2, scrypt or PBKDF2 with
+        AES-256-CBC in the current release).
+        """
+        if passphrase is not None and not passphrase:
+            raise ConfigError("the CA passphrase is empty; choose a non-empty passphrase")
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.NoEncryption()
+            if passphrase is None
+            else serialization.BestAvailableEncryption(passphrase)
+        )
         return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )
 
     def cert_pem(self) -> bytes:
@@ -260,21 +273,44 @@ def create_publisher_keypair(comment: str = "facefed-publisher") -> NodeKeyPair:
     return NodeKeyPair(private_openssh=private, public_openssh=public + b"\n")
 
 
-def load_ca(cert_path: Path, key_path: Path) -> Issued:
-    """Load a CA written by :func:`write_issued`.
+def ca_key_is_encrypted(key_path: Path) -> bool:
+    """Whether ``key_path`` holds a passphrase-encrypted PEM private key."""
+    try:
+        return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in key_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"CA key {key_path} is missing; point --out at the directory `deploy init` wrote"
+        ) from exc
+
+
+def load_ca(cert_path: Path, key_path: Path, passphrase: bytes | None = None) -> Issued:
+    """Load the CA written by ``facefed deploy init``; ``passphrase`` for an encrypted key.
 
     Raises:
-        ConfigError: if either file is missing or is not the expected PEM.
+        ConfigError: if either file is missing or is not the expected PEM, if the key is encrypted
+            and no passphrase is given, or if the passphrase is wrong.
     """
+    encrypted = ca_key_is_encrypted(key_path)
+    if encrypted and passphrase is None:
+        raise ConfigError(
+            f"{key_path} is encrypted; give its passphrase (prompt, FACEFED_CA_PASSPHRASE or "
+            "--ca-passphrase-fd)"
+        )
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(
+            key_path.read_bytes(), password=passphrase if encrypted else None
+        )
     except FileNotFoundError as exc:
         raise ConfigError(
             f"CA file {exc.filename} is missing; run `facefed deploy init` first or point --out at "
             "the provisioning directory that holds ca/ca.crt and ca/ca.key"
         ) from exc
     except ValueError as exc:
+        if encrypted:
+            raise ConfigError(
+                f"wrong passphrase for {key_path} (or the key file is damaged); try again"
+            ) from None
         raise ConfigError(
             f"cannot read the CA in {cert_path.parent}: {exc}; restore it from backup"
         ) from exc
@@ -300,18 +336,20 @@ def load_public_key_line(path: Path) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def write_secret(path: Path, data: bytes, *, force: bool = False) -> Path | None:
+def write_secret(path: Path, data: bytes, *, force: bool = False) -> None:
     """Write a private key with mode 0600, refusing to replace an existing one unless ``force``.
 
-    Returns:
-        The path of the backup made of the previous file when ``force`` replaced one, else None.
+    A replaced key is gone: no backup of a private key is ever kept in clear.
 
     Raises:
         ConfigError: if ``path`` exists and ``force`` is False.
     """
-    backup = _backup_if_exists(path, force=force)
+    if path.exists() and not force:
+        raise ConfigError(
+            f"{path} already exists and facefed never overwrites keys silently; keep it, choose "
+            "another --out, or pass --force to replace it (the old key is deleted, not kept)"
+        )
     atomic_write_bytes(path, data, mode=PRIVATE_MODE)
-    return backup
 
 
 def write_public(path: Path, data: bytes, *, force: bool = False) -> Path | None:
@@ -319,6 +357,24 @@ def write_public(path: Path, data: bytes, *, force: bool = False) -> Path | None
     backup = _backup_if_exists(path, force=force)
     atomic_write_bytes(path, data, mode=PUBLIC_MODE)
     return backup
+
+
+def key_fingerprint(public_line: bytes) -> str:
+    """``SHA256:...`` of an OpenSSH public key line, as ``ssh-keygen -lf`` prints it."""
+    fields = public_line.split()
+    if len(fields) < 2:
+        raise ConfigError("not an OpenSSH public key line; re-copy the site's keys/supernode.pub")
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except ValueError as exc:
+        raise ConfigError("OpenSSH public key line has a damaged base64 body") from exc
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def cert_serial(cert_pem: bytes) -> str:
+    """The serial number of a PEM certificate, as lowercase hex (the deny list's cert entry)."""
+    return format(x509.load_pem_x509_certificate(cert_pem).serial_number, "x")
 
 
 def _backup_if_exists(path: Path, *, force: bool) -> Path | None:

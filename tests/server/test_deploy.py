@@ -68,8 +68,11 @@ def test_rerunning_init_refuses_and_changes_nothing(kits: Path) -> None:
     assert _all_files(kits) == before
 
 
-def test_forced_reinit_replaces_keys_and_keeps_backups(kits: Path) -> None:
+def test_forced_reinit_replaces_keys_keeps_no_clear_copy_and_denies_the_old_ones(
+    kits: Path,
+) -> None:
     old = (kits / "sites" / "site-1" / "keys" / "supernode.key").read_bytes()
+    old_pub = (kits / "coordinator" / "sites" / "site-1.pub").read_bytes()
     plan = deploy_provision.ProvisionPlan(
         out=kits, coordinator_host="fl.example.org", sites=SITES, force=True
     )
@@ -77,8 +80,9 @@ def test_forced_reinit_replaces_keys_and_keeps_backups(kits: Path) -> None:
     deploy_provision.provision(plan)
 
     assert (kits / "sites" / "site-1" / "keys" / "supernode.key").read_bytes() != old
-    backups = list((kits / "sites" / "site-1" / "keys").glob("supernode.key.*.bak"))
-    assert [b.read_bytes() for b in backups] == [old]
+    assert not any(old in data for data in _all_files(kits.parent).values())
+    denied = deploy_provision.deny_list(kits / "coordinator")
+    assert pki.key_fingerprint(old_pub) in denied
 
 
 def test_superlink_command_is_tls_node_auth_offline_and_persistent(kits: Path) -> None:
@@ -218,7 +222,7 @@ def test_add_site_and_rotate_keep_the_ca(kits: Path) -> None:
     assert deploy.load_site(kits / "sites" / "clinic-3").max_epsilon == 2.0
     assert (kits / "sites" / "clinic-3" / "certs" / "ca.crt").read_bytes() == ca_before
     assert (kits / "coordinator" / "certs" / "server.crt").read_bytes() != server_before
-    assert list((kits / "coordinator" / "certs").glob("server.key.*.bak"))
+    assert not list((kits / "coordinator" / "certs").glob("server.key.*"))
 
 
 def test_cli_init_then_rerun_fails_with_one_line_error(

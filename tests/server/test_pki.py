@@ -150,14 +150,62 @@ def test_existing_key_is_never_silently_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "a.key").read_bytes() == b"first"
 
 
-def test_force_replaces_key_and_keeps_a_backup(tmp_path: Path) -> None:
+def test_force_replaces_key_and_keeps_no_clear_copy(tmp_path: Path) -> None:
     pki.write_secret(tmp_path / "a.key", b"first")
 
-    backup = pki.write_secret(tmp_path / "a.key", b"second", force=True)
+    pki.write_secret(tmp_path / "a.key", b"second", force=True)
 
     assert (tmp_path / "a.key").read_bytes() == b"second"
-    assert backup is not None and backup.read_bytes() == b"first"
-    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["a.key"]
+
+
+def _write_ca(tmp_path: Path, passphrase: bytes | None) -> tuple[pki.Issued, Path, Path]:
+    ca = pki.create_ca()
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    pki.write_public(cert, ca.cert_pem())
+    pki.write_secret(key, ca.key_pem(passphrase))
+    return ca, cert, key
+
+
+def test_encrypted_ca_key_round_trips_with_its_passphrase(tmp_path: Path) -> None:
+    ca, cert, key = _write_ca(tmp_path, b"correct horse")
+
+    loaded = pki.load_ca(cert, key, b"correct horse")
+
+    assert pki.ca_key_is_encrypted(key)
+    assert b"ENCRYPTED PRIVATE KEY" in key.read_bytes()
+    assert loaded.key.private_numbers() == ca.key.private_numbers()
+
+
+def test_encrypted_ca_key_refuses_a_wrong_passphrase_in_one_line(tmp_path: Path) -> None:
+    _, cert, key = _write_ca(tmp_path, b"correct horse")
+
+    with pytest.raises(ConfigError, match="wrong passphrase") as info:
+        pki.load_ca(cert, key, b"battery staple")
+    assert "\n" not in str(info.value)
+
+
+def test_encrypted_ca_key_without_a_passphrase_says_how_to_give_one(tmp_path: Path) -> None:
+    _, cert, key = _write_ca(tmp_path, b"correct horse")
+
+    with pytest.raises(ConfigError, match="FACEFED_CA_PASSPHRASE"):
+        pki.load_ca(cert, key)
+
+
+def test_unencrypted_ca_key_still_loads_without_a_passphrase(tmp_path: Path) -> None:
+    ca, cert, key = _write_ca(tmp_path, None)
+
+    assert not pki.ca_key_is_encrypted(key)
+    assert pki.load_ca(cert, key).key.private_numbers() == ca.key.private_numbers()
+
+
+def test_key_fingerprint_matches_ssh_keygen_format() -> None:
+    pair = pki.create_node_keypair(comment="site-1")
+
+    fingerprint = pki.key_fingerprint(pair.public_openssh)
+
+    assert fingerprint.startswith("SHA256:") and len(fingerprint) == 7 + 43
+    assert fingerprint != pki.key_fingerprint(pki.create_node_keypair().public_openssh)
 
 
 @pytest.mark.parametrize("bad", ["https://fl.example.org", "fl.example.org:9093", "", "a b"])
