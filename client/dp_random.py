@@ -10,25 +10,21 @@ from :class:`SecretRandomness`, which reads the operating system's CSPRNG (``os.
 by an explicit opt-in (run config ``noise-source = "seeded"``) that the site's policy must allow and
 that a deployed site always refuses; the ledger records which of the two every release used.
 
-Gaussian samples are made from CSPRNG bits by the Box-Muller transform in float64, and each returned
-sample is ``(z1 + z2 + z3 + z4) / 2`` of four independent standard normals. That is still exactly
-N(0, 1), and it is the mitigation of floating-point attacks on Gaussian noise that Opacus's
-``secure_mode`` uses (Holohan & Braghin 2021, https://arxiv.org/abs/2107.10138, section 5.1; the
-attack: Jin et al. 2022, https://arxiv.org/abs/2112.05307).
+The secret draws themselves, and their defence against floating-point attacks, are
+:mod:`common.privacy.secret_noise`, which the coordinator's central DP uses too.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
+from common.privacy.secret_noise import secret_gaussian, secret_uniform
+
 NoiseSource = Literal["secret", "seeded"]
-_SUMMED = 4  # normals summed per sample (Opacus secure_mode's 2n with n = 2)
-_BITS = 53  # a float64 uniform in [0, 1) from 53 random bits
 
 
 class DpRandomness(Protocol):
@@ -48,32 +44,16 @@ class DpRandomness(Protocol):
         ...
 
 
-def _uniform53(data: bytes) -> np.ndarray:
-    words = np.frombuffer(data, dtype=np.uint64) >> np.uint64(64 - _BITS)
-    return words.astype(np.float64) * 2.0**-_BITS
-
-
 class SecretRandomness:
     """Draws from the operating system's CSPRNG, fresh for every call; it has no state to leak."""
 
     secret = True
 
     def uniform(self, n: int) -> torch.Tensor:
-        if n < 0:
-            raise ValueError(f"Expected n >= 0, got {n=}")
-        return torch.from_numpy(_uniform53(os.urandom(8 * n)))
+        return torch.from_numpy(secret_uniform(n))
 
     def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype) -> torch.Tensor:
-        if not (math.isfinite(std) and std >= 0):
-            raise ValueError(f"Expected a finite std >= 0, got {std=}")
-        n = math.prod(shape)
-        half = (n * _SUMMED + 1) // 2
-        u = _uniform53(os.urandom(16 * half)).reshape(2, half)
-        radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: the log is finite
-        angle = 2.0 * np.pi * u[1]
-        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: n * _SUMMED]
-        summed = z.reshape(_SUMMED, n).sum(axis=0) / math.sqrt(_SUMMED)
-        return torch.from_numpy(summed * std).to(dtype).reshape(shape)
+        return torch.from_numpy(secret_gaussian(shape, std)).to(dtype)
 
 
 class SeededRandomness:

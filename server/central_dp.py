@@ -8,7 +8,7 @@ Gaussian noise of std ``sigma * C / n`` to the uniform average of the ``n`` upda
   sized for the sensitivity ``C / n`` of that mean; FedAdam would rescale the noised mean with its
   adaptive step, and a robust aggregate has another sensitivity. ``common.config`` refuses these
   combinations too; this class refuses them again in case it is built from other settings;
-* the noise comes from the OS CSPRNG, fresh per release (:func:`secret_gaussian`); Flower's
+* the noise comes from the OS CSPRNG, fresh per release (:func:`common.privacy.secret_noise.secret_gaussian`); Flower's
   ``add_gaussian_noise_inplace`` draws from NumPy's global Mersenne Twister, which anyone can seed
   or, from enough outputs, predict (the cohort is drawn secretly too: see ``CohortMixin``);
 * every noised release is recorded in the ledger as the coordinator's own ``client-level`` guarantee,
@@ -21,8 +21,6 @@ Gaussian noise of std ``sigma * C / n`` to the uniform average of the ``n`` upda
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -35,45 +33,13 @@ from common.config import RunSettings
 from common.errors import ConfigError, FacefedError
 from common.privacy.accounting import would_exceed
 from common.privacy.events import DpSgdEvent
+from common.privacy.secret_noise import secret_gaussian
 from server.ledger_keeper import COORDINATOR
 from server.strategy import BudgetExhausted, FacefedFedAvg, FacefedStrategy
 
 logger = logging.getLogger(__name__)
 
 _TWO_POW_MINUS_53 = 2.0**-53
-
-
-def _standard_normal(count: int) -> np.ndarray:
-    """``count`` N(0, 1) samples (float64) by the Box–Muller transform of OS CSPRNG bytes.
-
-    Box & Muller (1958): for U1 in (0, 1] and U2 in [0, 1) independent and uniform,
-    ``sqrt(-2 ln U1) * (cos 2 pi U2, sin 2 pi U2)`` are two independent standard normals. Each
-    uniform takes the top 53 bits of 8 bytes of ``os.urandom`` (the kernel's CSPRNG).
-    """
-    pairs = (count + 1) // 2
-    words = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs) >> np.uint64(
-        11
-    )
-    u1 = (words[0] + np.uint64(1)) * _TWO_POW_MINUS_53  # (0, 1]: log never sees 0
-    angle = (2.0 * math.pi * _TWO_POW_MINUS_53) * words[1]
-    radius = np.sqrt(-2.0 * np.log(u1))
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-
-
-def secret_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
-    """Gaussian noise of standard deviation ``std`` (float64) from the OS CSPRNG, fresh per call.
-
-    Each sample is the sum of four standard normals halved, as Opacus's ``secure_mode`` does after
-    Holohan & Braghin (2021), "Secure Random Sampling in Differential Privacy": the sum smooths the
-    gaps that floating-point Box–Muller leaves in the output distribution, which floating-point
-    attacks (Mironov, 2012, for Laplace; Jin et al., 2022, for Gaussian) exploit. It costs 32 random bytes per sample, about 0.1 s for
-    the default models' 0.4 M parameters (measured on 2 shared CPU cores; small next to a round).
-    """
-    count = math.prod(shape)
-    total = _standard_normal(count)
-    for _ in range(3):
-        total += _standard_normal(count)
-    return (total * (std / 2.0)).reshape(shape)
 
 
 def _require_plain_mean(inner: FacefedStrategy, settings: RunSettings) -> None:

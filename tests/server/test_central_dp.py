@@ -18,8 +18,9 @@ from common.config import RunSettings, parse_run_config
 from common.errors import ConfigError
 from common.models import EmotionNet, FaceEmbedder
 from common.privacy.events import DpSgdEvent
+from common.privacy.secret_noise import secret_gaussian
 from common.serde import to_arrays
-from server.central_dp import CentralDp, secret_gaussian
+from server.central_dp import CentralDp
 from server.strategy import make_strategy
 from tests.server.test_strategy import FakeGrid, reply, task_identity  # noqa: F401 (fixture)
 
