@@ -100,7 +100,9 @@ def register(subparsers: Any) -> None:
     )
     sub = parser.add_subparsers(dest="deploy_command", metavar="SUBCOMMAND", required=True)
 
-    p = sub.add_parser("init", help="create the CA, server certificate and all kits")
+    p = sub.add_parser(
+        "init", allow_abbrev=False, help="create the CA, server certificate and all kits"
+    )
     p.add_argument("--sites", type=int, help="number of sites (named site-1..site-N)")
     p.add_argument("--site-names", help="comma-separated site ids instead of --sites")
     p.add_argument("--coordinator", required=True, help="DNS name or IP the sites dial")
@@ -145,7 +147,9 @@ def register(subparsers: Any) -> None:
     _ca_passphrase_args(p, new=True)
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("add-site", help="add one site to an existing provisioning directory")
+    p = sub.add_parser(
+        "add-site", allow_abbrev=False, help="add one site to an existing provisioning directory"
+    )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--site", required=True, help="new site id")
     p.add_argument("--max-epsilon", type=float, default=8.0)
@@ -155,7 +159,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_add_site)
 
     p = sub.add_parser(
-        "rotate-cert", help="issue a fresh SuperLink certificate (old key deleted, serial denied)"
+        "rotate-cert",
+        allow_abbrev=False,
+        help="issue a fresh SuperLink certificate (old key deleted, serial denied)",
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--extra-host", action="append", default=[])

@@ -212,14 +212,16 @@ def _commit(stage: Path, out: Path) -> None:
         deploy.secure_tree(kit)
 
 
-def _replaced_identities(coord: Path, sites: Sequence[str]) -> list[tuple[str, str, str]]:
+def _replaced_identities(
+    coord: Path, sites: Sequence[str], *, server: bool = True
+) -> list[tuple[str, str, str]]:
     """The site keys and server certificate that ``--force`` is about to replace (deny list)."""
     found = []
     for site in sites:
         if (pub := coord / "sites" / f"{site}.pub").exists():
             found.append(("key", pki.key_fingerprint(pub.read_bytes()), f"{site} re-keyed"))
     cert = coord / "certs" / "server.crt"
-    if cert.exists():
+    if server and cert.exists():
         found.append(("cert", pki.cert_serial(cert.read_bytes()), "server re-provisioned"))
     return found
 
@@ -255,17 +257,18 @@ def add_site(
     if not force:
         _refuse_existing(_site_targets(out, site_id))
     ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key", ca_passphrase)
+    sites = cfg.sites if site_id in cfg.sites else (*cfg.sites, site_id)
     trusted_file = publisher_dir(out) / deploy_publisher.TRUSTED_ENTITIES
     deploy_publisher.load_trusted_entities(trusted_file)  # refuses a missing or empty file
     plan = ProvisionPlan(
         out=out, coordinator_host=cfg.host, port=cfg.port, bind=cfg.bind,
-        control_port=cfg.control_port, hub_port=cfg.hub_port, sites=(*cfg.sites, site_id),
+        control_port=cfg.control_port, hub_port=cfg.hub_port, sites=sites,
         max_epsilon=max_epsilon, data_dir=data_dir, force=force,
     )  # fmt: skip
-    old = _replaced_identities(coord, [site_id])
+    old = _replaced_identities(coord, [site_id], server=False)
     with _staging(out / ".staging") as stage:
         staged = replace(plan, out=stage, force=False)
-        _write_site_kit(staged, ca, cfg, site_id, len(cfg.sites), trusted_file.read_text())
+        _write_site_kit(staged, ca, cfg, site_id, sites.index(site_id), trusted_file.read_text())
         _commit(stage, out)
     for kind, ident, note in old:
         record_revoked(coord, kind, ident, note)
