@@ -272,6 +272,8 @@ def add_site(
         _commit(stage, out)
     for kind, ident, note in old:
         record_revoked(coord, kind, ident, note)
+    for stale in (f"{site_id}.revoked", f"{site_id}.node-id"):  # of the old key, now denied
+        (coord / "sites" / stale).unlink(missing_ok=True)
     epsilons = _site_epsilons(coord) | {site_id: max_epsilon}
     new_cfg = replace(cfg, sites=tuple(epsilons))
     deploy.write_text(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -35,7 +36,31 @@ RUN_TIMEOUT_S = 600.0
 
 
 def bring_up(procs: Procs, out: Path, data_dir: Path) -> Federation:
-    """Provision with the CLI, start the coordinator and two sites with their start scripts."""
+    """Provision with the CLI, start the coordinator and two sites with their start scripts.
+
+    All under umask 000, the most careless operator's: the kit modes and the files the started
+    processes create must not depend on it (:func:`assert_owner_only`).
+    """
+    old_umask = os.umask(0)
+    try:
+        return _bring_up(procs, out, data_dir)
+    finally:
+        os.umask(old_umask)
+
+
+def assert_owner_only(fed: Federation) -> None:
+    """Every kit directory 0700; the SuperLink's database (with -wal/-shm) and its log 0600."""
+    files = [*(fed.coordinator / "state").iterdir(), *(fed.coordinator / "logs").iterdir()]
+    names = {p.name for p in files}
+    assert {"superlink.db", "superlink.log"} <= names, names
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files if p.is_file()}
+    assert set(modes.values()) == {0o600}, modes
+    dirs = [d for d in [fed.out, *fed.out.rglob("*")] if d.is_dir() and not d.is_symlink()]
+    ours = [d for d in dirs if "flwr-home" not in d.parts]  # Flower's own app cache
+    assert {stat.S_IMODE(d.stat().st_mode) for d in ours} == {0o700}
+
+
+def _bring_up(procs: Procs, out: Path, data_dir: Path) -> Federation:
     port = free_port()
     argv = ["deploy", "init", "--sites", "2", "--coordinator", "127.0.0.1", "--bind", "127.0.0.1"]
     argv += [
@@ -135,6 +160,7 @@ def test_sites_run_only_app_bundles_signed_by_the_trusted_publisher(
     for site in fed.sites:  # the refused bundles' code never ran on a site; the signed one did
         assert _runs_executed(fed, site) == {trusted_id}
         assert "FAB verification failed" in procs.log(site)
+    assert_owner_only(fed)
 
 
 def test_facefed_app_runs_two_rounds_on_deployed_sites(procs: Procs, tmp_path: Path) -> None:

@@ -317,3 +317,28 @@ def test_ca_passphrase_is_never_a_command_line_argument(
     code = main(["deploy", command, *required, "--ca-passphrase", "secret"])
 
     assert code == 2 and "unrecognized arguments: --ca-passphrase" in capsys.readouterr().err
+
+
+def test_revoked_then_rekeyed_site_registers_its_new_key_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "kits"
+    coord = out / "coordinator"
+    deploy_provision.provision(_plan(out))
+    keys: list[str] = []
+
+    def fake_register(env: object, pub: Path, name: str) -> int:
+        keys.append(pki.key_fingerprint(pub.read_bytes()))
+        return len(keys)
+
+    monkeypatch.setattr(deploy_flwr, "register", fake_register)
+    monkeypatch.setattr(deploy_flwr, "unregister", lambda env, node: None)
+    assert main(["deploy", "register", "--kit", str(coord), "--site", "site-1"]) == 0
+    assert main(["deploy", "revoke", "--kit", str(coord), "--site", "site-1"]) == 0
+
+    deploy_provision.add_site(out, "site-1", max_epsilon=8.0, data_dir="/d", force=True)
+    assert main(["deploy", "register", "--kit", str(coord), "--site", "site-1"]) == 0
+
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert keys[0] in deploy_provision.deny_list(coord)
+    assert keys[1] not in deploy_provision.deny_list(coord)
