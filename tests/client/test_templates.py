@@ -1,10 +1,13 @@
 """Encrypted template store: round trip, wrong key, tampering, swapping, rotation, revocation.
 
-Also a scan of the files on disk for plaintext.
+Also a scan of the files on disk for plaintext, and the attacks on what decides a match (issue 14):
+an edited threshold, a record put back after a delete, an edited version, a removed tombstone, a MAC
+moved between rows, a delete racing a reader, and damaged stores that must be refused untouched.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.templates import DB_NAME, TemplateStore
+from client.templates import DB_NAME, TemplateStore, mac_key
 from common.crypto import envelope, keys
 from common.errors import ConfigError, DataError, IntegrityError
 
@@ -47,6 +50,34 @@ def poke(store: TemplateStore, sql: str, *params: object) -> None:
     conn.execute(sql, params)
     conn.commit()
     conn.close()
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every file of the store folder, by name (take it with no connection open)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def open_and_get(directory: Path, key: keys.MasterKey, identity: str = "alice") -> None:
+    """What `facefed site verify` does with the store: open, unlock, read the calibration and one
+    template; the store is closed again whatever happens."""
+    with TemplateStore.open(directory) as reopened:
+        reopened.unlock(key)
+        reopened.get_meta(f"calibration:{TAG}")
+        reopened.get(identity)
+
+
+CALIBRATION = {
+    "threshold": 0.42,
+    "far": 0.001,
+    "tar": 0.9,
+    "heldout_tar": 0.88,
+    "heldout_far": 0.0012,
+    "n_genuine": 1500,
+    "n_impostor": 150000,
+    "n_folds": 2,
+    "model_tag": TAG,
+    "source": "LFW people sets 4,5 (all pairs)",
+}
 
 
 # ---------------------------------------------------------------------- envelope primitives
@@ -204,10 +235,14 @@ def test_after_rotation_old_key_opens_nothing_and_new_key_opens_everything(
     reopened = TemplateStore.open(store.directory)
     with pytest.raises(IntegrityError):
         reopened.unlock(key_file)
-    reopened._wrapping_key = key_file.wrapping_key  # bypass the verifier: every record must refuse
+    reopened._wrapping_key = key_file.wrapping_key  # bypass the verifier: every row must refuse
+    reopened._mac_key = mac_key(key_file, store.store_id)
     for who in ("alice", "bob"):
-        with pytest.raises(IntegrityError):
+        with pytest.raises(IntegrityError, match="fails authentication"):  # every row re-MACed
             reopened.get(who)
+    reopened._mac_key = mac_key(new, store.store_id)
+    with pytest.raises(IntegrityError, match="wrapped data key failed authentication"):
+        reopened.get("alice")
     reopened.unlock(new)
     assert {t.identity for t in reopened.iter_templates()} == {"alice", "bob"}
     np.testing.assert_array_equal(reopened.get("alice").embedding, unit(1))
@@ -282,7 +317,7 @@ def test_delete_revokes_and_zeroes_the_old_record(store: TemplateStore) -> None:
         store.get("alice")
     for column in ("ciphertext", "wrapped_key"):
         assert scan(store.directory, old[column]) == []
-    assert store.enroll("alice", unit(5), model_tag=TAG, n_images=1) == 2
+    assert store.enroll("alice", unit(5), model_tag=TAG, n_images=1) == 3  # 2 is the tombstone
 
 
 def test_renewal_makes_the_old_record_useless(store: TemplateStore) -> None:
