@@ -47,7 +47,13 @@ def read_image(
             f"image {path} is {size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB limit; "
             "downscale it first"
         )
-    return decode_image(path.read_bytes(), name=str(path), max_pixels=max_pixels)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # e.g. PermissionError: stat works, reading does not
+        raise DataError(
+            f"cannot read image {path} ({exc.strerror}); check its permissions"
+        ) from exc
+    return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 
 def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -4,14 +4,26 @@ Templates are stored encrypted (:mod:`client.templates`).
 
 Every command reads and checks all of its input (images, key, identity) before it writes anything,
 so a bad input leaves the store unchanged. Human-readable output by default, one JSON object with
-``--json``. ``verify`` exits 0 on a match and 1 on no match; errors exit >= 2 (see
-:mod:`common.errors`).
+``--json``. ``verify`` exits 0 on a match and 1 on no match; errors exit 2 (bad input), 3 (no
+such store or identity, or a refused store folder) or 4 (integrity or key failure): the table in
+:mod:`common.errors` and docs/exit-codes.md.
+
+Key custody: a key file (default ``~/.config/facefed/keys/ID.key``), a passphrase (prompted twice
+when new; from stdin only with ``--passphrase-stdin``), or a key held by the institution's secret
+manager (``--key-command CMD``, run without a shell, or ``--key-fd N``). The default key file lives
+apart from the store folder, so a copy of the store alone (a backup, a synced folder) is useless; it
+does NOT protect against whoever can read this home directory or disk: use a passphrase or a
+secret manager for that. ``init`` says so.
+
+``init`` never changes the mode of a folder it did not create: an existing ``--store`` folder must
+be a private folder of this user (no group/other access), else it is refused.
 
 The verification threshold is, first found: ``--threshold``; the calibration stored in the store for
 the checkpoint's model (``facefed site calibrate``); the ``NAME.calibration.json`` shipped next to
 ``NAME.ckpt`` (it must name the same model tag); a calibration in the checkpoint's metadata.
 
 Environment: ``FACEFED_SITE_DIR`` (store), ``FACEFED_SITE_KEY`` (key file),
+``FACEFED_SITE_KEY_COMMAND`` (key command),
 ``FACEFED_SITE_PASSPHRASE`` (passphrase), ``FACEFED_KEY_DIR`` (where ``init`` puts key files by
 default), ``FACEFED_CHECKPOINT``, ``FACEFED_DETECTOR_MODEL``.
 """
@@ -23,6 +35,7 @@ import contextlib
 import getpass
 import json
 import os
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -34,17 +47,30 @@ from client.calibration import DEFAULT_FAR, PROTOCOLS, Calibration, calibrate_on
 from client.imageio import read_image
 from client.pipeline import FacePipeline, PipelineConfig, load_pipeline
 from client.templates import TemplateStore, validate_identity
+from common.cli import bounded_float, positive_int
 from common.crypto import keys
-from common.errors import ConfigError, DataError
+from common.errors import (
+    ConfigError,
+    DataError,
+    KeyUnavailableError,
+    NotFoundError,
+    RefusedError,
+)
 
 STORE_ENV = "FACEFED_SITE_DIR"
 KEY_ENV = "FACEFED_SITE_KEY"
+KEY_COMMAND_ENV = "FACEFED_SITE_KEY_COMMAND"
 PASSPHRASE_ENV = "FACEFED_SITE_PASSPHRASE"
 KEY_DIR_ENV = "FACEFED_KEY_DIR"
 CHECKPOINT_ENV = "FACEFED_CHECKPOINT"
 DETECTOR_ENV = "FACEFED_DETECTOR_MODEL"
 NO_MATCH_EXIT = 1
 CALIBRATION_SUFFIX = ".calibration.json"
+KEY_FILE_CUSTODY = (
+    "the key file protects a copy of the store on its own (a stolen backup or synced folder); it "
+    "does not protect against whoever can read this home directory or disk: for that, use "
+    "--passphrase or the institution's secret manager (--key-command / --key-fd)"
+)
 
 
 def _env_path(name: str) -> Path | None:
@@ -54,7 +80,44 @@ def _env_path(name: str) -> Path | None:
 
 def _store_dir(args: argparse.Namespace) -> Path:
     explicit = args.store or _env_path(STORE_ENV)
-    return Path(explicit or Path.home() / ".local" / "share" / "facefed" / "site").expanduser()
+    directory = Path(explicit or Path.home() / ".local" / "share" / "facefed" / "site").expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--store {directory} is a file, not a folder; pass the store's folder")
+    return directory
+
+
+def _check_new_store_folder(directory: Path) -> None:
+    """Refuse an existing folder that is not this user's private folder; never chmod it."""
+    if not directory.exists():
+        return  # init creates it, private (0700)
+    info = directory.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    keep = "facefed never changes the mode of a folder it did not create"
+    if info.st_uid != os.geteuid():
+        raise RefusedError(
+            f"store folder {directory} belongs to another user (uid {info.st_uid}); {keep}: "
+            "pass --store with a new folder of your own"
+        )
+    if mode & 0o022 or mode & stat.S_ISVTX:
+        raise RefusedError(
+            f"store folder {directory} is shared (writable by group/others, mode {mode:o}); {keep}: "
+            f"pass --store with a new folder, e.g. {directory / 'facefed-site'}"
+        )
+    if mode & 0o077:
+        raise RefusedError(
+            f"store folder {directory} is readable by group/others (mode {mode:o}); {keep}: run "
+            f"`chmod 700 {directory}` or pass --store with a new folder"
+        )
+
+
+def _existing_store(args: argparse.Namespace) -> Path:
+    directory = _store_dir(args)
+    if not (directory / "templates.db").is_file():
+        raise NotFoundError(
+            f"no template store in {directory}; run `facefed site init --store {directory}` or "
+            f"point --store / {STORE_ENV} to an existing one"
+        )
+    return directory
 
 
 def _default_key_path(store_id: str) -> Path:
@@ -66,38 +129,84 @@ def _key_path(args: argparse.Namespace, store_id: str) -> Path:
     return Path(args.key_file or _env_path(KEY_ENV) or _default_key_path(store_id)).expanduser()
 
 
-def _read_passphrase(file: Path | None, env_name: str | None, prompt: str) -> str | None:
+def _stdin_passphrase() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise ConfigError("--passphrase-stdin: standard input is empty; pipe the passphrase in")
+    return line.rstrip("\r\n")
+
+
+def _read_passphrase(
+    file: Path | None, env_name: str | None, from_stdin: bool, prompt: str, *, new: bool = False
+) -> str | None:
+    """The passphrase from a file, a variable, stdin (only if asked) or a terminal prompt.
+
+    A ``new`` passphrase typed at the prompt is asked twice; a mismatch is refused.
+    """
     if file is not None:
         return keys.read_passphrase_file(Path(file))
     if env_name:
         if env_name not in os.environ:
             raise ConfigError(f"environment variable {env_name} (from --passphrase-env) is not set")
         return os.environ[env_name]
-    if prompt and sys.stdin.isatty():
-        return getpass.getpass(prompt)
-    return None
+    if from_stdin:
+        return _stdin_passphrase()
+    if not prompt or not sys.stdin.isatty():
+        return None
+    passphrase = getpass.getpass(prompt)
+    if new and getpass.getpass("repeat the passphrase: ") != passphrase:
+        raise ConfigError("the two passphrases differ; nothing was changed, try again")
+    return passphrase
+
+
+def _no_tty_passphrase(what: str) -> ConfigError:
+    return ConfigError(
+        f"{what}, but standard input is not a terminal; pass --passphrase-file PATH, "
+        "--passphrase-env VAR, or --passphrase-stdin to read it from standard input"
+    )
+
+
+def _uses_external_key(args: argparse.Namespace) -> bool:
+    """Whether the random key comes from a secret manager (command or fd) rather than a file."""
+    if args.key_file is not None:
+        return False
+    return bool(args.key_command or args.key_fd is not None or os.environ.get(KEY_COMMAND_ENV))
+
+
+def _external_secret(command: str | None, fd: int | None, *, env: bool = True) -> bytes | None:
+    """The key from a secret-manager command or a file descriptor, if either is configured."""
+    if fd is not None:
+        return keys.read_key_fd(fd)
+    command = command or (os.environ.get(KEY_COMMAND_ENV) if env else None)
+    return keys.read_key_command(command) if command else None
 
 
 def _unlock(store: TemplateStore, args: argparse.Namespace) -> None:
     info = store.key_info
+    secret = _external_secret(args.key_command, args.key_fd) if _uses_external_key(args) else None
+    if secret is not None:
+        store.unlock(keys.external_key(secret, info))
+        return
     if info.kind == "keyfile":
         store.unlock(keys.load_key_file(_key_path(args, store.store_id), info))
         return
-    passphrase = _read_passphrase(args.passphrase_file, args.passphrase_env, "")
+    passphrase = _read_passphrase(
+        args.passphrase_file, args.passphrase_env, args.passphrase_stdin, ""
+    )
     if passphrase is None:
         passphrase = os.environ.get(PASSPHRASE_ENV)
     if passphrase is None and sys.stdin.isatty():
         passphrase = getpass.getpass("store passphrase: ")
     if passphrase is None:
-        raise ConfigError(
-            "this store is protected by a passphrase; pass --passphrase-file PATH or "
-            f"--passphrase-env VAR, or set {PASSPHRASE_ENV}"
+        raise KeyUnavailableError(
+            "this store is protected by a passphrase; pass --passphrase-file PATH, "
+            f"--passphrase-env VAR or --passphrase-stdin, or set {PASSPHRASE_ENV}"
         )
     store.unlock(keys.passphrase_key(passphrase, info))
 
 
 def _open(args: argparse.Namespace) -> TemplateStore:
-    store = TemplateStore.open(_store_dir(args))
+    store = TemplateStore.open(_existing_store(args))
     try:
         _unlock(store, args)
     except BaseException:
@@ -185,15 +294,23 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"a template store already exists in {directory}; use it or pick another --store"
         )
+    _check_new_store_folder(directory)
     store_id = uuid.uuid4().hex
     passphrase = _read_passphrase(
         args.passphrase_file,
         args.passphrase_env,
+        args.passphrase_stdin,
         "new store passphrase: " if args.passphrase else "",
+        new=True,
     )
+    if args.passphrase and passphrase is None:
+        raise _no_tty_passphrase("--passphrase asks for a new passphrase")
+    external = _external_secret(args.key_command, args.key_fd, env=False)
     key_file: Path | None = None
     if passphrase is not None:
         master = keys.new_passphrase_key(passphrase)
+    elif external is not None:
+        master = keys.new_external_key(external)
     else:
         key_file = _key_path(args, store_id).resolve()
         if key_file.parent == directory.resolve() or directory.resolve() in key_file.parents:
@@ -211,7 +328,11 @@ def cmd_init(args: argparse.Namespace) -> int:
                 key_file.unlink()
         raise
     store.close()
-    where = f"key file {key_file}" if key_file else "passphrase (scrypt)"
+    if key_file is not None:
+        where = f"key file {key_file}"
+    else:
+        where = "passphrase (scrypt)" if passphrase is not None else "the secret manager's key"
+    note = KEY_FILE_CUSTODY if key_file else None
     _emit(
         args,
         {
@@ -219,8 +340,10 @@ def cmd_init(args: argparse.Namespace) -> int:
             "store_id": store_id,
             "key": master.info.kind,
             "key_file": str(key_file) if key_file else None,
+            "custody_note": note,
         },
-        f"created template store {directory} (id {store_id}), protected by {where}",
+        f"created template store {directory} (id {store_id}), protected by {where}"
+        + (f"\nnote: {note}" if note else ""),
     )
     return 0
 
@@ -278,6 +401,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_identity(store: TemplateStore, identity: str) -> None:
+    if identity not in store.identities():
+        raise NotFoundError(
+            f"no template for {identity!r} in {store.directory}; enrol it first or check the id "
+            "with `facefed site list`"
+        )
+
+
 def _check_tag(identity: str, stored_tag: str, pipeline: FacePipeline) -> None:
     if stored_tag != pipeline.model_tag:
         raise DataError(
@@ -289,8 +420,10 @@ def _check_tag(identity: str, stored_tag: str, pipeline: FacePipeline) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     pipeline, meta = _pipeline(args)
+    identity = validate_identity(args.id)
     with _open(args) as store:
-        stored = store.get(args.id)
+        _require_identity(store, identity)
+        stored = store.get(identity)
         _check_tag(args.id, stored.model_tag, pipeline)
         cal = _calibration(args, store, pipeline, meta)
     probe = pipeline.embed(image, str(args.image))
@@ -353,21 +486,31 @@ def cmd_emotion(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        if store.key_info.kind == "keyfile":
+        if store.key_info.kind == "keyfile" and not _uses_external_key(args):
             path = _key_path(args, store.store_id)
             new = keys.stage_key_file(path)
             count = store.rotate(new)
             keys.commit_key_file(path)
             where = f"key file {path}"
+        elif store.key_info.kind == "keyfile":
+            secret = _external_secret(args.new_key_command, args.new_key_fd, env=False)
+            if secret is None:
+                raise ConfigError(
+                    "rotating a secret-manager store needs the new key; store it in the secret "
+                    "manager and pass --new-key-command CMD or --new-key-fd N"
+                )
+            count = store.rotate(keys.new_external_key(secret))
+            where = "the new key from the secret manager"
         else:
             passphrase = _read_passphrase(
-                args.new_passphrase_file, args.new_passphrase_env, "new store passphrase: "
+                args.new_passphrase_file,
+                args.new_passphrase_env,
+                False,
+                "new store passphrase: ",
+                new=True,
             )
             if passphrase is None:
-                raise ConfigError(
-                    "rotating a passphrase store needs the new passphrase; pass "
-                    "--new-passphrase-file PATH or --new-passphrase-env VAR"
-                )
+                raise _no_tty_passphrase("rotating a passphrase store needs the new passphrase")
             count = store.rotate(keys.new_passphrase_key(passphrase))
             where = "the new passphrase"
     _emit(args, {"rewrapped": count}, f"re-wrapped {count} template key(s) under {where}")
@@ -375,8 +518,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    identity = validate_identity(args.id)
     with _open(args) as store:
-        store.delete(args.id)
+        _require_identity(store, identity)
+        store.delete(identity)
     _emit(args, {"deleted": args.id}, f"deleted the template of {args.id} (revoked)")
     return 0
 
@@ -389,15 +534,42 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parsers
+def _fd(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an open file descriptor number, got {text!r}")
+    return value
+
+
 def _parents() -> dict[str, argparse.ArgumentParser]:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--store", type=Path, help=f"template store folder (env {STORE_ENV})")
     store.add_argument("--json", action="store_true", help="print one JSON object")
     key = argparse.ArgumentParser(add_help=False)
-    key.add_argument("--key-file", type=Path, help=f"master key file, mode 0600 (env {KEY_ENV})")
-    key.add_argument("--passphrase-file", type=Path, help="file holding the passphrase (mode 0600)")
-    key.add_argument(
+    source = key.add_mutually_exclusive_group()
+    source.add_argument("--key-file", type=Path, help=f"master key file, mode 0600 (env {KEY_ENV})")
+    source.add_argument(
+        "--key-command",
+        metavar="CMD",
+        help="command that prints the master key from a secret manager, run without a shell, "
+        f"e.g. 'vault kv get -field=key secret/facefed' (env {KEY_COMMAND_ENV})",
+    )
+    source.add_argument(
+        "--key-fd", type=_fd, metavar="N", help="read the master key from open file descriptor N"
+    )
+    source.add_argument(
+        "--passphrase-file", type=Path, help="file holding the passphrase (mode 0600)"
+    )
+    source.add_argument(
         "--passphrase-env", metavar="VAR", help="environment variable holding the passphrase"
+    )
+    source.add_argument(
+        "--passphrase-stdin",
+        action="store_true",
+        help="read the passphrase from standard input (refused otherwise)",
     )
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument(
@@ -410,11 +582,13 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         "--largest", action="store_true", help="use the largest face if several are found"
     )
     model.add_argument(
-        "--min-face", type=int, default=40, help="smallest usable face side in pixels"
+        "--min-face", type=positive_int, default=40, help="smallest usable face side in pixels"
     )
     thr = argparse.ArgumentParser(add_help=False)
     thr.add_argument(
-        "--threshold", type=float, help="override the calibrated threshold (FAR unknown)"
+        "--threshold",
+        type=bounded_float(-1.0, 1.0),
+        help="override the calibrated cosine threshold in [-1, 1] (FAR unknown)",
     )
     return {"store": store, "key": key, "model": model, "thr": thr}
 
@@ -436,11 +610,16 @@ def register(subparsers: Any) -> None:
     init.add_argument(
         "--passphrase", action="store_true", help="protect the store with a prompted passphrase"
     )
-    init.add_argument("--dim", type=int, default=128, help="embedding size")
+    init.add_argument("--dim", type=positive_int, default=128, help="embedding size")
     cal = add(
         "calibrate", cmd_calibrate, "calibrate the threshold on LFW folds", "store", "key", "model"
     )
-    cal.add_argument("--far", type=float, default=DEFAULT_FAR, help="target false-accept rate")
+    cal.add_argument(
+        "--far",
+        type=bounded_float(0.0, 1.0, open_low=True),
+        default=DEFAULT_FAR,
+        help="target false-accept rate in (0, 1]",
+    )
     cal.add_argument("--data-dir", type=Path, help="folder holding the LFW archive")
     cal.add_argument(
         "--lfw-sets",
@@ -469,7 +648,7 @@ def register(subparsers: Any) -> None:
         "identify", cmd_identify, "top-k enrolled ids for a photo", "store", "key", "model", "thr"
     )
     ident.add_argument("image", type=Path, metavar="IMAGE")
-    ident.add_argument("--top-k", type=int, default=5)
+    ident.add_argument("--top-k", type=positive_int, default=5, help="how many candidates")
     emo = add("emotion", cmd_emotion, "facial expression of the face in a photo", "store", "model")
     emo.add_argument("image", type=Path, metavar="IMAGE")
     rot = add(
@@ -479,6 +658,8 @@ def register(subparsers: Any) -> None:
     rot.add_argument(
         "--new-passphrase-env", metavar="VAR", help="variable holding the new passphrase"
     )
+    rot.add_argument("--new-key-command", metavar="CMD", help="prints the new key (secret manager)")
+    rot.add_argument("--new-key-fd", type=_fd, metavar="N", help="new key on file descriptor N")
     delete = add("delete", cmd_delete, "revoke an identity's template", "store", "key")
     delete.add_argument("--id", required=True, help="identity id")
     add("list", cmd_list, "list enrolled identity ids", "store", "key")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from common.errors import FacefedError
+from common.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, FacefedError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,9 +27,49 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one ``facefed: error:`` line and exit code 2.
+
+    Sub-parsers inherit the class (``add_subparsers`` uses ``type(self)``), so every command's
+    bad flag reads the same way as a :class:`FacefedError`.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"facefed: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def bounded_float(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        below = value <= low if open_low else value < low
+        if not math.isfinite(value) or below or value > high:
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """Build the top-level parser, importing only the subcommand that ``argv`` names."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="facefed", description="Privacy-preserving federated face recognition."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``facefed`` command; return the process exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list)
-    args = parser.parse_args(args_list)
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed on one line
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
@@ -75,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_errors(prog: str, command: Callable[[], int]) -> int:
-    """Run ``command``; turn a FacefedError into one ``prog: error: ...`` line and its exit code."""
+    """Run ``command``; turn a FacefedError into one ``prog: error: ...`` line and its exit code.
+
+    The codes are the table in :mod:`common.errors` (docs/exit-codes.md).
+    """
     try:
         return command()
     except FacefedError as exc:
@@ -83,7 +131,7 @@ def report_errors(prog: str, command: Callable[[], int]) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

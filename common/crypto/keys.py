@@ -11,6 +11,13 @@ Passphrases go through scrypt (Percival 2009; RFC 7914) with n=2**15, r=8, p=1 b
 about 0.1 s). Key files and passphrase files that group or others can read are refused, like ``ssh``
 does.
 
+An institution can keep the random key in its own secret manager instead of a file: a
+configured command prints it (:func:`read_key_command`, run without a shell, with a timeout) or the
+caller hands it over on an open file descriptor (:func:`read_key_fd`). Either way the key never
+appears on a command line, where ``ps`` would show it. The text is the base64 of 32 random bytes
+(``openssl rand -base64 32``) or a key-file line. The store cannot tell where a random key came
+from (kind ``"keyfile"`` either way), so a key can move from a file into a secret manager.
+
 Rotating a key-file key is crash-safe in three steps (see :func:`stage_key_file`): the new key is
 written to ``<key file>.new``; the store re-wraps every record and records the new verifier in one
 SQLite transaction; then ``.new`` is renamed over the key file. :func:`load_key_file` finishes or
@@ -23,7 +30,9 @@ import base64
 import contextlib
 import hmac
 import os
+import shlex
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +43,11 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from common.atomic import atomic_write_text
 from common.crypto.envelope import KEY_SIZE, RandBytes
-from common.errors import ConfigError, IntegrityError
+from common.errors import ConfigError, IntegrityError, KeyUnavailableError
 
-KeyKind = Literal["keyfile", "passphrase"]
+KeyKind = Literal["keyfile", "passphrase"]  # "keyfile": a random key, from a file, command or fd
+KEY_COMMAND_TIMEOUT_S = 30.0
+MAX_KEY_TEXT_BYTES = 4096
 KEY_FILE_HEADER = "facefed-master-key-v1"
 MIN_PASSPHRASE_CHARS = 8
 MIN_SCRYPT_N = 2**14
@@ -155,9 +166,10 @@ def _encode_key_file(secret: bytes) -> str:
 
 def _read_key_secret(path: Path) -> bytes:
     if not path.exists():
-        raise ConfigError(
+        raise KeyUnavailableError(
             f"master key file {path} not found; pass --key-file PATH or set FACEFED_SITE_KEY "
-            "to the key file created by `facefed site init`"
+            "to the key file created by `facefed site init` (or --key-command / --key-fd if "
+            "the key is in a secret manager)"
         )
     _check_private(path, "master key file")
     text = path.read_text(encoding="ascii", errors="replace").strip()
@@ -167,7 +179,7 @@ def _read_key_secret(path: Path) -> bytes:
     except ValueError:
         secret = b""
     if len(secret) != KEY_SIZE:
-        raise ConfigError(
+        raise KeyUnavailableError(
             f"{path} is not a facefed master key file; point --key-file to the file written by "
             "`facefed site init`"
         )
@@ -219,7 +231,9 @@ def load_key_file(path: Path, info: KeyInfo) -> MasterKey:
         )
     pending = pending_key_path(path)
     if pending.exists() and not path.exists():
-        raise ConfigError(f"key file {path} is missing but {pending} exists; restore {path}")
+        raise KeyUnavailableError(
+            f"key file {path} is missing but {pending} exists; restore {path}"
+        )
     secret = _read_key_secret(path)
     if matches(secret, info):
         if pending.exists():  # rotation interrupted before the store committed: discard the new key
@@ -288,3 +302,97 @@ def read_passphrase_file(path: Path) -> str:
     _check_private(path, "passphrase file")
     lines = path.read_text(encoding="utf-8").splitlines()
     return lines[0] if lines else ""
+
+
+def parse_key_text(data: bytes, source: str) -> bytes:
+    """The 32-byte key in ``data``: base64 of the key, or a key-file line; else one-line error."""
+    text = data.decode("ascii", errors="replace").strip()
+    header, _, body = text.partition(" ")
+    if header == KEY_FILE_HEADER:
+        text = body.strip()
+    try:
+        secret = base64.b64decode(text, validate=True)
+    except ValueError:
+        secret = b""
+    if len(secret) != KEY_SIZE:
+        raise KeyUnavailableError(
+            f"{source} did not give a facefed master key; it must print the base64 of "
+            f"{KEY_SIZE} random bytes (e.g. made once by `openssl rand -base64 {KEY_SIZE}`)"
+        )
+    return secret
+
+
+def read_key_command(command: str, *, timeout_s: float = KEY_COMMAND_TIMEOUT_S) -> bytes:
+    """Run ``command`` (split with :func:`shlex.split`, no shell) and read the key from its stdout.
+
+    Its error output is never shown: a secret manager may echo what it was asked for.
+
+    Raises:
+        ConfigError: the command line is empty or unbalanced.
+        KeyUnavailableError: the command is missing, times out, fails or prints no key.
+    """
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(f"--key-command is not a valid command line ({exc})") from None
+    if not argv:
+        raise ConfigError("--key-command is empty; give the secret manager's command")
+    name = os.path.basename(argv[0])
+    try:
+        proc = subprocess.run(  # the operator's configured command, no shell
+            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, check=False
+        )
+    except FileNotFoundError:
+        raise KeyUnavailableError(
+            f"key command {name!r} not found; check --key-command and PATH"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise KeyUnavailableError(
+            f"key command {name!r} did not answer within {timeout_s:g} s; check that the secret "
+            "manager is reachable"
+        ) from None
+    except OSError as exc:
+        raise KeyUnavailableError(
+            f"key command {name!r} could not start ({exc.strerror}); check --key-command"
+        ) from None
+    if proc.returncode != 0:
+        raise KeyUnavailableError(
+            f"key command {name!r} failed with exit code {proc.returncode}; run it by hand to "
+            "see why (is this user logged in to the secret manager?)"
+        )
+    return parse_key_text(proc.stdout[:MAX_KEY_TEXT_BYTES], f"key command {name!r}")
+
+
+def read_key_fd(fd: int) -> bytes:
+    """Read the key from the open file descriptor ``fd`` (then closed), e.g. ``3<key.txt``."""
+    try:
+        with os.fdopen(fd, "rb", closefd=True) as stream:
+            data = stream.read(MAX_KEY_TEXT_BYTES)
+    except OSError as exc:
+        raise KeyUnavailableError(
+            f"cannot read the key from file descriptor {fd} ({exc.strerror}); open it for the "
+            f"command, e.g. `{fd}<keyfile`"
+        ) from None
+    return parse_key_text(data, f"file descriptor {fd}")
+
+
+def new_external_key(secret: bytes) -> MasterKey:
+    """A new store's random master key held by an external secret manager (kind ``keyfile``)."""
+    if len(secret) != KEY_SIZE:
+        raise KeyUnavailableError(f"an external master key must be {KEY_SIZE} bytes")
+    return MasterKey(secret, KeyInfo(kind="keyfile", verifier=key_verifier(secret)))
+
+
+def external_key(secret: bytes, info: KeyInfo) -> MasterKey:
+    """Verify that ``secret`` (from a key command or fd) is this store's master key."""
+    if info.kind != "keyfile":
+        raise ConfigError(
+            "this store is protected by a passphrase, not a random key; pass --passphrase-file "
+            "PATH, --passphrase-env VAR or --passphrase-stdin"
+        )
+    if not matches(secret, info):
+        raise IntegrityError(
+            "the key from the secret manager does not open this template store; check that "
+            "--key-command / --key-fd gives this store's key"
+        )
+    return MasterKey(secret, info)

@@ -5,9 +5,15 @@ Every bad input gets one line, a non-zero exit, and leaves the store unchanged.
 
 from __future__ import annotations
 
+import base64
+import getpass
 import io
 import json
+import os
+import shlex
+import stat
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +24,7 @@ from PIL import Image
 
 from client.templates import TemplateStore
 from common.cli import main
+from common.crypto import keys
 from tests.client.conftest import site_cli_env
 
 YaleRgb = Callable[[int, str], np.ndarray]
@@ -69,7 +76,8 @@ def enrolled(env: Path, photos: dict, capsys: pytest.CaptureFixture[str]) -> Pat
         capsys, "enroll", "--id", "s0", str(photos["0-normal"]), str(photos["0-glasses"])
     )
     assert code == 0, err
-    store = TemplateStore.open(env / "store")  # metadata needs no key
+    store = TemplateStore.open(env / "store")
+    store.unlock(keys.load_key_file(next((env / "keys").iterdir()), store.key_info))
     model_tag = store._conn.execute("SELECT model_tag FROM templates").fetchone()[0]
     store.set_meta(f"calibration:{model_tag}", FAR_LINE | {"model_tag": model_tag})
     store.close()
@@ -105,9 +113,7 @@ def test_enroll_then_verify_same_person_matches_with_far_stated(
 def test_verify_with_threshold_above_the_score_is_no_match_exit_1(
     enrolled: Path, photos: dict, capsys
 ) -> None:
-    code, out, _ = run(
-        capsys, "verify", "--id", "s0", "--threshold", "1.01", str(photos["1-happy"])
-    )
+    code, out, _ = run(capsys, "verify", "--id", "s0", "--threshold", "1", str(photos["1-happy"]))
     assert code == 1 and out.startswith("NO MATCH")
     assert "FAR not measured" in out and "nan" not in out
 
@@ -142,7 +148,7 @@ def test_rotate_key_old_key_file_opens_nothing(
 def test_delete_revokes(enrolled: Path, photos: dict, capsys: Cap) -> None:
     assert run(capsys, "delete", "--id", "s0")[0] == 0
     code, _, err = run(capsys, "verify", "--id", "s0", str(photos["0-normal"]))
-    assert code == 2 and "unknown identity 's0'" in err
+    assert code == 3 and "no template for 's0'" in err  # not found: docs/exit-codes.md
 
 
 def test_passphrase_store_and_wrong_passphrase(
@@ -159,7 +165,7 @@ def test_passphrase_store_and_wrong_passphrase(
     code, _, err = run(capsys, "list", "--passphrase-env", "PW")
     assert code == 4 and err.count("\n") == 1 and "wrong passphrase" in err
     code, _, err = run(capsys, "list")
-    assert code == 2 and "--passphrase-file" in err
+    assert code == 4 and "--passphrase-file" in err  # no key: a key failure
 
 
 def test_keys_never_appear_in_output(enrolled: Path, env: Path, capsys: Cap) -> None:
@@ -308,3 +314,183 @@ def test_store_files_hold_no_embedding_bytes_and_no_pixel_runs(
     assert set(blobs) <= {"templates.db", "templates.db-wal", "templates.db-shm"}
     found = [i for i, n in enumerate(needles) if any(n in blob for blob in blobs.values())]
     assert found == []
+
+
+# ---------------------------------------------------------------------- careless operators
+KEY_B64 = base64.b64encode(bytes(range(32))).decode()
+
+
+def one_line_error(code: int, out: str, err: str, expected_code: int, *needles: str) -> None:
+    assert code == expected_code and out == "", (code, err)
+    assert err.count("\n") == 1 and err.startswith("facefed: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def key_command(text: str = KEY_B64, exit_code: int = 0) -> str:
+    script = f"import sys; print({text!r}); sys.exit({exit_code})"
+    return shlex.join([sys.executable, "-c", script])
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o770, 0o755])
+def test_init_refuses_a_shared_or_open_folder_and_leaves_its_mode(
+    env: Path, capsys: Cap, mode: int
+) -> None:
+    folder = env / "shared"
+    folder.mkdir()
+    folder.chmod(mode)
+    code, out, err = run(capsys, "init", "--store", str(folder))
+    one_line_error(code, out, err, 3, str(folder), "never changes the mode")
+    assert stat.S_IMODE(folder.stat().st_mode) == mode and list(folder.iterdir()) == []
+    assert not (env / "keys").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_init_refuses_a_folder_of_another_user(env: Path, capsys: Cap) -> None:
+    folder = env / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    code, out, err = run(capsys, "init", "--store", str(folder))
+    one_line_error(code, out, err, 3, "belongs to another user")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and list(folder.iterdir()) == []
+
+
+def test_init_in_a_new_folder_makes_it_private_and_states_what_the_key_file_protects(
+    env: Path, capsys: Cap
+) -> None:
+    code, out, _ = run(capsys, "init", "--store", str(env / "new" / "site"))
+    assert code == 0 and stat.S_IMODE((env / "new" / "site").stat().st_mode) == 0o700
+    assert "stolen backup" in out and "does not protect" in out and "--key-command" in out
+
+
+def test_passphrase_on_stdin_is_refused_without_the_flag(
+    env: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long passphrase\n"))
+    code, out, err = run(capsys, "init", "--passphrase")
+    one_line_error(code, out, err, 2, "--passphrase-stdin")
+    assert not (env / "store").exists() and not (env / "keys").exists()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long passphrase\n"))
+    code, out, _ = run(capsys, "init", "--json", "--passphrase", "--passphrase-stdin")
+    assert code == 0 and json.loads(out)["key"] == "passphrase"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long passphrase\n"))
+    assert run(capsys, "list", "--passphrase-stdin")[0] == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a long passphrase\n"))
+    one_line_error(*run(capsys, "list"), 4, "--passphrase-stdin")
+
+
+@pytest.mark.parametrize("second", ["a long passphrase", "a long passphrasE"])
+def test_a_new_prompted_passphrase_is_confirmed(
+    env: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch, second: str
+) -> None:
+    answers = iter(["a long passphrase", second])
+    asked: list[str] = []
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: asked.append(prompt) or next(answers))
+    code, out, err = run(capsys, "init", "--passphrase")
+    assert len(asked) == 2
+    if second == "a long passphrase":
+        assert code == 0 and "passphrase (scrypt)" in out
+    else:
+        one_line_error(code, out, err, 2, "differ")
+        assert not (env / "store").exists()
+
+
+def test_key_from_a_secret_manager_command_and_from_a_file_descriptor(
+    env: Path, capsys: Cap
+) -> None:
+    code, out, err = run(capsys, "init", "--json", "--key-command", key_command())
+    assert code == 0 and json.loads(out)["key_file"] is None, err
+    assert not (env / "keys").exists()
+    code, out, _ = run(capsys, "list", "--key-command", key_command())
+    assert code == 0 and "no identities" in out
+    read_end, write_end = os.pipe()
+    os.write(write_end, f"{KEY_B64}\n".encode())
+    os.close(write_end)
+    assert run(capsys, "list", "--key-fd", str(read_end))[0] == 0
+    other = base64.b64encode(bytes(32)).decode()
+    one_line_error(*run(capsys, "list", "--key-command", key_command(other)), 4, "does not open")
+    one_line_error(*run(capsys, "list"), 4, "--key-command")
+
+
+def test_rotating_a_secret_manager_key_needs_the_new_key(env: Path, capsys: Cap) -> None:
+    new = base64.b64encode(bytes(range(1, 33))).decode()
+    assert run(capsys, "init", "--key-command", key_command())[0] == 0
+    one_line_error(*run(capsys, "rotate-key", "--key-command", key_command()), 2, "--new-key")
+    assert not (env / "keys").exists()  # no key file slipped in
+    code, out, _ = run(
+        capsys, "rotate-key", "--key-command", key_command(), "--new-key-command", key_command(new)
+    )
+    assert code == 0 and "secret manager" in out
+    assert run(capsys, "list", "--key-command", key_command(new))[0] == 0
+    one_line_error(*run(capsys, "list", "--key-command", key_command()), 4, "does not open")
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (key_command(exit_code=3), "failed with exit code 3"),
+        (key_command("not a key"), "did not give a facefed master key"),
+        ("/nonexistent/vault kv get x", "not found"),
+    ],
+)
+def test_a_failing_key_command_is_one_line(
+    env: Path, capsys: Cap, command: str, needle: str
+) -> None:
+    code, out, err = run(capsys, "init", "--key-command", command)
+    one_line_error(code, out, err, 4, needle)
+    assert KEY_B64 not in err and not (env / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (("identify", "--top-k", "-2", "x.jpg"), "--top-k"),
+        (("identify", "--top-k", "0", "x.jpg"), "--top-k"),
+        (("init", "--dim", "0"), "--dim"),
+        (("verify", "--id", "s0", "--threshold", "nan", "x.jpg"), "--threshold"),
+        (("verify", "--id", "s0", "--threshold", "-5", "x.jpg"), "--threshold"),
+        (("verify", "--id", "s0", "--threshold", "inf", "x.jpg"), "--threshold"),
+        (("calibrate", "--far", "0"), "--far"),
+        (("calibrate", "--far", "nan"), "--far"),
+        (("enroll", "--id", "s0", "--min-face", "-1", "x.jpg"), "--min-face"),
+        (("list", "--key-fd", "-1"), "--key-fd"),
+    ],
+)
+def test_each_bad_numeric_flag_is_one_line_exit_2(
+    env: Path, capsys: Cap, argv: tuple[str, ...], flag: str
+) -> None:
+    one_line_error(*run(capsys, *argv), 2, flag)
+    assert not (env / "store").exists()
+
+
+def test_an_unreadable_image_is_one_line_exit_2(
+    enrolled: Path, photos: dict, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = photos["0-happy"]
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # chmod 000 does not stop root: refuse like the kernel
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    for argv in (("verify", "--id", "s0", str(locked)), ("enroll", "--id", "s5", str(locked))):
+        one_line_error(*run(capsys, *argv), 2, "cannot read image", "Permission denied")
+
+
+@pytest.mark.parametrize("action", [("init",), ("list",), ("delete", "--id", "s0")])
+def test_store_pointing_at_a_file_is_one_line(
+    env: Path, capsys: Cap, action: tuple[str, ...]
+) -> None:
+    file = env / "not-a-folder"
+    file.write_text("x")
+    one_line_error(*run(capsys, *action, "--store", str(file)), 2, "is a file")
+    assert file.read_text() == "x"
