@@ -352,3 +352,265 @@ def test_no_plaintext_embedding_anywhere_in_the_store_files(store: TemplateStore
         f"{DB_NAME}-wal",
         f"{DB_NAME}-shm",
     }
+
+
+# ---------------------------------------------------------------------- what decides a match
+def test_set_calibration_reads_back_authenticated(store: TemplateStore) -> None:
+    store.set_meta(f"calibration:{TAG}", CALIBRATION)
+
+    got = store.get_meta(f"calibration:{TAG}")
+
+    assert got == CALIBRATION
+    assert store.get_meta("calibration:model-b") is None
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 1.0, float("nan"), 7.5])
+def test_out_of_range_calibration_is_not_stored(store: TemplateStore, threshold: float) -> None:
+    with pytest.raises(ConfigError, match="threshold"):
+        store.set_meta(f"calibration:{TAG}", CALIBRATION | {"threshold": threshold})
+    assert store.get_meta(f"calibration:{TAG}") is None
+
+
+def test_edited_threshold_is_refused_and_files_unchanged(
+    store: TemplateStore, key_file: keys.MasterKey
+) -> None:
+    # Arrange: a calibrated store whose in-range threshold is lowered outside facefed
+    store.set_meta(f"calibration:{TAG}", CALIBRATION)
+    store.close()
+    edited = json.dumps(CALIBRATION | {"threshold": 0.05}, sort_keys=True)
+    poke(store, "UPDATE meta SET value = ? WHERE name = ?", edited, f"calibration:{TAG}")
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match=f"'calibration:{TAG}' fails authentication"):
+        open_and_get(store.directory, key_file)
+    assert files(store.directory) == before
+
+
+def test_issue_threshold_minus_one_is_refused_at_open(store: TemplateStore) -> None:
+    # Arrange: the reproduced attack, an INSERT OR REPLACE of a -1.0 threshold (every pair MATCHes)
+    store.close()
+    forged = json.dumps(CALIBRATION | {"threshold": -1.0})
+    poke(store, "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", f"calibration:{TAG}", forged, b"")
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match=r"threshold -1.0 is not a finite number in \(-1, 1\)"):
+        TemplateStore.open(store.directory)
+    assert files(store.directory) == before
+
+
+@pytest.mark.parametrize("with_versions_row", [False, True], ids=["template-row", "both-rows"])
+def test_record_put_back_after_delete_is_refused(
+    store: TemplateStore, key_file: keys.MasterKey, with_versions_row: bool
+) -> None:
+    # Arrange: copies of alice's rows taken before the delete, put back afterwards
+    conn = sqlite3.connect(store.path)
+    template_row = conn.execute("SELECT * FROM templates WHERE identity = 'alice'").fetchone()
+    version_row = conn.execute("SELECT * FROM versions WHERE identity = 'alice'").fetchone()
+    conn.close()
+    store.delete("alice")
+    store.close()
+    if with_versions_row:  # its own MAC is genuine: only the store's state MAC can tell
+        poke(store, "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", *version_row)
+    poke(store, "INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", *template_row)
+    before = files(store.directory)
+
+    # Act / Assert
+    expected = "state fails authentication" if with_versions_row else "was deleted.*put back"
+    with pytest.raises(IntegrityError, match=expected):
+        open_and_get(store.directory, key_file)
+    assert files(store.directory) == before
+
+
+def test_edited_version_is_refused(store: TemplateStore, key_file: keys.MasterKey) -> None:
+    # Arrange: alice renewed to version 2; her superseded version-1 record and version put back
+    conn = sqlite3.connect(store.path)
+    old = conn.execute("SELECT * FROM templates WHERE identity = 'alice'").fetchone()
+    conn.close()
+    assert store.enroll("alice", unit(9), model_tag=TAG, n_images=1) == 2
+    store.close()
+    poke(store, "INSERT OR REPLACE INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", *old)
+    poke(store, "UPDATE versions SET version = 1 WHERE identity = 'alice'")
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match="version record of 'alice' fails authentication"):
+        open_and_get(store.directory, key_file)
+    assert files(store.directory) == before
+
+
+@pytest.mark.parametrize("deleted_first", [True, False], ids=["tombstone", "live-version"])
+def test_removed_version_or_tombstone_is_refused(
+    store: TemplateStore, key_file: keys.MasterKey, deleted_first: bool
+) -> None:
+    # Arrange: the versions row of alice removed (after a delete: her tombstone)
+    if deleted_first:
+        store.delete("alice")
+    store.close()
+    poke(store, "DELETE FROM versions WHERE identity = 'alice'")
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match="2 version/tombstone rows recorded, 1 found"):
+        open_and_get(store.directory, key_file, "bob")
+    assert files(store.directory) == before
+
+
+@pytest.mark.parametrize("table", ["versions", "meta"])
+def test_mac_moved_between_rows_is_refused(
+    store: TemplateStore, key_file: keys.MasterKey, table: str
+) -> None:
+    # Arrange: a genuine MAC copied from one row onto another
+    store.set_meta(f"calibration:{TAG}", CALIBRATION)
+    store.set_meta("calibration:model-b", CALIBRATION | {"model_tag": "model-b", "threshold": 0.1})
+    store.close()
+    if table == "versions":  # alice and bob both at version 1, live: only the identity differs
+        poke(
+            store,
+            "UPDATE versions SET mac = (SELECT mac FROM versions WHERE identity = 'bob') "
+            "WHERE identity = 'alice'",
+        )
+        expected = "version record of 'alice' fails authentication"
+    else:  # model-b's low threshold (and its MAC) moved under model-a's name
+        poke(store, "DELETE FROM meta WHERE name = ?", f"calibration:{TAG}")
+        poke(
+            store,
+            "UPDATE meta SET name = ?, value = replace(value, 'model-b', ?) WHERE name = ?",
+            f"calibration:{TAG}",
+            TAG,
+            "calibration:model-b",
+        )
+        expected = f"'calibration:{TAG}' fails authentication"
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match=expected):
+        open_and_get(store.directory, key_file, "bob")
+    assert files(store.directory) == before
+
+
+def test_rotation_re_macs_everything(store: TemplateStore, tmp_path: Path) -> None:
+    # Arrange
+    store.set_meta(f"calibration:{TAG}", CALIBRATION)
+    store.delete("bob")
+    new = keys.new_key_file(tmp_path / "new.key")
+
+    # Act
+    store.rotate(new)
+    store.close()
+
+    # Assert: the calibration, the tombstone and alice's version all verify under the new key
+    with TemplateStore.open(store.directory) as reopened:
+        reopened.unlock(new)
+        assert reopened.get_meta(f"calibration:{TAG}") == CALIBRATION
+        assert reopened.identities() == ["alice"]
+        assert reopened.enroll("bob", unit(4), model_tag=TAG, n_images=1) == 3
+
+
+# ---------------------------------------------------------------------- delete vs. a reader
+def test_delete_with_a_concurrent_reader_is_reported_pending_then_finished(
+    store: TemplateStore,
+) -> None:
+    # Arrange: another connection holds a read snapshot that still sees alice's record
+    old = raw_rows(store)["alice"]
+    reader = sqlite3.connect(store.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM templates").fetchone()
+
+    # Act / Assert: revoked, but not reported as done while a copy is on disk
+    with pytest.raises(IntegrityError, match=r"revoked .* checkpoint is pending"):
+        store.delete("alice")
+    assert scan(store.directory, old["ciphertext"]) != []
+    with pytest.raises(DataError, match="unknown identity"):
+        store.get("alice")
+
+    # Act / Assert: the reader gone, the same delete finishes the purge
+    reader.close()
+    store.delete("alice")
+    assert scan(store.directory, old["ciphertext"]) == []
+    assert scan(store.directory, old["wrapped_key"]) == []
+
+
+# ---------------------------------------------------------------------- damaged stores
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not json",
+        "[1, 2]",
+        '{"threshold": 0.5}',
+        json.dumps(CALIBRATION | {"far": 0}),
+        json.dumps(CALIBRATION | {"n_folds": "5"}),
+        '{"threshold": NaN}',
+        "[" * 100_000,
+        b"\x00\x01",
+    ],
+    ids=["text", "list", "partial", "far-0", "count-str", "nan", "deep", "blob"],
+)
+def test_malformed_calibration_is_refused_at_open_untouched(
+    store: TemplateStore, value: str | bytes
+) -> None:
+    store.set_meta(f"calibration:{TAG}", CALIBRATION)
+    store.close()
+    poke(store, "UPDATE meta SET value = ? WHERE name = ?", value, f"calibration:{TAG}")
+    before = files(store.directory)
+
+    with pytest.raises(IntegrityError, match=r"calibration|wrong types|JSON object"):
+        TemplateStore.open(store.directory)
+
+    assert files(store.directory) == before
+
+
+@pytest.mark.parametrize("table", ["meta", "versions", "templates"])
+def test_dropped_table_is_refused_untouched(store: TemplateStore, table: str) -> None:
+    store.close()
+    poke(store, f"DROP TABLE {table}")
+    before = files(store.directory)
+
+    with pytest.raises(IntegrityError, match=f"table '{table}' is missing"):
+        TemplateStore.open(store.directory)
+
+    assert files(store.directory) == before
+
+
+def test_huge_scrypt_cost_is_refused_before_deriving(tmp_path: Path) -> None:
+    # Arrange: a passphrase store whose scrypt n is raised to 2**40 (a MemoryError before)
+    master = keys.new_passphrase_key("correct horse battery", n=2**14)
+    TemplateStore.create(tmp_path / "s", master, dim=128).close()
+    info = master.info.to_dict()
+    info["scrypt"]["n"] = 2**40
+    conn = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    conn.execute("UPDATE meta SET value = ? WHERE name = 'key_info'", (json.dumps(info),))
+    conn.commit()
+    conn.close()
+    before = files(tmp_path / "s")
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match="scrypt n=1099511627776"):
+        TemplateStore.open(tmp_path / "s")
+    assert files(tmp_path / "s") == before
+
+
+def test_empty_database_file_is_refused_and_left_empty(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / DB_NAME).write_bytes(b"")
+
+    with pytest.raises(IntegrityError, match="not a template database"):
+        TemplateStore.open(tmp_path / "s")
+
+    assert files(tmp_path / "s") == {DB_NAME: b""}
+
+
+def test_schema_1_store_is_refused_with_the_way_forward(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    conn = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.commit()
+    conn.close()
+    before = files(tmp_path / "s")
+
+    with pytest.raises(ConfigError, match=r"schema '1'.*facefed site init --store NEW"):
+        TemplateStore.open(tmp_path / "s")
+
+    assert files(tmp_path / "s") == before
