@@ -10,8 +10,12 @@
         sites/<site>.pub         public keys to register (and <site>.node-id once registered)
         flwr-home/config.toml    SuperLink connection "facefed" for the ``flwr`` CLI (loopback)
         state/ logs/             SuperLink database and log files (created on first start)
+        revoked.txt              deny list: revoked site keys, rotated server certificates
     OUT/sites/<site>/            site.toml, start-site.sh, certs/ca.crt, trusted-entities.yaml
         keys/                    supernode.key (0600), supernode.pub
+
+Every directory is 0700 and every state / log file 0600 whatever the umask (:func:`secure_tree`),
+and the processes facefed starts run with umask 077 (:data:`PROCESS_UMASK`, ``start_script``).
 
 Flower 1.41 serves its Fleet, Control and Runtime APIs over HTTPS on ONE ``--host/--port``, with no
 login on the Control API. So the SuperLink listens on ``127.0.0.1:<control-port>`` only, and the
