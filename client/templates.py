@@ -175,20 +175,22 @@ def mac_key(master: MasterKey, store_id: str) -> bytes:
     return hkdf.derive(master.secret)
 
 
-def _mac(key: bytes, kind: str, *parts: bytes) -> bytes:
+def _hmac(key: bytes, kind: str, parts: tuple[bytes, ...]) -> hmac.HMAC:
     """HMAC-SHA256 over a kind label and length-prefixed fields (so fields cannot shift)."""
     h = hmac.HMAC(key, hashes.SHA256())
     h.update(b"facefed-store-mac-v1" + _field(kind.encode()) + b"".join(map(_field, parts)))
-    return h.finalize()
+    return h
+
+
+def _mac(key: bytes, kind: str, *parts: bytes) -> bytes:
+    return _hmac(key, kind, parts).finalize()
 
 
 def _mac_ok(key: bytes, tag: object, kind: str, *parts: bytes) -> bool:
     if not isinstance(tag, bytes) or len(tag) != _MAC_SIZE:
         return False
-    h = hmac.HMAC(key, hashes.SHA256())
-    h.update(b"facefed-store-mac-v1" + _field(kind.encode()) + b"".join(map(_field, parts)))
     try:
-        h.verify(tag)
+        _hmac(key, kind, parts).verify(tag)  # constant-time comparison
     except InvalidSignature:
         return False
     return True
