@@ -35,6 +35,7 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split("\n"))  # a typed value may hold a newline
         self.exit(EXIT_BAD_INPUT, f"facefed: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -127,7 +128,8 @@ def report_errors(prog: str, command: Callable[[], int]) -> int:
     try:
         return command()
     except FacefedError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
