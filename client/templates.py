@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -507,8 +507,12 @@ class TemplateStore:
             raise RuntimeError("template store is locked; call unlock() first")
         return self._wrapping_key, self._mac_key
 
-    def _verified_state(self, k: bytes | None = None) -> dict[str, VersionState]:
-        """Check every meta and versions MAC and the state MAC; return the versions.
+    def _verified_state(
+        self, k: bytes | None = None
+    ) -> tuple[dict[str, str], dict[str, VersionState]]:
+        """Check every meta and versions MAC and the state MAC; return the meta rows and versions.
+
+        Call it inside a transaction whose later reads must see the same state.
 
         Raises:
             IntegrityError: naming the first row that fails.
@@ -552,7 +556,7 @@ class TemplateStore:
             raise IntegrityError(
                 f"the store's state is inconsistent{_count_note(recorded, counts)}; {_RESTORE}"
             )
-        return versions
+        return meta, versions
 
     def _write_version(self, identity: str, state: VersionState) -> None:
         tag = _mac(self._keys()[1], "version", *_version_mac_parts(self.store_id, identity, state))
@@ -565,9 +569,9 @@ class TemplateStore:
     def get_meta(self, name: str) -> dict[str, Any] | None:
         """An authenticated, range-checked calibration (``calibration:<model tag>``), or ``None``."""
         _check_meta_name(name)
-        self._verified_state()
-        row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _stored_calibration(name, row[0])
+        with _transaction(self._conn, "DEFERRED"):  # one snapshot: what is verified is returned
+            meta, _ = self._verified_state()
+        return None if name not in meta else _stored_calibration(name, meta[name])
 
     def set_meta(self, name: str, value: dict[str, Any]) -> None:
         """Write an authenticated calibration entry ``calibration:<model tag>`` (not for secrets).
@@ -606,10 +610,11 @@ class TemplateStore:
 
     def identities(self) -> list[str]:
         """Enrolled identity ids, sorted (each checked against its authenticated version)."""
-        versions = self._verified_state()
-        rows = self._conn.execute(
-            "SELECT identity, version FROM templates ORDER BY identity"
-        ).fetchall()
+        with _transaction(self._conn, "DEFERRED"):
+            _, versions = self._verified_state()
+            rows = self._conn.execute(
+                "SELECT identity, version FROM templates ORDER BY identity"
+            ).fetchall()
         for identity, version in rows:
             _check_current(identity, version, versions.get(identity))
         return [r[0] for r in rows]
@@ -635,7 +640,7 @@ class TemplateStore:
         prepared = [(validate_identity(i), self._check_embedding(e)) for i, e in items]
         (key, k), out, renewed = self._keys(), [], False
         with _transaction(self._conn):
-            versions = self._verified_state()
+            _, versions = self._verified_state()
             for identity, plaintext in prepared:
                 last = versions.get(identity)
                 version = 1 if last is None else last.version + 1
@@ -696,8 +701,9 @@ class TemplateStore:
             DataError: unknown (or deleted) identity.
             IntegrityError: the record fails authentication, was revoked or put back.
         """
-        versions = self._verified_state()
-        row = self._conn.execute(self._SELECT + " WHERE identity = ?", (identity,)).fetchone()
+        with _transaction(self._conn, "DEFERRED"):
+            _, versions = self._verified_state()
+            row = self._conn.execute(self._SELECT + " WHERE identity = ?", (identity,)).fetchone()
         if row is None:
             raise DataError(
                 f"unknown identity {identity!r} in template store {self.directory}; "
@@ -707,8 +713,10 @@ class TemplateStore:
 
     def iter_templates(self) -> Iterator[StoredTemplate]:
         """Decrypt every template (in memory, one at a time)."""
-        versions = self._verified_state()
-        for row in self._conn.execute(self._SELECT + " ORDER BY identity").fetchall():
+        with _transaction(self._conn, "DEFERRED"):  # fetched whole: no read held while yielding
+            _, versions = self._verified_state()
+            rows = self._conn.execute(self._SELECT + " ORDER BY identity").fetchall()
+        for row in rows:
             yield self._decrypt_row(row, versions.get(row[0]))
 
     def delete(self, identity: str) -> None:
@@ -726,7 +734,7 @@ class TemplateStore:
         """
         needles: list[bytes] = []
         with _transaction(self._conn):
-            versions = self._verified_state()
+            _, versions = self._verified_state()
             last = versions.get(identity)
             row = self._conn.execute(
                 "SELECT version, ciphertext, wrapped_key FROM templates WHERE identity = ?",
@@ -770,7 +778,7 @@ class TemplateStore:
         new, new_mac = new_key.wrapping_key, mac_key(new_key, self.store_id)
         count = 0
         with _transaction(self._conn):
-            versions = self._verified_state()
+            _, versions = self._verified_state()
             rows = self._conn.execute(
                 "SELECT identity, version, model_tag, nonce, ciphertext, wrap_nonce, wrapped_key "
                 "FROM templates"
@@ -883,13 +891,16 @@ def _write_state(conn: sqlite3.Connection, k: bytes, store_id: str) -> None:
 
 
 class _transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+    """``BEGIN IMMEDIATE`` (a write) or ``DEFERRED`` (one read snapshot) ... ``COMMIT``, or
+    ``ROLLBACK`` on any exception."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(
+        self, conn: sqlite3.Connection, mode: Literal["IMMEDIATE", "DEFERRED"] = "IMMEDIATE"
+    ) -> None:
+        self._conn, self._mode = conn, mode
 
     def __enter__(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._conn.execute(f"BEGIN {self._mode}")
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
