@@ -203,10 +203,13 @@ def _commit(stage: Path, out: Path) -> None:
     if not out.exists():
         os.rename(stage, out)
     else:
-        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        for src in sorted(stage.rglob("*")):
             dest = out / src.relative_to(stage)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
+            if src.is_dir():  # empty ones too: state/ and logs/
+                dest.mkdir(parents=True, exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
     deploy.secure_tree(out, state_dirs=())
     for kit in (coordinator_dir(out), *sorted((out / "sites").glob("*"))):
         deploy.secure_tree(kit)

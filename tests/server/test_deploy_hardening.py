@@ -342,3 +342,16 @@ def test_revoked_then_rekeyed_site_registers_its_new_key_only(
     assert len(keys) == 2 and keys[0] != keys[1]
     assert keys[0] in deploy_provision.deny_list(coord)
     assert keys[1] not in deploy_provision.deny_list(coord)
+
+
+def test_provisioning_into_an_existing_empty_dir_gives_the_same_tree(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+
+    deploy_provision.provision(_plan(tmp_path / "a"))
+    deploy_provision.provision(_plan(tmp_path / "b"))
+
+    def layout(root: Path) -> set[tuple[str, int]]:
+        return {(str(p.relative_to(root)), _mode(p)) for p in root.rglob("*")}
+
+    assert layout(tmp_path / "a") == layout(tmp_path / "b")
+    assert (tmp_path / "b" / "coordinator" / "state").is_dir()
