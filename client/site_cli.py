@@ -183,7 +183,8 @@ def _external_secret(command: str | None, fd: int | None, *, env: bool = True) -
 
 def _unlock(store: TemplateStore, args: argparse.Namespace) -> None:
     info = store.key_info
-    secret = _external_secret(args.key_command, args.key_fd) if _uses_external_key(args) else None
+    external = info.kind == "keyfile" and _uses_external_key(args)
+    secret = _external_secret(args.key_command, args.key_fd) if external else None
     if secret is not None:
         store.unlock(keys.external_key(secret, info))
         return
@@ -305,7 +306,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
     if args.passphrase and passphrase is None:
         raise _no_tty_passphrase("--passphrase asks for a new passphrase")
-    external = _external_secret(args.key_command, args.key_fd, env=False)
+    external = None
+    if passphrase is None and _uses_external_key(args):
+        external = _external_secret(args.key_command, args.key_fd)
     key_file: Path | None = None
     if passphrase is not None:
         master = keys.new_passphrase_key(passphrase)

@@ -419,6 +419,18 @@ def test_key_from_a_secret_manager_command_and_from_a_file_descriptor(
     one_line_error(*run(capsys, "list"), 4, "--key-command")
 
 
+def test_the_key_command_from_the_environment_serves_init_and_use_but_not_a_passphrase_store(
+    env: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FACEFED_SITE_KEY_COMMAND", key_command())
+    assert run(capsys, "init")[0] == 0 and not (env / "keys").exists()
+    assert run(capsys, "list")[0] == 0
+    monkeypatch.setenv("PW", "a long passphrase")
+    other = ("--store", str(env / "pw-store"))
+    assert run(capsys, "init", *other, "--passphrase-env", "PW")[0] == 0
+    assert run(capsys, "list", *other, "--passphrase-env", "PW")[0] == 0
+
+
 def test_rotating_a_secret_manager_key_needs_the_new_key(env: Path, capsys: Cap) -> None:
     new = base64.b64encode(bytes(range(1, 33))).decode()
     assert run(capsys, "init", "--key-command", key_command())[0] == 0
