@@ -442,7 +442,13 @@ class TemplateStore:
     def open(cls, directory: Path) -> TemplateStore:
         """Open an existing store (locked: call :meth:`unlock` before touching templates).
 
-        Nothing is written: a store that fails a check is left byte for byte as it was.
+        A store that fails a check is left byte for byte as it was (the only write, after every
+        check passed, switches a store found outside WAL mode back to WAL).
+
+        Raises:
+            ConfigError: no store there, or a store of another schema.
+            IntegrityError: not a SQLite file, a missing table, malformed metadata or a hostile
+                scrypt cost.
         """
         directory = Path(directory)
         path = directory / DB_NAME
