@@ -542,6 +542,8 @@ def _fd(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
+    if value in (1, 2):
+        raise argparse.ArgumentTypeError("must not be 1 or 2 (standard output and error)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an open file descriptor number, got {text!r}")
     return value

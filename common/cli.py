@@ -17,6 +17,8 @@ from typing import NoReturn
 
 from common.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, FacefedError
 
+logger = logging.getLogger(__name__)
+
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.cli", "run a federated simulation on one machine or a Ray cluster"),
@@ -131,6 +133,15 @@ def report_errors(prog: str, command: Callable[[], int]) -> int:
         message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file the command was pointed at: unreadable, a folder, gone
+        logger.debug("%s failed", prog, exc_info=True)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"{prog}: error: cannot use{where} ({exc.strerror or exc}); check the path and its "
+            "permissions (-v shows where it happened)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -172,7 +172,10 @@ def _read_key_secret(path: Path) -> bytes:
             "the key is in a secret manager)"
         )
     _check_private(path, "master key file")
-    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as exc:
+        raise KeyUnavailableError(f"cannot read master key file {path} ({exc.strerror})") from None
     header, _, body = text.partition(" ")
     try:
         secret = base64.b64decode(body, validate=True) if header == KEY_FILE_HEADER else b""
@@ -300,7 +303,10 @@ def read_passphrase_file(path: Path) -> str:
     if not path.exists():
         raise ConfigError(f"passphrase file {path} not found; check --passphrase-file")
     _check_private(path, "passphrase file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyUnavailableError(f"cannot read passphrase file {path} ({exc})") from None
     return lines[0] if lines else ""
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from client.templates import TemplateStore
 from common.cli import main
 from common.crypto import keys
+from common.errors import KeyUnavailableError
 from tests.client.conftest import site_cli_env
 
 YaleRgb = Callable[[int, str], np.ndarray]
@@ -460,6 +461,22 @@ def test_a_failing_key_command_is_one_line(
     assert KEY_B64 not in err and not (env / "store").exists()
 
 
+def test_a_key_command_that_hangs_is_stopped_by_the_timeout() -> None:
+    hang = shlex.join([sys.executable, "-c", "import time; time.sleep(30)"])
+    with pytest.raises(KeyUnavailableError, match=r"did not answer within 0\.5 s"):
+        keys.read_key_command(hang, timeout_s=0.5)
+
+
+def test_an_os_error_the_command_did_not_foresee_is_one_line(
+    env: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise IsADirectoryError(21, "Is a directory", str(env / "somewhere"))
+
+    monkeypatch.setattr(TemplateStore, "create", broken)
+    one_line_error(*run(capsys, "init"), 2, "Is a directory", str(env / "somewhere"))
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -473,6 +490,7 @@ def test_a_failing_key_command_is_one_line(
         (("calibrate", "--far", "nan"), "--far"),
         (("enroll", "--id", "s0", "--min-face", "-1", "x.jpg"), "--min-face"),
         (("list", "--key-fd", "-1"), "--key-fd"),
+        (("list", "--key-fd", "2"), "--key-fd"),
     ],
 )
 def test_each_bad_numeric_flag_is_one_line_exit_2(
