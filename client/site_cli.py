@@ -292,7 +292,7 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     directory = _store_dir(args)
     if (directory / "templates.db").exists():
-        raise ConfigError(
+        raise RefusedError(
             f"a template store already exists in {directory}; use it or pick another --store"
         )
     _check_new_store_folder(directory)
