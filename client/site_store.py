@@ -63,7 +63,7 @@ MARKER = "store.json"
 STORE_FORMAT = "facefed-site-store/2"
 KEEP = 3  # releases kept per run: a coordinator falls back at most a checkpoint or two
 RUNS_KEPT = 4  # runs whose newest releases are kept (older runs live on in the lifetime history)
-_NAME = re.compile(r"^release-(\d{8})\.state$")
+_NAME = re.compile(r"release-(\d{8})\.state")
 _LEN = struct.Struct(">QQ")
 
 
@@ -185,7 +185,7 @@ class SiteStore:
     def _files(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name))]
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.fullmatch(p.name))]
         return sorted(found)
 
     def _marker_seq(self) -> int:

@@ -36,7 +36,7 @@ from common.errors import ConfigError, FacefedError
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-_CKPT = re.compile(r"^round_(\d{3,})\.ckpt$")
+_CKPT = re.compile(r"round_(\d{3,})\.ckpt")
 PRODUCTS = ("run.json", "results.json", "ledger.db", "ledger.db-wal", "ledger.db-shm")
 PRODUCT_DIRS = ("checkpoints", "sites", "keys")
 
@@ -130,7 +130,7 @@ def _read_run_file(out: Path) -> dict[str, Any]:
 
 def _checkpoints(out: Path) -> list[Path]:
     folder = out / "checkpoints"
-    return [p for p in folder.iterdir() if _CKPT.match(p.name)] if folder.is_dir() else []
+    return [p for p in folder.iterdir() if _CKPT.fullmatch(p.name)] if folder.is_dir() else []
 
 
 def _archive_previous(out: Path) -> None:

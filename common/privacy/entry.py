@@ -55,7 +55,7 @@ NoiseKind = Literal["secret", "seeded"]
 NOISE_KINDS: tuple[NoiseKind, ...] = ("secret", "seeded")
 LIFETIME_TOLERANCE = 1e-9  # relative: float rounding only; the lifetime composes more, never less
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def utc_now() -> str:
@@ -76,7 +76,7 @@ def _timestamp(value: str | datetime | None) -> str:
 
 def check_id(kind: str, value: object) -> str:
     """Return ``value`` if it is a valid run or site id, else raise ConfigError."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise ConfigError(
             f"{kind} {value!r} is invalid; use 1-128 letters, digits, '.', '_', ':' or '-'"
         )

@@ -472,3 +472,10 @@ def test_a_new_run_past_the_lifetime_cap_is_refused_and_nothing_changes(tmp_path
     reply = ask_run(tmp_path, "run-b", 1, {"policy-max-epsilon-lifetime": 8.0})
     assert reply.error.reason == "site-0 refused: budget (max-epsilon-lifetime)"
     assert snapshot(tmp_path) == before
+
+
+def test_a_run_id_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    # `re.match` with `$` accepted "run-a\n"; ids are checked with fullmatch
+    reply = ask_run(tmp_path, "run-a\n", 1)
+    assert reply.error.reason == "site-0 refused: policy (request)"
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
