@@ -185,7 +185,9 @@ class SiteStore:
     def _files(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.fullmatch(p.name))]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.fullmatch(p.name))
+        ]
         return sorted(found)
 
     def _marker_seq(self) -> int:
