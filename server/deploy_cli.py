@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.cli import bounded_float, positive_int
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
@@ -39,6 +40,9 @@ from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
 logger = logging.getLogger(__name__)
 
 CA_PASSPHRASE_ENV = "FACEFED_CA_PASSPHRASE"
+
+EPSILON = bounded_float(0.0, 1e6, open_low=True)  # a privacy budget: finite and > 0
+SECONDS = bounded_float(0.0, 1e7, open_low=True)
 
 
 def _ca_passphrase_args(parser: argparse.ArgumentParser, *, new: bool) -> None:
@@ -103,23 +107,26 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser(
         "init", allow_abbrev=False, help="create the CA, server certificate and all kits"
     )
-    p.add_argument("--sites", type=int, help="number of sites (named site-1..site-N)")
+    p.add_argument("--sites", type=positive_int, help="number of sites (named site-1..site-N)")
     p.add_argument("--site-names", help="comma-separated site ids instead of --sites")
     p.add_argument("--coordinator", required=True, help="DNS name or IP the sites dial")
     p.add_argument("--extra-host", action="append", default=[], help="another SAN (repeatable)")
     p.add_argument(
-        "--port", type=int, default=deploy.DEFAULT_PORT, help="public HTTPS port (Fleet API only)"
+        "--port",
+        type=positive_int,
+        default=deploy.DEFAULT_PORT,
+        help="public HTTPS port (Fleet API only)",
     )
     p.add_argument("--bind", default="0.0.0.0", help="address the public port listens on")
     p.add_argument(
         "--control-port",
-        type=int,
+        type=positive_int,
         default=deploy.DEFAULT_CONTROL_PORT,
         help="the SuperLink's own port (Control API), on 127.0.0.1 only",
     )
     p.add_argument(
         "--hub-port",
-        type=int,
+        type=positive_int,
         default=deploy.DEFAULT_HUB_PORT,
         help="127.0.0.1 port where `deploy submit` serves the signed app bundle",
     )
@@ -129,11 +136,13 @@ def register(subparsers: Any) -> None:
         help="trust this existing publisher (ssh-ed25519 public key file) instead of creating one",
     )
     p.add_argument("--out", type=Path, default=Path("facefed-kits"), help="output directory")
-    p.add_argument("--max-epsilon", type=float, default=8.0, help="per-site privacy budget")
+    p.add_argument("--max-epsilon", type=EPSILON, default=8.0, help="per-site privacy budget")
     p.add_argument(
         "--data-dir", default="/srv/facefed/data", help="site data path written to site.toml"
     )
-    p.add_argument("--valid-days", type=int, default=825, help="server certificate lifetime")
+    p.add_argument(
+        "--valid-days", type=positive_int, default=825, help="server certificate lifetime"
+    )
     p.add_argument(
         "--demo-partitions",
         action="store_true",
@@ -152,7 +161,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--site", required=True, help="new site id")
-    p.add_argument("--max-epsilon", type=float, default=8.0)
+    p.add_argument("--max-epsilon", type=EPSILON, default=8.0)
     p.add_argument("--data-dir", default="/srv/facefed/data")
     p.add_argument("--force", action="store_true", help="re-key the site (old key denied)")
     _ca_passphrase_args(p, new=False)
@@ -165,7 +174,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--extra-host", action="append", default=[])
-    p.add_argument("--valid-days", type=int, default=825)
+    p.add_argument("--valid-days", type=positive_int, default=825)
     _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_rotate)
 
@@ -211,7 +220,9 @@ def register(subparsers: Any) -> None:
         "--app", type=Path, default=REPO_ROOT, help="Flower app directory (default: this checkout)"
     )
     p.add_argument("--run-config", action="append", default=[], help="'k=v k2=v2' or a .toml file")
-    p.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds to wait for the run")
+    p.add_argument(
+        "--timeout", type=SECONDS, default=6 * 3600.0, help="seconds to wait for the run"
+    )
     p.add_argument("--no-wait", action="store_true", help="print the run id and return")
     p.add_argument(
         "--publisher-key",

@@ -355,3 +355,24 @@ def test_provisioning_into_an_existing_empty_dir_gives_the_same_tree(tmp_path: P
 
     assert layout(tmp_path / "a") == layout(tmp_path / "b")
     assert (tmp_path / "b" / "coordinator" / "state").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--valid-days", "-5"),
+        ("--max-epsilon", "nan"),
+        ("--max-epsilon", "0"),
+        ("--sites", "0"),
+        ("--port", "-1"),
+    ],
+)
+def test_every_numeric_deploy_flag_is_validated_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    out = tmp_path / "fed"
+    argv = ["deploy", "init", "--sites", "2", "--coordinator", "fl.example.org", "--out", str(out)]
+    assert main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"facefed: error: argument {flag}:") and "\n" not in err
+    assert not out.exists()
