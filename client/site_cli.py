@@ -8,12 +8,8 @@ so a bad input leaves the store unchanged. Human-readable output by default, one
 such store or identity, or a refused store folder) or 4 (integrity or key failure): the table in
 :mod:`common.errors` and docs/exit-codes.md.
 
-Key custody: a key file (default ``~/.config/facefed/keys/ID.key``), a passphrase (prompted twice
-when new; from stdin only with ``--passphrase-stdin``), or a key held by the institution's secret
-manager (``--key-command CMD``, run without a shell, or ``--key-fd N``). The default key file lives
-apart from the store folder, so a copy of the store alone (a backup, a synced folder) is useless; it
-does NOT protect against whoever can read this home directory or disk: use a passphrase or a
-secret manager for that. ``init`` says so.
+Key custody (a key file, a passphrase or the institution's secret manager) is
+:mod:`client.key_custody`; ``init`` says what the default key file protects and what it does not.
 
 ``init`` never changes the mode of a folder it did not create: an existing ``--store`` folder must
 be a private folder of this user (no group/other access), else it is refused.
@@ -32,17 +28,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import os
 import stat
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client import key_custody
 from client.calibration import DEFAULT_FAR, PROTOCOLS, Calibration, calibrate_on_lfw
 from client.imageio import read_image
 from client.pipeline import FacePipeline, PipelineConfig, load_pipeline
@@ -52,34 +47,19 @@ from common.crypto import keys
 from common.errors import (
     ConfigError,
     DataError,
-    KeyUnavailableError,
     NotFoundError,
     RefusedError,
 )
 
 STORE_ENV = "FACEFED_SITE_DIR"
-KEY_ENV = "FACEFED_SITE_KEY"
-KEY_COMMAND_ENV = "FACEFED_SITE_KEY_COMMAND"
-PASSPHRASE_ENV = "FACEFED_SITE_PASSPHRASE"
-KEY_DIR_ENV = "FACEFED_KEY_DIR"
 CHECKPOINT_ENV = "FACEFED_CHECKPOINT"
 DETECTOR_ENV = "FACEFED_DETECTOR_MODEL"
 NO_MATCH_EXIT = 1
 CALIBRATION_SUFFIX = ".calibration.json"
-KEY_FILE_CUSTODY = (
-    "the key file protects a copy of the store on its own (a stolen backup or synced folder); it "
-    "does not protect against whoever can read this home directory or disk: for that, use "
-    "--passphrase or the institution's secret manager (--key-command / --key-fd)"
-)
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value).expanduser() if value else None
 
 
 def _store_dir(args: argparse.Namespace) -> Path:
-    explicit = args.store or _env_path(STORE_ENV)
+    explicit = args.store or key_custody.env_path(STORE_ENV)
     directory = Path(explicit or Path.home() / ".local" / "share" / "facefed" / "site").expanduser()
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"--store {directory} is a file, not a folder; pass the store's folder")
@@ -120,96 +100,10 @@ def _existing_store(args: argparse.Namespace) -> Path:
     return directory
 
 
-def _default_key_path(store_id: str) -> Path:
-    directory = _env_path(KEY_DIR_ENV) or Path.home() / ".config" / "facefed" / "keys"
-    return directory / f"{store_id}.key"
-
-
-def _key_path(args: argparse.Namespace, store_id: str) -> Path:
-    return Path(args.key_file or _env_path(KEY_ENV) or _default_key_path(store_id)).expanduser()
-
-
-def _stdin_passphrase() -> str:
-    line = sys.stdin.readline()
-    if not line:
-        raise ConfigError("--passphrase-stdin: standard input is empty; pipe the passphrase in")
-    return line.rstrip("\r\n")
-
-
-def _read_passphrase(
-    file: Path | None, env_name: str | None, from_stdin: bool, prompt: str, *, new: bool = False
-) -> str | None:
-    """The passphrase from a file, a variable, stdin (only if asked) or a terminal prompt.
-
-    A ``new`` passphrase typed at the prompt is asked twice; a mismatch is refused.
-    """
-    if file is not None:
-        return keys.read_passphrase_file(Path(file))
-    if env_name:
-        if env_name not in os.environ:
-            raise ConfigError(f"environment variable {env_name} (from --passphrase-env) is not set")
-        return os.environ[env_name]
-    if from_stdin:
-        return _stdin_passphrase()
-    if not prompt or not sys.stdin.isatty():
-        return None
-    passphrase = getpass.getpass(prompt)
-    if new and getpass.getpass("repeat the passphrase: ") != passphrase:
-        raise ConfigError("the two passphrases differ; nothing was changed, try again")
-    return passphrase
-
-
-def _no_tty_passphrase(what: str) -> ConfigError:
-    return ConfigError(
-        f"{what}, but standard input is not a terminal; pass --passphrase-file PATH, "
-        "--passphrase-env VAR, or --passphrase-stdin to read it from standard input"
-    )
-
-
-def _uses_external_key(args: argparse.Namespace) -> bool:
-    """Whether the random key comes from a secret manager (command or fd) rather than a file."""
-    if args.key_file is not None:
-        return False
-    return bool(args.key_command or args.key_fd is not None or os.environ.get(KEY_COMMAND_ENV))
-
-
-def _external_secret(command: str | None, fd: int | None, *, env: bool = True) -> bytes | None:
-    """The key from a secret-manager command or a file descriptor, if either is configured."""
-    if fd is not None:
-        return keys.read_key_fd(fd)
-    command = command or (os.environ.get(KEY_COMMAND_ENV) if env else None)
-    return keys.read_key_command(command) if command else None
-
-
-def _unlock(store: TemplateStore, args: argparse.Namespace) -> None:
-    info = store.key_info
-    external = info.kind == "keyfile" and _uses_external_key(args)
-    secret = _external_secret(args.key_command, args.key_fd) if external else None
-    if secret is not None:
-        store.unlock(keys.external_key(secret, info))
-        return
-    if info.kind == "keyfile":
-        store.unlock(keys.load_key_file(_key_path(args, store.store_id), info))
-        return
-    passphrase = _read_passphrase(
-        args.passphrase_file, args.passphrase_env, args.passphrase_stdin, ""
-    )
-    if passphrase is None:
-        passphrase = os.environ.get(PASSPHRASE_ENV)
-    if passphrase is None and sys.stdin.isatty():
-        passphrase = getpass.getpass("store passphrase: ")
-    if passphrase is None:
-        raise KeyUnavailableError(
-            "this store is protected by a passphrase; pass --passphrase-file PATH, "
-            f"--passphrase-env VAR or --passphrase-stdin, or set {PASSPHRASE_ENV}"
-        )
-    store.unlock(keys.passphrase_key(passphrase, info))
-
-
 def _open(args: argparse.Namespace) -> TemplateStore:
     store = TemplateStore.open(_existing_store(args))
     try:
-        _unlock(store, args)
+        key_custody.unlock(store, args)
     except BaseException:
         store.close()
         raise
@@ -217,7 +111,7 @@ def _open(args: argparse.Namespace) -> TemplateStore:
 
 
 def _checkpoint_path(args: argparse.Namespace) -> Path:
-    checkpoint = args.checkpoint or _env_path(CHECKPOINT_ENV)
+    checkpoint = args.checkpoint or key_custody.env_path(CHECKPOINT_ENV)
     if checkpoint is None:
         raise ConfigError(
             f"no model checkpoint given; pass --checkpoint PATH or set {CHECKPOINT_ENV} "
@@ -231,7 +125,7 @@ def _pipeline(args: argparse.Namespace) -> tuple[FacePipeline, dict[str, Any]]:
     config = PipelineConfig(
         min_face=args.min_face, multi_face="largest" if args.largest else "error"
     )
-    detector = args.detector_model or _env_path(DETECTOR_ENV)
+    detector = args.detector_model or key_custody.env_path(DETECTOR_ENV)
     return load_pipeline(checkpoint, detector_model=detector, config=config)
 
 
@@ -297,7 +191,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     _check_new_store_folder(directory)
     store_id = uuid.uuid4().hex
-    passphrase = _read_passphrase(
+    passphrase = key_custody.read_passphrase(
         args.passphrase_file,
         args.passphrase_env,
         args.passphrase_stdin,
@@ -305,21 +199,21 @@ def cmd_init(args: argparse.Namespace) -> int:
         new=True,
     )
     if args.passphrase and passphrase is None:
-        raise _no_tty_passphrase("--passphrase asks for a new passphrase")
+        raise key_custody.no_tty_passphrase("--passphrase asks for a new passphrase")
     external = None
-    if passphrase is None and _uses_external_key(args):
-        external = _external_secret(args.key_command, args.key_fd)
+    if passphrase is None and key_custody.uses_external_key(args):
+        external = key_custody.external_secret(args.key_command, args.key_fd)
     key_file: Path | None = None
     if passphrase is not None:
         master = keys.new_passphrase_key(passphrase)
     elif external is not None:
         master = keys.new_external_key(external)
     else:
-        key_file = _key_path(args, store_id).resolve()
+        key_file = key_custody.key_path(args, store_id).resolve()
         if key_file.parent == directory.resolve() or directory.resolve() in key_file.parents:
             raise ConfigError(
                 f"key file {key_file} is inside the store {directory}; keep the key apart from the "
-                f"database: pass --key-file PATH elsewhere (default {_default_key_path(store_id)})"
+                f"database: pass --key-file PATH elsewhere (default {key_custody.default_key_path(store_id)})"
             )
         key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         master = keys.new_key_file(key_file)
@@ -335,7 +229,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         where = f"key file {key_file}"
     else:
         where = "passphrase (scrypt)" if passphrase is not None else "the secret manager's key"
-    note = KEY_FILE_CUSTODY if key_file else None
+    note = key_custody.KEY_FILE_CUSTODY if key_file else None
     _emit(
         args,
         {
@@ -489,14 +383,14 @@ def cmd_emotion(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        if store.key_info.kind == "keyfile" and not _uses_external_key(args):
-            path = _key_path(args, store.store_id)
+        if store.key_info.kind == "keyfile" and not key_custody.uses_external_key(args):
+            path = key_custody.key_path(args, store.store_id)
             new = keys.stage_key_file(path)
             count = store.rotate(new)
             keys.commit_key_file(path)
             where = f"key file {path}"
         elif store.key_info.kind == "keyfile":
-            secret = _external_secret(args.new_key_command, args.new_key_fd, env=False)
+            secret = key_custody.external_secret(args.new_key_command, args.new_key_fd, env=False)
             if secret is None:
                 raise ConfigError(
                     "rotating a secret-manager store needs the new key; store it in the secret "
@@ -505,7 +399,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             count = store.rotate(keys.new_external_key(secret))
             where = "the new key from the secret manager"
         else:
-            passphrase = _read_passphrase(
+            passphrase = key_custody.read_passphrase(
                 args.new_passphrase_file,
                 args.new_passphrase_env,
                 False,
@@ -513,7 +407,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                 new=True,
             )
             if passphrase is None:
-                raise _no_tty_passphrase("rotating a passphrase store needs the new passphrase")
+                raise key_custody.no_tty_passphrase(
+                    "rotating a passphrase store needs the new passphrase"
+                )
             count = store.rotate(keys.new_passphrase_key(passphrase))
             where = "the new passphrase"
     _emit(args, {"rewrapped": count}, f"re-wrapped {count} template key(s) under {where}")
@@ -555,12 +451,14 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     store.add_argument("--json", action="store_true", help="print one JSON object")
     key = argparse.ArgumentParser(add_help=False)
     source = key.add_mutually_exclusive_group()
-    source.add_argument("--key-file", type=Path, help=f"master key file, mode 0600 (env {KEY_ENV})")
+    source.add_argument(
+        "--key-file", type=Path, help=f"master key file, mode 0600 (env {key_custody.KEY_ENV})"
+    )
     source.add_argument(
         "--key-command",
         metavar="CMD",
         help="command that prints the master key from a secret manager, run without a shell, "
-        f"e.g. 'vault kv get -field=key secret/facefed' (env {KEY_COMMAND_ENV})",
+        f"e.g. 'vault kv get -field=key secret/facefed' (env {key_custody.KEY_COMMAND_ENV})",
     )
     source.add_argument(
         "--key-fd", type=_fd, metavar="N", help="read the master key from open file descriptor N"
