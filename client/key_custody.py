@@ -45,10 +45,18 @@ def key_path(args: argparse.Namespace, store_id: str) -> Path:
     return Path(args.key_file or env_path(KEY_ENV) or default_key_path(store_id)).expanduser()
 
 
+MAX_PASSPHRASE_CHARS = 4096
+
+
 def stdin_passphrase() -> str:
-    line = sys.stdin.readline()
+    line = sys.stdin.readline(MAX_PASSPHRASE_CHARS + 1)  # bounded: stdin may be endless
     if not line:
         raise ConfigError("--passphrase-stdin: standard input is empty; pipe the passphrase in")
+    if len(line.rstrip("\r\n")) > MAX_PASSPHRASE_CHARS:
+        raise ConfigError(
+            f"--passphrase-stdin: the first line is longer than {MAX_PASSPHRASE_CHARS} characters; "
+            "pipe in the passphrase alone"
+        )
     return line.rstrip("\r\n")
 
 
@@ -86,15 +94,20 @@ def uses_external_key(args: argparse.Namespace) -> bool:
     """Whether the random key comes from a secret manager (command or fd) rather than a file."""
     if args.key_file is not None:
         return False
-    return bool(args.key_command or args.key_fd is not None or os.environ.get(KEY_COMMAND_ENV))
+    return (
+        args.key_command is not None  # an empty --key-command is an error, not "no command"
+        or args.key_fd is not None
+        or bool(os.environ.get(KEY_COMMAND_ENV))
+    )
 
 
 def external_secret(command: str | None, fd: int | None, *, env: bool = True) -> bytes | None:
     """The key from a secret-manager command or a file descriptor, if either is configured."""
     if fd is not None:
         return keys.read_key_fd(fd)
-    command = command or (os.environ.get(KEY_COMMAND_ENV) if env else None)
-    return keys.read_key_command(command) if command else None
+    if command is None and env:
+        command = os.environ.get(KEY_COMMAND_ENV)
+    return keys.read_key_command(command) if command is not None else None
 
 
 def unlock(store: TemplateStore, args: argparse.Namespace) -> None:

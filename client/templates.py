@@ -116,6 +116,37 @@ _COLUMNS = {
 _RESTORE = "restore templates.db from a backup"
 
 
+def _schema_objects(conn: sqlite3.Connection) -> frozenset[tuple[str, str, str, str | None]]:
+    rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+    return frozenset((str(t), str(n), str(tb), sq) for t, n, tb, sq in rows)
+
+
+def _expected_schema() -> frozenset[tuple[str, str, str, str | None]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return _schema_objects(conn)
+    finally:
+        conn.close()
+
+
+# Exactly the three tables facefed creates and their primary-key indexes: a trigger, view, index or
+# table planted by someone with write access to the folder could rewrite rows while facefed writes
+# (and its MACs would then vouch for them), or keep copies of deleted ciphertexts.
+_EXPECTED_SCHEMA = _expected_schema()
+
+
+def _check_schema(conn: sqlite3.Connection) -> None:
+    """Refuse a database holding any schema object facefed did not create (IntegrityError)."""
+    extra = _schema_objects(conn) - _EXPECTED_SCHEMA
+    if extra:
+        kind, name = sorted(extra)[0][:2]
+        raise IntegrityError(
+            f"the template database holds a {kind} {name!r} that facefed did not create (someone "
+            f"with write access to the store changed it); {_RESTORE}"
+        )
+
+
 @dataclass(frozen=True)
 class StoredTemplate:
     """A decrypted template, held in memory only."""
@@ -357,6 +388,7 @@ def _check_tables(conn: sqlite3.Connection, directory: Path) -> None:
         if found != columns:
             what = "is missing" if not found else "has unexpected columns"
             raise IntegrityError(f"template store table {table!r} {what}; {_RESTORE}")
+    _check_schema(conn)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -367,6 +399,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA trusted_schema=OFF")
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(
             f"{path} is not a readable template database ({exc}); {_RESTORE}"
@@ -412,7 +445,9 @@ class TemplateStore:
         store_id = store_id or uuid.uuid4().hex
         if not _STORE_ID_RE.fullmatch(store_id):
             raise ValueError(f"store id must match {_STORE_ID_RE.pattern}, got {store_id!r}")
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for folder in [*reversed(directory.parents), directory]:  # any folder made here: 0700
+            if not folder.exists():
+                folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         conn = _connect(path)
@@ -784,7 +819,7 @@ class TemplateStore:
         new, new_mac = new_key.wrapping_key, mac_key(new_key, self.store_id)
         count = 0
         with _transaction(self._conn):
-            _, versions = self._verified_state()
+            meta, versions = self._verified_state()
             rows = self._conn.execute(
                 "SELECT identity, version, model_tag, nonce, ciphertext, wrap_nonce, wrapped_key "
                 "FROM templates"
@@ -803,12 +838,11 @@ class TemplateStore:
                 count += 1
                 if after_row is not None:
                     after_row(count)
+            meta["key_info"] = json.dumps(new_key.info.to_dict())
             self._conn.execute(
-                "UPDATE meta SET value = ? WHERE name = 'key_info'",
-                (json.dumps(new_key.info.to_dict()),),
+                "UPDATE meta SET value = ? WHERE name = 'key_info'", (meta["key_info"],)
             )
-            meta, _ = _read_meta(self._conn)
-            for name, value in meta.items():
+            for name, value in meta.items():  # the verified values only, never a fresh read
                 tag = _mac(new_mac, "meta", *_meta_mac_parts(self.store_id, name, value))
                 self._conn.execute("UPDATE meta SET mac = ? WHERE name = ?", (tag, name))
             for identity, state in versions.items():
@@ -907,6 +941,11 @@ class _transaction:
 
     def __enter__(self) -> None:
         self._conn.execute(f"BEGIN {self._mode}")
+        try:  # under the write lock (or in the read snapshot): no trigger can fire on our writes
+            _check_schema(self._conn)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")

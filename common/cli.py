@@ -52,6 +52,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number in [{low}, {high}], got {text!r}"
+            )
+        return value
+
+    parse.__name__ = f"whole number in [{low}, {high}]"
+    return parse
+
+
 def bounded_float(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
     """argparse type: a finite float in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
     interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"

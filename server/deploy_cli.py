@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import bounded_float, positive_int
+from common.cli import bounded_float, bounded_int, positive_int
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
@@ -43,6 +43,7 @@ CA_PASSPHRASE_ENV = "FACEFED_CA_PASSPHRASE"
 
 EPSILON = bounded_float(0.0, 1e6, open_low=True)  # a privacy budget: finite and > 0
 SECONDS = bounded_float(0.0, 1e7, open_low=True)
+VALID_DAYS = bounded_int(1, 3650)  # a certificate lifetime; longer is refused (and overflows)
 
 
 def _ca_passphrase_args(parser: argparse.ArgumentParser, *, new: bool) -> None:
@@ -141,7 +142,7 @@ def register(subparsers: Any) -> None:
         "--data-dir", default="/srv/facefed/data", help="site data path written to site.toml"
     )
     p.add_argument(
-        "--valid-days", type=positive_int, default=825, help="server certificate lifetime"
+        "--valid-days", type=VALID_DAYS, default=825, help="server certificate lifetime, days"
     )
     p.add_argument(
         "--demo-partitions",
@@ -174,7 +175,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--extra-host", action="append", default=[])
-    p.add_argument("--valid-days", type=positive_int, default=825)
+    p.add_argument("--valid-days", type=VALID_DAYS, default=825)
     _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_rotate)
 

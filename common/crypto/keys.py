@@ -30,9 +30,11 @@ import base64
 import contextlib
 import hmac
 import os
+import selectors
 import shlex
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -345,28 +347,73 @@ def read_key_command(command: str, *, timeout_s: float = KEY_COMMAND_TIMEOUT_S) 
         raise ConfigError("--key-command is empty; give the secret manager's command")
     name = os.path.basename(argv[0])
     try:
-        proc = subprocess.run(  # the operator's configured command, no shell
-            argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s, check=False
+        proc = subprocess.Popen(  # the operator's configured command, no shell
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
     except FileNotFoundError:
         raise KeyUnavailableError(
             f"key command {name!r} not found; check --key-command and PATH"
         ) from None
-    except subprocess.TimeoutExpired:
-        raise KeyUnavailableError(
-            f"key command {name!r} did not answer within {timeout_s:g} s; check that the secret "
-            "manager is reachable"
-        ) from None
     except OSError as exc:
         raise KeyUnavailableError(
             f"key command {name!r} could not start ({exc.strerror}); check --key-command"
         ) from None
+    try:
+        output = _bounded_output(proc, name, timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     if proc.returncode != 0:
         raise KeyUnavailableError(
             f"key command {name!r} failed with exit code {proc.returncode}; run it by hand to "
             "see why (is this user logged in to the secret manager?)"
         )
-    return parse_key_text(proc.stdout[:MAX_KEY_TEXT_BYTES], f"key command {name!r}")
+    return parse_key_text(output, f"key command {name!r}")
+
+
+def _bounded_output(proc: subprocess.Popen[bytes], name: str, timeout_s: float) -> bytes:
+    """Everything ``proc`` prints until it exits, within ``timeout_s`` and MAX_KEY_TEXT_BYTES.
+
+    Read as it comes, so that a command printing without end is stopped at the bound instead of
+    being buffered whole (``subprocess.run`` would hold all of it in memory until the timeout).
+    """
+    if proc.stdout is None:
+        raise RuntimeError("the key command was started without a stdout pipe")
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout_s
+    output = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KeyUnavailableError(
+                    f"key command {name!r} did not answer within {timeout_s:g} s; check that the "
+                    "secret manager is reachable"
+                )
+            if not selector.select(left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            output += chunk
+            if len(output) > MAX_KEY_TEXT_BYTES:
+                raise KeyUnavailableError(
+                    f"key command {name!r} printed more than {MAX_KEY_TEXT_BYTES} bytes; it must "
+                    "print the key alone"
+                )
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise KeyUnavailableError(
+            f"key command {name!r} did not exit within {timeout_s:g} s; check that the secret "
+            "manager is reachable"
+        ) from None
+    return bytes(output)
 
 
 def read_key_fd(fd: int) -> bytes:

@@ -524,3 +524,36 @@ def test_store_pointing_at_a_file_is_one_line(
     file.write_text("x")
     one_line_error(*run(capsys, *action, "--store", str(file)), 2, "is a file")
     assert file.read_text() == "x"
+
+
+# --- found by the attack review of the hardened CLI ------------------------------------------------
+
+
+def test_a_key_command_printing_without_end_is_stopped_at_the_bound() -> None:
+    endless = shlex.join(
+        [sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('A' * 65536)"]
+    )
+    with pytest.raises(KeyUnavailableError, match="printed more than 4096 bytes"):
+        keys.read_key_command(endless, timeout_s=20)
+
+
+def test_an_empty_key_command_is_an_error_not_the_default_key_file(env: Path, capsys: Cap) -> None:
+    code, out, err = run(capsys, "init", "--key-command", "")
+    one_line_error(code, out, err, 2, "--key-command is empty")
+    assert not (env / "store").exists()
+
+
+def test_an_endless_passphrase_on_stdin_is_one_line(
+    env: Path, capsys: Cap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x" * 100_000))
+    code, out, err = run(capsys, "init", "--passphrase", "--passphrase-stdin")
+    one_line_error(code, out, err, 2, "longer than 4096 characters")
+    assert not (env / "store").exists()
+
+
+def test_folders_init_creates_above_the_store_are_private(env: Path, capsys: Cap) -> None:
+    code, _, _ = run(capsys, "init", "--store", str(env / "new" / "deeper" / "store"))
+    assert code == 0
+    for folder in (env / "new", env / "new" / "deeper", env / "new" / "deeper" / "store"):
+        assert folder.stat().st_mode & 0o077 == 0, folder

@@ -614,3 +614,62 @@ def test_schema_1_store_is_refused_with_the_way_forward(tmp_path: Path) -> None:
         TemplateStore.open(tmp_path / "s")
 
     assert files(tmp_path / "s") == before
+
+
+# --- found by the attack review of the hardened store --------------------------------------------
+
+PLANTED = {
+    # F1: rewrites the calibration when rotate-key updates key_info; rotate then re-MACed it
+    "trigger-calibration": (
+        "CREATE TRIGGER t AFTER UPDATE ON meta WHEN new.name = 'key_info' BEGIN "
+        f"INSERT OR REPLACE INTO meta VALUES ('calibration:{TAG}', "
+        "'{\"threshold\": -0.99}', zeroblob(32)); END"
+    ),
+    # F2: puts a deleted person's rows back when the operator enrols someone else
+    "trigger-comeback": (
+        "CREATE TRIGGER t AFTER INSERT ON templates WHEN new.identity <> 'alice' BEGIN "
+        "UPDATE versions SET deleted = 0 WHERE identity = 'alice'; END"
+    ),
+    # F3: keeps a hex copy of every deleted ciphertext, which a byte scan does not find
+    "shadow-table": "CREATE TABLE shadow (copy TEXT)",
+    "view": "CREATE VIEW v AS SELECT * FROM templates",
+    "index": "CREATE INDEX i ON templates (model_tag)",
+}
+
+
+@pytest.mark.parametrize("sql", PLANTED.values(), ids=PLANTED.keys())
+def test_a_planted_schema_object_is_refused_at_open_and_nothing_is_written(
+    store: TemplateStore, key_file: keys.MasterKey, sql: str
+) -> None:
+    # Arrange: someone with write access to the folder (not the key) adds a schema object
+    store.close()
+    poke(store, sql)
+    before = files(store.directory)
+
+    # Act / Assert
+    with pytest.raises(IntegrityError, match="that facefed did not create"):
+        open_and_get(store.directory, key_file, "bob")
+    assert files(store.directory) == before
+
+
+@pytest.mark.parametrize("operation", ["rotate", "enroll", "delete", "set-meta"])
+def test_a_trigger_planted_while_the_store_is_open_stops_the_next_write(
+    store: TemplateStore, key_file: keys.MasterKey, tmp_path: Path, operation: str
+) -> None:
+    # Arrange: the store is open and unlocked; then the trigger appears (a race with the attacker)
+    poke(store, PLANTED["trigger-calibration"])
+
+    # Act / Assert: every write checks the schema under its own lock, before writing anything
+    with pytest.raises(IntegrityError, match="that facefed did not create"):
+        if operation == "rotate":
+            store.rotate(keys.new_key_file(tmp_path / "new.key"))
+        elif operation == "enroll":
+            store.enroll("carol", unit(3), model_tag=TAG, n_images=1)
+        elif operation == "delete":
+            store.delete("bob")
+        else:
+            store.set_meta(f"calibration:{TAG}", CALIBRATION)
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT name FROM meta WHERE name LIKE 'calibration:%'").fetchall()
+    conn.close()
+    assert rows == []  # the trigger never fired

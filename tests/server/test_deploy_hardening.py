@@ -361,6 +361,7 @@ def test_provisioning_into_an_existing_empty_dir_gives_the_same_tree(tmp_path: P
     ("flag", "value"),
     [
         ("--valid-days", "-5"),
+        ("--valid-days", "99999999"),  # overflowed the certificate's date: a traceback
         ("--max-epsilon", "nan"),
         ("--max-epsilon", "0"),
         ("--sites", "0"),
