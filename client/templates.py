@@ -35,7 +35,6 @@ deleted ciphertext left in the database or its WAL. The directory is 0700 and th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -50,11 +49,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from client import store_mac
 from client.calibration import Calibration
+from client.store_mac import VersionState, mac_key
 from common.crypto import envelope
 from common.crypto.keys import KeyInfo, MasterKey, matches
 from common.errors import ConfigError, DataError, IntegrityError
@@ -69,13 +67,11 @@ MAX_SCRYPT_WORK = 2**24  # n * r * p; facefed's default is 2**18
 _IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _STORE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _NORM_TOLERANCE = 1e-3
-_MAC_LABEL = b"facefed/template-store-mac/v1\0"
-_MAC_SIZE = 32
 _MAX_VERSION = 2**62
 _SQLITE_HEADER = b"SQLite format 3\0"
 _BUSY_MS = 5000
 _PURGE_WAIT_MS = 1000
-_STATE = "state"
+_STATE = store_mac.STATE_ROW
 _MANAGED = ("schema_version", "store_id", "embedding_dim", "key_info", _STATE)
 
 _SCHEMA = """
@@ -158,14 +154,6 @@ class StoredTemplate:
     embedding: np.ndarray
 
 
-@dataclass(frozen=True)
-class VersionState:
-    """The authenticated last version issued to an identity, and whether it was deleted."""
-
-    version: int
-    deleted: bool
-
-
 def validate_identity(identity: str) -> str:
     """Return ``identity`` if it is a valid id (1-128 chars of letters, digits, ``._@+-``)."""
     if not isinstance(identity, str) or not _IDENTITY_RE.fullmatch(identity):
@@ -176,14 +164,10 @@ def validate_identity(identity: str) -> str:
     return identity
 
 
-def _field(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
-
-
 def record_aad(store_id: str, identity: str, version: int, model_tag: str, dim: int) -> bytes:
     """Associated data bound into a template record (length-prefixed fields)."""
     return b"facefed-template-v1" + b"".join(
-        _field(part)
+        store_mac.length_prefixed(part)
         for part in (
             store_id.encode(),
             identity.encode(),
@@ -192,65 +176,6 @@ def record_aad(store_id: str, identity: str, version: int, model_tag: str, dim: 
             dim.to_bytes(4, "big"),
         )
     )
-
-
-# ---------------------------------------------------------------------- authentication
-def mac_key(master: MasterKey, store_id: str) -> bytes:
-    """The store's MAC key: HKDF-SHA256 of the master key, bound to a label and the store id."""
-    hkdf = HKDF(
-        algorithm=hashes.SHA256(),
-        length=_MAC_SIZE,
-        salt=None,
-        info=_MAC_LABEL + store_id.encode(),
-    )
-    return hkdf.derive(master.secret)
-
-
-def _hmac(key: bytes, kind: str, parts: tuple[bytes, ...]) -> hmac.HMAC:
-    """HMAC-SHA256 over a kind label and length-prefixed fields (so fields cannot shift)."""
-    h = hmac.HMAC(key, hashes.SHA256())
-    h.update(b"facefed-store-mac-v1" + _field(kind.encode()) + b"".join(map(_field, parts)))
-    return h
-
-
-def _mac(key: bytes, kind: str, *parts: bytes) -> bytes:
-    return _hmac(key, kind, parts).finalize()
-
-
-def _mac_ok(key: bytes, tag: object, kind: str, *parts: bytes) -> bool:
-    if not isinstance(tag, bytes) or len(tag) != _MAC_SIZE:
-        return False
-    try:
-        _hmac(key, kind, parts).verify(tag)  # constant-time comparison
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _meta_mac_parts(store_id: str, name: str, value: str) -> tuple[bytes, ...]:
-    return store_id.encode(), name.encode(), value.encode()
-
-
-def _version_mac_parts(store_id: str, identity: str, state: VersionState) -> tuple[bytes, ...]:
-    return (
-        store_id.encode(),
-        identity.encode(),
-        state.version.to_bytes(8, "big"),
-        bytes([int(state.deleted)]),
-    )
-
-
-def _state_digest(meta: dict[str, str], versions: dict[str, VersionState]) -> bytes:
-    """SHA-256 over every meta row (but ``state``) and every versions row, in sorted order."""
-    h = hashlib.sha256()
-    for name in sorted(meta):
-        if name != _STATE:
-            h.update(b"m" + _field(name.encode()) + _field(meta[name].encode()))
-    for identity in sorted(versions):
-        state = versions[identity]
-        h.update(b"v" + _field(identity.encode()))
-        h.update(state.version.to_bytes(8, "big") + bytes([int(state.deleted)]))
-    return h.digest()
 
 
 # ---------------------------------------------------------------------- metadata checks
@@ -314,7 +239,7 @@ def _check_key_info(value: str) -> KeyInfo:
         info = KeyInfo.from_dict(data)
     except ConfigError as exc:  # e.g. scrypt n not a power of two: the stored metadata is bad
         raise IntegrityError(f"store key metadata is malformed ({exc}); {_RESTORE}") from None
-    if len(info.verifier) != _MAC_SIZE:
+    if len(info.verifier) != store_mac.MAC_SIZE:
         raise IntegrityError(f"store key verifier has the wrong length; {_RESTORE}")
     s = info.scrypt
     if s is not None and (128 * s.n * s.r > MAX_SCRYPT_MEMORY or s.n * s.r * s.p > MAX_SCRYPT_WORK):
@@ -465,9 +390,15 @@ class TemplateStore:
             for name, value in meta.items():
                 conn.execute(
                     "INSERT INTO meta VALUES (?, ?, ?)",
-                    (name, value, _mac(k, "meta", *_meta_mac_parts(store_id, name, value))),
+                    (
+                        name,
+                        value,
+                        store_mac.mac(k, "meta", *store_mac.meta_mac_parts(store_id, name, value)),
+                    ),
                 )
-            conn.execute("INSERT INTO meta VALUES (?, '{}', ?)", (_STATE, bytes(_MAC_SIZE)))
+            conn.execute(
+                "INSERT INTO meta VALUES (?, '{}', ?)", (_STATE, bytes(store_mac.MAC_SIZE))
+            )
             _write_state(conn, k, store_id)
         store = cls(directory, conn)
         store.unlock(key)
@@ -565,19 +496,19 @@ class TemplateStore:
         except sqlite3.DatabaseError as exc:
             raise IntegrityError(f"{self.path} is damaged ({exc}); {_RESTORE}") from exc
         for name, value in meta.items():
-            if name != _STATE and not _mac_ok(
-                k, meta_macs[name], "meta", *_meta_mac_parts(self.store_id, name, value)
+            if name != _STATE and not store_mac.mac_ok(
+                k, meta_macs[name], "meta", *store_mac.meta_mac_parts(self.store_id, name, value)
             ):
                 raise IntegrityError(
                     f"store metadata {name!r} fails authentication: it was edited outside "
                     f"facefed or moved from another row; {_RESTORE}"
                 )
         for identity, state in versions.items():
-            if not _mac_ok(
+            if not store_mac.mac_ok(
                 k,
                 version_macs[identity],
                 "version",
-                *_version_mac_parts(self.store_id, identity, state),
+                *store_mac.version_mac_parts(self.store_id, identity, state),
             ):
                 raise IntegrityError(
                     f"the version record of {identity!r} fails authentication: its version or "
@@ -585,8 +516,8 @@ class TemplateStore:
                 )
         recorded = _json_dict(_STATE, meta[_STATE])
         counts = {"meta": len(meta) - 1, "versions": len(versions)}
-        digest = _state_digest(meta, versions)
-        if not _mac_ok(
+        digest = store_mac.state_digest(meta, versions)
+        if not store_mac.mac_ok(
             k, meta_macs[_STATE], "state", self.store_id.encode(), meta[_STATE].encode(), digest
         ):
             raise IntegrityError(
@@ -600,7 +531,9 @@ class TemplateStore:
         return meta, versions
 
     def _write_version(self, identity: str, state: VersionState) -> None:
-        tag = _mac(self._keys()[1], "version", *_version_mac_parts(self.store_id, identity, state))
+        tag = store_mac.mac(
+            self._keys()[1], "version", *store_mac.version_mac_parts(self.store_id, identity, state)
+        )
         self._conn.execute(
             "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)",
             (identity, state.version, int(state.deleted), tag),
@@ -631,7 +564,11 @@ class TemplateStore:
             self._verified_state()
             self._conn.execute(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)",
-                (name, text, _mac(k, "meta", *_meta_mac_parts(self.store_id, name, text))),
+                (
+                    name,
+                    text,
+                    store_mac.mac(k, "meta", *store_mac.meta_mac_parts(self.store_id, name, text)),
+                ),
             )
             _write_state(self._conn, k, self.store_id)
 
@@ -843,10 +780,14 @@ class TemplateStore:
                 "UPDATE meta SET value = ? WHERE name = 'key_info'", (meta["key_info"],)
             )
             for name, value in meta.items():  # the verified values only, never a fresh read
-                tag = _mac(new_mac, "meta", *_meta_mac_parts(self.store_id, name, value))
+                tag = store_mac.mac(
+                    new_mac, "meta", *store_mac.meta_mac_parts(self.store_id, name, value)
+                )
                 self._conn.execute("UPDATE meta SET mac = ? WHERE name = ?", (tag, name))
             for identity, state in versions.items():
-                tag = _mac(new_mac, "version", *_version_mac_parts(self.store_id, identity, state))
+                tag = store_mac.mac(
+                    new_mac, "version", *store_mac.version_mac_parts(self.store_id, identity, state)
+                )
                 self._conn.execute(
                     "UPDATE versions SET mac = ? WHERE identity = ?", (tag, identity)
                 )
@@ -926,7 +867,9 @@ def _write_state(conn: sqlite3.Connection, k: bytes, store_id: str) -> None:
     meta, _ = _read_meta(conn)
     versions, _ = _read_versions(conn)
     value = json.dumps({"meta": len(meta) - 1, "versions": len(versions)}, sort_keys=True)
-    tag = _mac(k, "state", store_id.encode(), value.encode(), _state_digest(meta, versions))
+    tag = store_mac.mac(
+        k, "state", store_id.encode(), value.encode(), store_mac.state_digest(meta, versions)
+    )
     conn.execute("UPDATE meta SET value = ?, mac = ? WHERE name = ?", (value, tag, _STATE))
 
 
