@@ -236,6 +236,13 @@ def create_node_keypair(comment: str = "") -> NodeKeyPair:
             keys apart; Flower ignores it.
     """
     key = ec.generate_private_key(CURVE())
+    return _openssh_pair(key, comment)
+
+
+def _openssh_pair(
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, comment: str
+) -> NodeKeyPair:
+    """``key`` as an OpenSSH private key and an OpenSSH public key line ending in ``comment``."""
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
@@ -258,19 +265,7 @@ def create_publisher_keypair(comment: str = "facefed-publisher") -> NodeKeyPair:
     (``_validate_public_keys_ed25519`` in ``flwr.supernode.cli.flower_supernode``).
     """
     key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    if comment:
-        if any(c.isspace() for c in comment):
-            raise ConfigError(f"key comment {comment!r} must not contain whitespace")
-        public += b" " + comment.encode("ascii")
-    return NodeKeyPair(private_openssh=private, public_openssh=public + b"\n")
+    return _openssh_pair(key, comment)
 
 
 def ca_key_is_encrypted(key_path: Path) -> bool:
