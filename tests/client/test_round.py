@@ -19,6 +19,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from client.egress import guard_stats
 from client.privacy_state import STATE_KEY, SitePrivacyState
 from client.round import HEAD_KEY, RoundRelease, run_round
+from client.site_policy import SitePolicy
 from client.train import SiteTensors
 from common.config import parse_run_config
 from common.crypto.signing import generate_private_key
@@ -73,6 +74,7 @@ def release(
     server_round: int,
     run_id: str = "test-run",
     other_runs: Sequence[DpSgdEvent] = (),
+    policy: SitePolicy | None = None,
     **overrides: object,
 ) -> RoundRelease:
     """One round of the tiny site at its run budget, signed with the test key."""
@@ -86,6 +88,7 @@ def release(
         budget=settings.privacy.max_epsilon,
         site_index=0,
         signing_key=KEY,
+        policy=policy,
         other_runs=other_runs,
     )
 

@@ -32,7 +32,7 @@ from common.errors import ConfigError
 from common.models import CosineHead, EmotionNet, FaceEmbedder
 from common.privacy.events import DpSgdEvent
 from common.serde import arrays_digest, to_arrays
-from tests.client.test_round import KEY, SMALL, config, initial_arrays, tiny_site
+from tests.client.test_round import KEY, SMALL, config, initial_arrays, release, tiny_site
 from tests.messages import train_message
 
 SIGMA = 4.0
@@ -51,19 +51,10 @@ ONE_STEP = {
 
 def face_update(noise_source: str, server_round: int = 1) -> np.ndarray:
     """The released face-backbone update of one round, flattened."""
-    settings = parse_run_config({**ONE_STEP, "noise-source": noise_source})
-    start = initial_arrays(settings)
-    reply = run_round(
-        start,
-        config(server_round),
-        RecordDict(),
-        tiny_site(),
-        settings,
-        budget=8.0,
-        site_index=0,
-        signing_key=KEY,
-        policy=SitePolicy(allow_seeded_noise=True),
-    ).content
+    overrides = {**ONE_STEP, "noise-source": noise_source}
+    start = initial_arrays(parse_run_config(overrides))
+    policy = SitePolicy(allow_seeded_noise=True)
+    reply = release(RecordDict(), server_round, policy=policy, **overrides).content
     after = reply.array_records["arrays"]
     return np.concatenate(
         [
@@ -123,13 +114,11 @@ def test_secret_noise_has_the_requested_standard_deviation_and_no_seed() -> None
 
 
 def test_a_repeated_round_without_a_store_is_refused_not_trained_again() -> None:
-    settings = parse_run_config(SMALL)
     state = RecordDict()
-    kwargs = {"budget": 8.0, "site_index": 0, "signing_key": KEY}
-    run_round(initial_arrays(settings), config(1), state, tiny_site(), settings, **kwargs)
+    release(state, 1)
     history = list(SitePrivacyState.load(state, "rdp").history)
     with pytest.raises(PolicyRefusal, match="round 1 was already released"):
-        run_round(initial_arrays(settings), config(1), state, tiny_site(), settings, **kwargs)
+        release(state, 1)
     assert SitePrivacyState.load(state, "rdp").history == history  # not charged again
 
 
@@ -212,37 +201,15 @@ def test_a_refused_first_run_creates_no_state(tmp_path: Path) -> None:
 
 
 def test_a_round_past_the_lifetime_cap_is_refused_before_training() -> None:
-    settings = parse_run_config(SMALL)
     spent = [DpSgdEvent(noise_multiplier=0.8, sample_rate=0.2, steps=200, clip_norm=1.0)]
     with pytest.raises(PolicyRefusal, match="max-epsilon-lifetime"):
-        run_round(
-            initial_arrays(settings),
-            config(1),
-            RecordDict(),
-            tiny_site(),
-            settings,
-            budget=8.0,
-            site_index=0,
-            signing_key=KEY,
-            policy=SitePolicy(max_epsilon_lifetime=8.0),
-            other_runs=spent,  # what earlier runs of this site released
-        )
+        # other_runs: what earlier runs of this site released
+        release(RecordDict(), 1, other_runs=spent, policy=SitePolicy(max_epsilon_lifetime=8.0))
 
 
 def test_the_policy_floor_raises_a_calibrated_noise_multiplier() -> None:
-    settings = parse_run_config(SMALL)
     state = RecordDict()
-    run_round(
-        initial_arrays(settings),
-        config(1),
-        state,
-        tiny_site(),
-        settings,
-        budget=8.0,
-        site_index=0,
-        signing_key=KEY,
-        policy=SitePolicy(min_noise_multiplier=5.0),
-    )
+    release(state, 1, policy=SitePolicy(min_noise_multiplier=5.0))
     assert SitePrivacyState.load(state, "rdp").noise_multiplier == 5.0
 
 
@@ -295,13 +262,9 @@ def test_per_site_policy_entries_override_the_common_ones() -> None:
 def test_face_and_emotion_at_equal_sigma_and_q_both_train_and_are_recorded(dp_path: str) -> None:
     data = tiny_site()
     # 50 faces at batch 10 and 200 emotions at batch 40: both sampled at q = 1/5
-    settings = parse_run_config(
-        {**SMALL, "face-batch": 10, "emotion-batch": 40, "dp-path": dp_path}
-    )
     assert sample_rate(10, len(data.face_y)) == sample_rate(40, len(data.emotion_y))
     state = RecordDict()
-    kwargs = {"budget": 8.0, "site_index": 0, "signing_key": KEY}
-    run_round(initial_arrays(settings), config(1), state, data, settings, **kwargs)
+    release(state, 1, **{"face-batch": 10, "emotion-batch": 40, "dp-path": dp_path})
     history = SitePrivacyState.load(state, "rdp").history
     assert [e.name for e in history] == ["face", "emotion"]
 
@@ -385,10 +348,10 @@ def test_a_model_that_overflows_on_some_examples_gives_no_data_dependent_error(
     settings = parse_run_config({**SMALL, "dp-path": dp_path, "emotion-batch": 100})
     arrays = poisoned_emotion_arrays(settings)
     assert (data.emotion_y == 1).any()  # the site holds examples of that class
-    release = run_round(arrays, config(1), RecordDict(), data, settings, 8.0, 0, KEY)
-    out = release.content.array_records["arrays"]
+    released = run_round(arrays, config(1), RecordDict(), data, settings, 8.0, 0, KEY)
+    out = released.content.array_records["arrays"]
     assert all(np.isfinite(out[k].numpy()).all() for k in out)  # a normal, charged release
-    assert [e.name for e in release.events] == ["face", "emotion"]
+    assert [e.name for e in released.events] == ["face", "emotion"]
 
 
 def test_a_request_with_a_malformed_round_or_run_id_is_refused_before_anything(
