@@ -120,14 +120,10 @@ def handle_train(
                 released_without_dp=any(not r.private for r in lifetime),
             )
         except RoundFailed as failed:  # charged: the failure came after the data was read
-            store.commit(
-                request.run_id,
-                request.server_round,
-                request.model_hash,
-                state,
-                RecordDict(),
-                Release(request.run_id, request.server_round, failed.events, failed.secret_noise),
+            charged = Release(
+                request.run_id, request.server_round, failed.events, failed.secret_noise
             )
+            store.commit(charged, request.model_hash, state, RecordDict())
             raise
         for number, record in store.previous_records(request.run_id, request.server_round).items():
             reply.config_records[f"{PREVIOUS_PREFIX}{number}"] = record
@@ -167,20 +163,14 @@ def _release(
     )
     if store is not None:
         # Durable before the reply can leave: a crash after this point is answered by a replay.
-        store.commit(
+        done = Release(
             request.run_id,
             request.server_round,
-            request.model_hash,
-            state,
-            release.content,
-            Release(
-                request.run_id,
-                request.server_round,
-                release.events,
-                release.secret_noise,
-                private=release.private,
-            ),
+            release.events,
+            release.secret_noise,
+            private=release.private,
         )
+        store.commit(done, request.model_hash, state, release.content)
     return release.content
 
 

@@ -285,15 +285,10 @@ class SiteStore:
         return records
 
     def commit(
-        self,
-        run_id: str,
-        server_round: int,
-        model_hash: str,
-        state: RecordDict,
-        reply: RecordDict,
-        release: Release,
+        self, release: Release, model_hash: str, state: RecordDict, reply: RecordDict
     ) -> None:
-        """Durably record a release before its reply is sent; prune old releases.
+        """Durably record ``release`` (of the model ``model_hash``) before its reply is sent, with
+        the run's ``state`` after it; prune old releases.
 
         A round that failed after reading data is recorded too, with an empty ``reply``: its
         planned spend is charged, and it is never trained again.
@@ -311,8 +306,8 @@ class SiteStore:
         seq = basis + 1
         lifetime = [*(newest.lifetime if newest is not None else ()), release]
         meta = {
-            "run-id": run_id,
-            "round": server_round,
+            "run-id": release.run_id,
+            "round": release.round,
             "model-hash": model_hash,
             "seq": seq,
             "lifetime": [r.to_json() for r in lifetime],

@@ -34,12 +34,10 @@ def released(
     other_runs = events_of([r for r in store.lifetime() if r.run_id != run_id])
     done = release(state, server_round, run_id, other_runs, **overrides)
     store.commit(
-        run_id,
-        server_round,
+        Release(run_id, server_round, done.events, done.secret_noise),
         model_hash,
         state,
         done.content,
-        Release(run_id, server_round, done.events, done.secret_noise),
     )
     return done.content
 
