@@ -3,10 +3,10 @@
 The baseline reuses the federated pieces so that the only differences are "one place" and "no DP":
 
 * **data** -- the union of every site's training tensors, built by the same
-  :func:`client.site_data.load_site_tensors` the sites use (the ``face_pool`` split by identity, the
+  :func:`client.training.site_data.load_site_tensors` the sites use (the ``face_pool`` split by identity, the
   FER2013 Training split, the same preprocessing and limits); each site's local identity labels are
   offset so that identities stay distinct (no person is at two sites, so none is merged);
-* **training** -- :func:`client.train.train_round` with ``dp = false`` (same models, initial weights, loss,
+* **training** -- :func:`client.training.train.train_round` with ``dp = false`` (same models, initial weights, loss,
   optimizer, learning rate, batch size and flip augmentation); the identity head spans all identities;
 * **compute** -- the same number of training examples processed (optimizer steps x batch) as the
   federated non-private run: :func:`matched_steps`;
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from client.privacy_state import SitePrivacyState
-from client.site_data import SiteSpec, load_site_tensors
-from client.train import SiteTensors, expected_batch, train_round
+from client.training.privacy_state import SitePrivacyState
+from client.training.site_data import SiteSpec, load_site_tensors
+from client.training.train import SiteTensors, expected_batch, train_round
 from common.checkpoint import ModelConfig, save_checkpoint
 from common.config import RunSettings
 from common.evaluation import (

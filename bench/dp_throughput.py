@@ -6,8 +6,8 @@ Run from the repository root (about 6 minutes on a busy 2-core CPU)::
 
 For each model (the face embedder + its cosine head, and the emotion net, at the default widths) it
 trains, in one process and on the same real batches, with: no privacy; Opacus ``hooks``, ``ghost``
-(fast gradient clipping) and ``functorch``; and :class:`client.fast_dp.FastDpSgd`. Every step is a
-training step as ``client.train`` takes it: a Poisson batch of site 0 of the default simulation (LFW +
+(fast gradient clipping) and ``functorch``; and :class:`client.training.fast_dp.FastDpSgd`. Every step is a
+training step as ``client.training.train`` takes it: a Poisson batch of site 0 of the default simulation (LFW +
 ORL + Extended Yale B faces; FER2013 training images), random horizontal flips, forward, backward,
 clipping to C = 1, noise sigma = 1, Adam. Batches are indexed tensors for every mode (no DataLoader), so
 the numbers compare the training steps alone.
@@ -42,9 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.timing import load_average, machine
-from client.dp_random import SecretRandomness, SeededRandomness
-from client.fast_dp import FastDpSgd, poisson_indices
-from client.train import expected_batch, sample_rate
+from client.training.dp_random import SecretRandomness, SeededRandomness
+from client.training.fast_dp import FastDpSgd, poisson_indices
+from client.training.train import expected_batch, sample_rate
 from common.atomic import atomic_write_text
 from common.config import RunSettings
 from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
@@ -75,7 +75,7 @@ def _cosface_logits(cosine: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class Workload:
-    """One model's data, batch size, sampling rate and loss, as ``client.train`` uses them."""
+    """One model's data, batch size, sampling rate and loss, as ``client.training.train`` uses them."""
 
     def __init__(self, name: str, x: torch.Tensor, y: torch.Tensor, settings: RunSettings) -> None:
         self.name, self.x, self.y = name, x, y
@@ -264,8 +264,8 @@ def _cpu_memory(work: Workload, mode: str, args: argparse.Namespace, tmp: Path) 
 
 
 def load_workloads(names: Sequence[str], limit: int = 0) -> list[Workload]:
-    """Site 0 of the default simulation, as ``client.site_data`` builds it (real faces)."""
-    from client.site_data import SiteSpec, load_site_tensors
+    """Site 0 of the default simulation, as ``client.training.site_data`` builds it (real faces)."""
+    from client.training.site_data import SiteSpec, load_site_tensors
 
     settings = RunSettings()
     data = load_site_tensors(settings, SiteSpec(0, settings.num_sites))

@@ -242,7 +242,7 @@ def dropout_mod(site_index: int, server_round: int, how: str) -> Callable[..., A
 
 def run_inprocess(kind: str, out: Path) -> None:
     """One simulation with a fault-injecting mod (called in a fresh process, see ``main``)."""
-    from client.site_policy import SitePolicies, SitePolicy
+    from client.training.site_policy import SitePolicies, SitePolicy
     from common.config import parse_run_config
     from simulations.runner import simulate
 

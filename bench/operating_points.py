@@ -4,7 +4,7 @@
 
 For each checkpoint and FAR, the threshold is calibrated exactly as ``facefed site calibrate --pairs all
 --lfw-sets 4,5`` does (every pair within the held-out LFW people sets 4-5), then applied to the Yale
-acceptance set of ``tests/client/test_acceptance.py``: each of the 15 Yale people enrolled from the
+acceptance set of ``tests/client/recogniser/test_acceptance.py``: each of the 15 Yale people enrolled from the
 photos ``normal``, ``noglasses`` and ``centerlight`` (a template is the renormalised mean of their
 embeddings), probed with ``happy``, ``sad``, ``sleepy``, ``surprised``, ``wink`` and ``glasses``:
 90 genuine and 1,260 impostor comparisons through the default Haar pipeline. Accuracy only, no timing.
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from client.calibration import calibrate_on_lfw
-from client.pipeline import FacePipeline, load_pipeline
+from client.recogniser.calibration import calibrate_on_lfw
+from client.recogniser.pipeline import FacePipeline, load_pipeline
 from common.atomic import atomic_write_text
 from common.paths import data_dir
 

@@ -22,7 +22,7 @@ results of older runs that carry ``train_s`` per site still get the split: train
 evaluation - training, and site path = overhead - coordinator.
 
 The facefed part of the site path is measured separately in this process (:func:`site_work`): one
-site's round outside Flower (``client.round.run_round``: accounting, signing, model build) minus the
+site's round outside Flower (``client.training.round.run_round``: accounting, signing, model build) minus the
 time of its ``train_round`` call (timed here, in-process), and loading a site's data with a warm and a
 cold per-process cache. Round 1 includes start-up and is reported apart; the steady-state figure is the
 median of rounds 2 and later.
@@ -384,9 +384,9 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from flwr.app import ConfigRecord, RecordDict
 
-    from client import round as site_round
-    from client import site_data
-    from client.round import _calibrated_noise, run_round
+    from client.training import round as site_round
+    from client.training import site_data
+    from client.training.round import _calibrated_noise, run_round
     from common.config import parse_run_config
     from common.models import EmotionNet, FaceEmbedder
     from common.serde import to_arrays

@@ -6,7 +6,7 @@ Run from the repository root (about 75 s on a busy 2-core CPU)::
 
 What it measures, each number the median of ``--reps`` timed repetitions after ``--warmup``:
 
-* **Store throughput** (templates per second) of :class:`client.templates.TemplateStore` for
+* **Store throughput** (templates per second) of :class:`client.recogniser.templates.TemplateStore` for
   *encrypt* (``enroll_many`` into a fresh store, one transaction), *decrypt* (open, unlock and
   decrypt every template) and *rotate* (re-wrap every data key under a new master key). Baselines
   measured in the same run: the very same store with a **null cipher** (the envelope functions
@@ -63,10 +63,10 @@ import torch
 
 from bench.templates_report import jsonable, markdown
 from bench.timing import load_average, machine, measure, measure_call
-from client import templates as templates_module
-from client.imageio import read_image
-from client.pipeline import Detector, FacePipeline, HaarDetector, YuNetDetector
-from client.templates import TemplateStore
+from client.recogniser import templates as templates_module
+from client.recogniser.imageio import read_image
+from client.recogniser.pipeline import Detector, FacePipeline, HaarDetector, YuNetDetector
+from client.recogniser.templates import TemplateStore
 from common.atomic import atomic_write_bytes
 from common.checkpoint import read_checkpoint
 from common.crypto import envelope, keys
@@ -474,7 +474,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run, write ``--output`` JSON and print the Markdown tables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("client.templates").setLevel(logging.WARNING)  # one line per rotation
+    logging.getLogger("client.recogniser.templates").setLevel(
+        logging.WARNING
+    )  # one line per rotation
     args = _parse(argv)
     try:
         config = BenchConfig(

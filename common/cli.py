@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulations.cli", "run a federated simulation on one machine or a Ray cluster"),
     "evaluate": ("common.evaluate_cli", "score a checkpoint on LFW / FER2013-layout folders"),
-    "site": ("client.site_cli", "on-device face pipeline and encrypted template store"),
+    "site": ("client.recogniser.site_cli", "on-device face pipeline and encrypted template store"),
     "audit": ("server.audit_cli", "verify a privacy ledger and render its report"),
     "deploy": ("server.deploy_cli", "provision and start a real SuperLink / SuperNode federation"),
 }

@@ -31,7 +31,7 @@ class PrivacySettings:
     emotion_clip: float = 1.0
     noise_multiplier: float = 0.0  # 0: calibrate per site to spend max-epsilon over num-rounds
     # where Poisson sampling and noise come from: the OS CSPRNG, fresh per release ("secret"), or a
-    # seed (research simulations only, if the site's policy allows it; client/dp_random.py)
+    # seed (research simulations only, if the site's policy allows it; client/training/dp_random.py)
     noise_source: Literal["secret", "seeded"] = "secret"
     # Optional client-level central DP on top (Flower's client-side fixed clipping + server noise),
     # recorded in the ledger as a separate guarantee of the coordinator.
@@ -110,11 +110,15 @@ class RunSettings:
     emotion_batch: int = 128
     local_optimizer: Literal["adam", "sgd"] = "adam"
     face_lr: float = 0.002
-    face_augment: bool = False  # random rotation/zoom/shift of face examples (client/augment.py)
+    face_augment: bool = (
+        False  # random rotation/zoom/shift of face examples (client/training/augment.py)
+    )
     emotion_lr: float = 0.002
     momentum: float = 0.9
     max_update_norm: float = 1000.0  # coordinator refuses a site update with a larger L2 norm
-    dp_path: Literal["fast", "opacus"] = "fast"  # per-sample clipping: client/fast_dp.py or Opacus
+    dp_path: Literal["fast", "opacus"] = (
+        "fast"  # per-sample clipping: client/training/fast_dp.py or Opacus
+    )
     # reliability
     aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim_fraction: float = 0.25  # trimmed-mean: fraction cut from each end, per coordinate

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.site_policy import SitePolicy
+from client.training.site_policy import SitePolicy
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
@@ -157,7 +157,7 @@ class SiteConfig:
 
     def node_config(self) -> dict[str, str | float | int | bool]:
         """Key/values the ClientApp reads from ``context.node_config`` in deployment; the policy
-        travels as ``policy-*`` keys (client/site_policy.py), set by the site alone."""
+        travels as ``policy-*`` keys (client/training/site_policy.py), set by the site alone."""
         cfg: dict[str, str | float | int | bool] = {
             "data-dir": self.data_dir,
             "site-id": self.site_id,
@@ -375,7 +375,7 @@ def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
     ``--allow-runtime-dependency-installation`` turns it on), so nothing is added for it.
     ``--trusted-entities`` makes the SuperNode refuse every app bundle not signed by the publisher
     named in the kit's ``trusted-entities.yaml`` (:mod:`server.deploy_publisher`). The site's
-    durable state (privacy history, ledger key, stored replies: :mod:`client.site_store`) lives in the
+    durable state (privacy history, ledger key, stored replies: :mod:`client.training.site_store`) lives in the
     kit's ``state/``, so a rebooted site keeps its spent budget.
     """
     kit = kit.resolve()

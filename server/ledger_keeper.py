@@ -109,7 +109,7 @@ class LedgerKeeper:
     def _already_recorded(self, site: str, body: dict, public_key: bytes, signature: bytes) -> bool:
         """True if the ledger holds exactly this entry: a site resending a round after a resume.
 
-        Sites resend a stored reply byte for byte (:mod:`client.site_store`), so the signed body is
+        Sites resend a stored reply byte for byte (:mod:`client.training.site_store`), so the signed body is
         identical and is not charged again; any other entry for a recorded round is refused by
         :meth:`Ledger.append` (rounds must increase).
         """

@@ -49,7 +49,7 @@ class MetricRule:
         return self.low <= value <= self.high or value == self.sentinel
 
 
-# The whole metrics record a site may send (client/round.py and the egress mod of client/app.py).
+# The whole metrics record a site may send (client/training/round.py and the egress mod of client/training/app.py).
 # epsilon is -1 when the site trains without DP (dp = 0). epsilon-lifetime and secret-noise are also
 # in the site's signed privacy record, which is what the ledger keeps; the egress counts are stamped
 # by the site's egress mod. These four are optional here: the metrics are informational.

@@ -17,8 +17,8 @@ from typing import Any
 from flwr.app import Context, RecordDict
 from flwr.clientapp.typing import Mod
 
-from client.app import build_client_app
-from client.site_policy import SitePolicies
+from client.training.app import build_client_app
+from client.training.site_policy import SitePolicies
 from common.atomic import atomic_write_text
 from common.config import RunSettings
 from common.data.fer2013 import load_fer2013

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from client.site_policy import SitePolicies
+from client.training.site_policy import SitePolicies
 from common.config import RunSettings, Scalar, parse_run_config
 from common.errors import ConfigError
 

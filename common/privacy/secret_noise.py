@@ -2,7 +2,7 @@
 
 A DP release is private only if nobody else can predict its sampling and noise. These functions read
 ``os.urandom`` (``getrandom(2)``) for every draw and keep no state, so nothing about a draw can be
-derived from a seed, an id or a round number. Sites use them for DP-SGD (:mod:`client.dp_random`), the
+derived from a seed, an id or a round number. Sites use them for DP-SGD (:mod:`client.training.dp_random`), the
 coordinator for central DP (:mod:`server.central_dp`).
 
 Gaussian samples come from the Box-Muller transform in float64, and each returned sample is

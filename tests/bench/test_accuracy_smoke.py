@@ -12,8 +12,8 @@ import torch
 from bench.accuracy import federated_overrides, main, parse_epsilons, summarise_federated
 from bench.centralised import matched_steps, union_tensors
 from bench.report import markdown_table
-from client.site_data import SiteSpec, load_site_tensors
-from client.train import SiteTensors
+from client.training.site_data import SiteSpec, load_site_tensors
+from client.training.train import SiteTensors
 from common.config import RunSettings
 from common.errors import ConfigError
 from common.paths import DEFAULT_DATA_DIR

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.operating_points import markdown, yale_scores
-from client.pipeline import FacePipeline
+from client.recogniser.pipeline import FacePipeline
 from common.models import FaceEmbedder
 from common.paths import data_dir
 

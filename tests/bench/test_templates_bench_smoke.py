@@ -143,7 +143,7 @@ def test_main_writes_json_and_prints_table(
     # Act
     argv = ["--checkpoint", str(ckpt), "--sizes", "2", "--reps", "1", "--warmup", "0"]
     argv += ["--verify-reps", "1", "--no-yunet", "--output", str(out), "--workdir", str(tmp_path)]
-    store_logger = logging.getLogger("client.templates")
+    store_logger = logging.getLogger("client.recogniser.templates")
     level = store_logger.level
     try:
         code = tb.main(argv)

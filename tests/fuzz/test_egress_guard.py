@@ -23,13 +23,13 @@ from flwr.common.serde import message_to_proto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.egress import (
+from client.training.egress import (
     METRIC_RULES,
     PRIVACY_RECORD_FIELDS,
     Rule,
     make_egress_guard,
 )
-from client.refusal import SiteRefusal, is_site_refusal
+from client.training.refusal import SiteRefusal, is_site_refusal
 from common.privacy.site_record import PREVIOUS_PREFIX
 from tests.messages import train_message
 

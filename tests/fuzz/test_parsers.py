@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.imageio import decode_image
-from client.site_store import SiteStore
-from client.templates import TemplateStore
+from client.recogniser.imageio import decode_image
+from client.recogniser.templates import TemplateStore
+from client.training.site_store import SiteStore
 from common.checkpoint import read_checkpoint
 from common.config import parse_run_config
 from common.crypto import keys

@@ -16,7 +16,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.templates import DB_NAME, TemplateStore
+from client.recogniser.templates import DB_NAME, TemplateStore
 from common.crypto import keys
 from common.errors import FacefedError
 

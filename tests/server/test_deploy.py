@@ -12,7 +12,7 @@ from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-from client.site_policy import SitePolicy
+from client.training.site_policy import SitePolicy
 from common.cli import main
 from common.crypto import pki
 from common.errors import ConfigError

@@ -21,7 +21,7 @@ from common.privacy.site_record import RoundReport
 from common.privacy.verify import verify_ledger
 from common.serde import arrays_digest
 from server.ledger_keeper import LedgerKeeper
-from tests.client.test_round import SMALL, initial_arrays, run
+from tests.client.training.test_round import SMALL, initial_arrays, run
 
 
 def site_reply(state: RecordDict, server_round: int, run_id: str, **overrides) -> RecordDict:
@@ -111,8 +111,8 @@ def test_a_round_resent_after_a_resume_is_recorded_once(tmp_path: Path) -> None:
 
 
 def test_a_round_whose_reply_was_lost_is_recorded_from_the_sites_next_reply(tmp_path: Path) -> None:
-    from client.site_store import SiteStore
-    from tests.client.test_site_store import released
+    from client.training.site_store import SiteStore
+    from tests.client.training.test_site_store import released
 
     keeper = LedgerKeeper(tmp_path / "ledger.db", accountant="rdp", delta=1e-5)
     store = SiteStore(tmp_path / "site")

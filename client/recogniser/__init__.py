@@ -1,0 +1,1 @@
+"""The on-device recogniser: detect, align and embed faces, and keep their templates encrypted."""

@@ -1,0 +1,447 @@
+"""A fast DP-SGD step: per-sample clipping from one forward and one output-gradient backward pass.
+
+The mechanism is exactly Opacus's ``DPOptimizer`` with Poisson sampling (Abadi et al. 2016, "Deep
+Learning with Differential Privacy", https://arxiv.org/abs/1607.00133): every example's gradient is
+clipped to L2 norm ``C`` with factor ``min(1, C / (norm + 1e-6))``, the clipped gradients are summed,
+Gaussian noise of standard deviation ``sigma * C`` is added to every parameter, the result is divided by
+the expected batch size, and the wrapped optimizer steps. Each step records itself with the accountant.
+
+Only the way per-sample gradients are obtained differs, which is why it is faster on a CPU:
+
+* the backward pass asks autograd only for the gradient of the loss w.r.t. each layer's *output*, so the
+  weight-gradient kernels of a plain ``loss.backward()`` (which Opacus runs and then discards) never run;
+* Linear layers and the cosine head never materialise per-sample gradients: their norms come from the
+  "ghost norm" identity ``||g a^T|| = ||g|| ||a||`` (Goodfellow 2015, https://arxiv.org/abs/1510.01799;
+  Li et al. 2022, https://arxiv.org/abs/2110.05679) and their clipped sum from one matmul;
+* convolutions instantiate per-sample weight gradients, per layer with whichever of two kernels is
+  faster there: one weight-gradient convolution with the batch folded into the groups (large feature
+  maps), or a batched matmul of output gradients and unfolded inputs (small maps, many channels); a
+  grouped (depthwise) convolution is done per group, not as Opacus's dense block-diagonal product;
+* GroupNorm's per-sample gradients are closed-form sums over the spatial positions.
+
+Anything the step cannot clip per example (an unknown parametrised layer, BatchNorm, a layer called
+twice) is refused at construction: the fast path fails closed and names ``dp-path = "opacus"`` as the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus.accountants import IAccountant
+from torch import nn
+
+from client.training.dp_random import DpRandomness
+from common.errors import ConfigError
+from common.models import CosineHead
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, CosineHead)
+
+
+@dataclass(frozen=True)
+class ClippedBatch:
+    """One batch's clipped, summed gradient (before noise), aligned with ``FastDpSgd.params``."""
+
+    grads: list[torch.Tensor]
+    per_sample_norms: torch.Tensor
+    loss: float
+
+
+def poisson_indices(n: int, sample_rate: float, randomness: DpRandomness) -> torch.Tensor:
+    """Poisson sampling: each of ``n`` examples is included independently with ``sample_rate``.
+
+    One uniform per example, as Opacus's ``UniformWithReplacementSampler`` draws, but from the
+    release's randomness (the OS CSPRNG unless a research run opted into seeded noise).
+    """
+    return (randomness.uniform(n) < sample_rate).nonzero().reshape(-1)
+
+
+def _check_supported(module: nn.Module, params: list[nn.Parameter]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    covered: set[int] = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                f"layer {name!r} ({type(sub).__name__}) mixes the examples of a batch, so per-sample "
+                "clipping is impossible; replace it with GroupNorm"
+            )
+        own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(sub) not in _SUPPORTED:
+            raise ConfigError(
+                f"the fast DP path cannot clip layer {name!r} ({type(sub).__name__}) per sample; "
+                'set dp-path = "opacus"'
+            )
+        if isinstance(sub, nn.Conv2d) and (
+            sub.padding_mode != "zeros" or isinstance(sub.padding, str)
+        ):
+            raise ConfigError(
+                f"the fast DP path supports only explicit zero padding (layer {name!r}); "
+                'set dp-path = "opacus"'
+            )
+        layers.append(sub)
+        covered.update(id(p) for p in own)
+    missing = [p for p in params if id(p) not in covered]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} optimizer parameter(s) belong to no module of the model, so they would "
+            "escape clipping; build the optimizer from the model's parameters"
+        )
+    return layers
+
+
+class _Capture:
+    """Holds each supported layer's input and output during one forward pass."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.calls: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.versions: dict[nn.Module, tuple[int, int]] = {}
+        self._handles = [layer.register_forward_hook(self._hook) for layer in layers]
+
+    def _hook(
+        self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
+        if layer in self.calls:
+            raise ConfigError(
+                f"layer {type(layer).__name__} is called twice in one forward pass; the fast DP path "
+                'does not support weight sharing; set dp-path = "opacus"'
+            )
+        self.calls[layer] = (inputs[0].detach(), output)
+        self.versions[layer] = (inputs[0]._version, output._version)
+
+    def check_unmodified(self) -> None:
+        """Refuse if a captured input or output was changed in place after the layer ran."""
+        for layer, (a, out) in self.calls.items():
+            if (a._version, out._version) != self.versions[layer]:
+                raise ConfigError(
+                    f"the input or output of layer {type(layer).__name__} is modified in place "
+                    '(e.g. inplace=True activations); set dp-path = "opacus" or drop inplace'
+                )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _LayerGrads:
+    """A layer's per-sample squared gradient norms and, given clip factors, its clipped sum."""
+
+    def __init__(
+        self,
+        norm_sq: torch.Tensor,
+        clipped: Callable[[torch.Tensor], dict[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.norm_sq = norm_sq
+        self.clipped = clipped
+
+
+def _instantiated(per_sample: dict[torch.Tensor, torch.Tensor]) -> _LayerGrads:
+    # vector_norm and a matrix-vector product: no (n, |W|) temporaries.
+    norm_sq = sum(
+        torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in per_sample.values()
+    )
+
+    def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+        return {p: (factors @ g.flatten(1)).view(p.shape) for p, g in per_sample.items()}
+
+    return _LayerGrads(norm_sq, clipped)
+
+
+def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> _LayerGrads:
+    if a.dim() != 2:  # a sequence dimension: instantiate
+        per_sample = {layer.weight: torch.einsum("n...o,n...i->noi", g, a)}
+        if layer.bias is not None:
+            per_sample[layer.bias] = g.flatten(1, -2).sum(1)
+        return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad})
+    g_sq = g.pow(2).sum(1)
+    norm_sq = torch.zeros_like(g_sq)
+    if layer.weight.requires_grad:
+        norm_sq = norm_sq + g_sq * a.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+    bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+    if bias is not None:
+        norm_sq = norm_sq + g_sq
+
+    def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+        h = g * factors[:, None]
+        out = {layer.weight: h.T @ a} if layer.weight.requires_grad else {}
+        if bias is not None:
+            out[bias] = h.sum(0)
+        return out
+
+    return _LayerGrads(norm_sq, clipped)
+
+
+def _cosine_head(
+    layer: CosineHead, e: torch.Tensor, g: torch.Tensor, cos: torch.Tensor
+) -> _LayerGrads:
+    # out = e @ Wn^T with Wn = W / r row-wise. Example n's gradient w.r.t. row c of W is
+    # (g_nc / r_c) (e_n - wn_c cos_nc), of squared norm (g_nc / r_c)^2 (||e_n||^2 - cos_nc^2).
+    w = layer.weight
+    r = w.detach().norm(dim=1).clamp_min(1e-12)
+    wn = w.detach() / r[:, None]
+    cos = cos.detach()
+    gr = g / r
+    norm_sq = (gr.pow(2) * (e.pow(2).sum(1, keepdim=True) - cos.pow(2)).clamp_min(0)).sum(1)
+
+    def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+        h = gr * factors[:, None]
+        return {w: h.T @ e - wn * (h * cos).sum(0)[:, None]}
+
+    return _LayerGrads(norm_sq, clipped)
+
+
+ConvMethod = Literal["unfold", "grouped"]
+# Which per-sample convolution kernel is faster depends on the layer's shape, the device and the thread
+# count; it is timed once per key and remembered (both compute the same numbers).
+_CONV_CHOICE: dict[tuple[object, ...], ConvMethod] = {}
+
+
+def _conv_unfold(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients as (output grads) x (unfolded inputs)^T, one matmul per group."""
+    n, groups = a.shape[0], layer.groups
+    cols = F.unfold(
+        a,
+        layer.kernel_size,
+        dilation=layer.dilation,
+        padding=layer.padding,  # type: ignore[arg-type]
+        stride=layer.stride,
+    )  # (n, c_in * k, L)
+    g = g.reshape(n, layer.out_channels, -1)
+    if groups == 1:
+        return torch.bmm(g, cols.transpose(1, 2)).reshape(n, *layer.weight.shape)
+    return torch.einsum(
+        "ngol,ngpl->ngop",
+        g.reshape(n, groups, -1, g.shape[-1]),
+        cols.reshape(n, groups, -1, cols.shape[-1]),
+    ).reshape(n, *layer.weight.shape)
+
+
+def _conv_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients from one weight-gradient convolution with the batch as groups."""
+    n = a.shape[0]
+    c_out, c_in_g, kh, kw = layer.weight.shape
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * c_out, *g.shape[2:]),
+        a.reshape(1, n * a.shape[1], *a.shape[2:]),
+        a.new_empty(n * c_out, c_in_g, kh, kw),  # only its shape is read
+        None,
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+        False,
+        [0, 0],
+        n * layer.groups,
+        [False, True, False],
+    )
+    return grad_w.reshape(n, c_out, c_in_g, kh, kw)
+
+
+_CONV_METHODS = {"unfold": _conv_unfold, "grouped": _conv_grouped}
+
+
+def _conv_weight(
+    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: ConvMethod | None
+) -> torch.Tensor:
+    if method is not None:
+        return _CONV_METHODS[method](layer, a, g)
+    key = (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        tuple(a.shape[1:]),
+        a.device.type,
+        torch.get_num_threads(),
+    )
+    if key not in _CONV_CHOICE:
+        seconds: dict[ConvMethod, float] = {}
+        for name, fn in _CONV_METHODS.items():
+            fn(layer, a, g)  # warm-up
+            if a.device.type == "cuda":
+                torch.cuda.synchronize(a.device)
+            start = time.perf_counter()
+            fn(layer, a, g)
+            if a.device.type == "cuda":
+                torch.cuda.synchronize(a.device)
+            seconds[name] = time.perf_counter() - start  # type: ignore[index]
+        _CONV_CHOICE[key] = min(seconds, key=seconds.__getitem__)
+        logger.debug("conv %s: %s (%s)", key, _CONV_CHOICE[key], seconds)
+    return _CONV_METHODS[_CONV_CHOICE[key]](layer, a, g)
+
+
+def _conv(
+    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: ConvMethod | None
+) -> _LayerGrads:
+    per_sample: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        per_sample[layer.weight] = _conv_weight(layer, a, g, method)
+    if layer.bias is not None and layer.bias.requires_grad:
+        per_sample[layer.bias] = g.flatten(2).sum(2)
+    return _instantiated(per_sample)
+
+
+def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> _LayerGrads:
+    per_sample: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
+        per_sample[layer.weight] = (xhat * g).flatten(2).sum(2)
+    if layer.bias is not None and layer.bias.requires_grad:
+        per_sample[layer.bias] = g.flatten(2).sum(2)
+    return _instantiated(per_sample)
+
+
+def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t`` with the examples in ``rows`` set to zero (``where``, so that NaN and inf go too)."""
+    return torch.where(rows.view(-1, *([1] * (t.dim() - 1))), torch.zeros((), dtype=t.dtype), t)
+
+
+def _layer_grads(
+    layer: nn.Module,
+    a: torch.Tensor,
+    out: torch.Tensor,
+    g: torch.Tensor,
+    conv_method: ConvMethod | None,
+) -> _LayerGrads:
+    if isinstance(layer, nn.Conv2d):
+        return _conv(layer, a, g, conv_method)
+    if isinstance(layer, nn.Linear):
+        return _linear(layer, a, g)
+    if isinstance(layer, nn.GroupNorm):
+        return _group_norm(layer, a, g)
+    return _cosine_head(layer, a, g, out)  # type: ignore[arg-type]
+
+
+class FastDpSgd:
+    """DP-SGD on ``module`` with ``optimizer``: per-sample clipping, Gaussian noise, accounting.
+
+    Args:
+        module: the model; every trainable parameter must sit in a Conv2d, Linear, GroupNorm or
+            CosineHead that is called once per forward pass.
+        optimizer: steps on the noised gradient (post-processing, so any optimizer keeps the guarantee).
+        loss_fn: ``loss_fn(output, labels)``, the *mean* loss over the batch (as with Opacus's
+            ``loss_reduction="mean"``).
+        noise_multiplier: sigma; the noise standard deviation is ``sigma * max_grad_norm``.
+        max_grad_norm: the per-sample clipping bound C.
+        expected_batch_size: the divisor of the noised sum, ``int(N * q)`` as Opacus computes it.
+        sample_rate: the Poisson sampling rate q, recorded with every step.
+        accountant: records ``(sigma, q)`` once per step, after the noise is added.
+        randomness: the source of the noise (:mod:`client.training.dp_random`; secret unless a research
+            run opted into seeded noise).
+        conv_method: how per-sample convolution gradients are formed; ``None`` times both kernels
+            once per layer shape and keeps the faster (they compute the same numbers).
+
+    Raises:
+        ConfigError: a layer or parameter that cannot be clipped per example (fail closed).
+        ValueError: a clip norm, noise multiplier or batch size out of range.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        sample_rate: float,
+        accountant: IAccountant,
+        randomness: DpRandomness,
+        conv_method: ConvMethod | None = None,
+    ) -> None:
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"Expected a positive finite clip norm, got {max_grad_norm=}")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"Expected a finite noise multiplier >= 0, got {noise_multiplier=}")
+        if expected_batch_size < 1:
+            raise ValueError(f"Expected {expected_batch_size=} >= 1")
+        self.params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
+        self._layers = _check_supported(module, self.params)
+        self.module = module
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.sample_rate = sample_rate
+        self.accountant = accountant
+        self.randomness = randomness
+        self.conv_method = conv_method
+
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> ClippedBatch:
+        """The sum over the batch of each example's gradient clipped to ``max_grad_norm``."""
+        zeros = [torch.zeros_like(p) for p in self.params]
+        if len(y) == 0:  # Poisson sampling drew nobody: the sum is zero, the step still happens
+            return ClippedBatch(zeros, torch.zeros(0, device=x.device), float("nan"))
+        capture = _Capture(self._layers)
+        try:
+            loss = self.loss_fn(self.module(x), y)
+        finally:
+            capture.remove()
+        capture.check_unmodified()
+        calls = list(capture.calls.items())
+        # The mean loss times n: each example's own gradient, as Opacus's loss_reduction="mean" scales it.
+        scaled = loss * len(y)
+        outputs = torch.autograd.grad(scaled, [out for _, (_, out) in calls], allow_unused=True)
+        used = [(layer, a, out, g) for (layer, (a, out)), g in zip(calls, outputs, strict=True)]
+        used = [(layer, a, out, g) for layer, a, out, g in used if g is not None]
+        layer_grads = [
+            _layer_grads(layer, a, out, g, self.conv_method) for layer, a, out, g in used
+        ]
+        norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
+        broken = ~torch.isfinite(norms)
+        if bool(broken.any()):
+            # An example whose gradient is not finite (a model that overflows on it) contributes
+            # nothing, like any other example's clipped share it is bounded by C; raising instead
+            # would tell the coordinator whether the batch held such an example, outside DP.
+            layer_grads = [
+                _layer_grads(
+                    layer,
+                    _zero_rows(a, broken),
+                    _zero_rows(out, broken),
+                    _zero_rows(g, broken),
+                    self.conv_method,
+                )
+                for layer, a, out, g in used
+            ]
+            norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        summed = {id(p): z for p, z in zip(self.params, zeros, strict=True)}
+        for lg in layer_grads:
+            for p, value in lg.clipped(factors).items():
+                summed[id(p)] = summed[id(p)] + value.to(p.dtype)
+        grads = [summed[id(p)] for p in self.params]
+        return ClippedBatch(grads, norms.detach(), float(loss.detach()))
+
+    def noise(self) -> list[torch.Tensor]:
+        """One draw of N(0, (sigma * C)^2) per coordinate, per parameter in optimizer order."""
+        std = self.noise_multiplier * self.max_grad_norm
+        if std == 0:
+            return [torch.zeros_like(p) for p in self.params]
+        return [
+            self.randomness.normal(tuple(p.shape), std, p.dtype).to(p.device) for p in self.params
+        ]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One DP-SGD step on the Poisson-sampled batch ``(x, y)``; returns its mean loss."""
+        batch = self.clipped_sum(x, y)
+        for p, grad, noise in zip(self.params, batch.grads, self.noise(), strict=True):
+            p.grad = (grad + noise) / self.expected_batch_size
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.optimizer.step()
+        return batch.loss

@@ -1,0 +1,93 @@
+"""The site's privacy state across rounds: its DP-SGD event history, kept in Flower's ``Context.state``.
+
+Every DP-SGD event this site ever released is in the history, so epsilon is cumulative over all rounds
+the site took part in. (Flower's Opacus example builds a fresh PrivacyEngine each round and so reports
+one round's epsilon as if it were the run's.) Epsilon is always recomputed from the history by
+:mod:`common.privacy.accounting`, the same code the ledger and ``facefed audit verify`` use.
+
+A missing or malformed state after the site has trained is a hard error: without the history the site
+cannot prove how much budget it has spent, so it refuses to train (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, RecordDict
+
+from common.errors import ConfigError, PrivacyBudgetError
+from common.privacy.accounting import Accountant, compute_epsilon
+from common.privacy.events import DpSgdEvent
+
+STATE_KEY = "privacy-state"
+
+
+@dataclass
+class SitePrivacyState:
+    """Event history plus the noise multiplier fixed at the site's first round."""
+
+    accountant: Accountant
+    noise_multiplier: float | None = None
+    history: list[DpSgdEvent] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "accountant": self.accountant,
+                "noise-multiplier": -1.0
+                if self.noise_multiplier is None
+                else self.noise_multiplier,
+                "sigmas": [e.noise_multiplier for e in self.history],
+                "sample-rates": [e.sample_rate for e in self.history],
+                "steps": [e.steps for e in self.history],
+                "clips": [e.clip_norm for e in self.history],
+                "names": [e.name for e in self.history],
+                "rounds": list(self.rounds),
+            }
+        )
+
+    @classmethod
+    def load(cls, state: RecordDict, accountant: Accountant) -> SitePrivacyState:
+        """Restore from ``Context.state``; a fresh state if the site has never trained."""
+        if STATE_KEY not in state:
+            return cls(accountant=accountant)
+        rec = state.config_records[STATE_KEY]
+        try:
+            columns = [rec[k] for k in ("sigmas", "sample-rates", "steps", "clips", "names")]
+            if not all(isinstance(c, list) for c in columns):
+                raise TypeError("history fields are not lists")
+            if len({len(c) for c in columns}) != 1:  # type: ignore[arg-type]
+                raise ValueError("history fields differ in length")
+            history = [
+                DpSgdEvent(
+                    noise_multiplier=s, sample_rate=q, steps=int(n), clip_norm=c, name=str(nm)
+                )
+                for s, q, n, c, nm in zip(*columns, strict=True)
+            ]
+            stored_accountant = str(rec["accountant"])
+            sigma = float(rec["noise-multiplier"])  # type: ignore[arg-type]
+            rounds = [int(r) for r in rec["rounds"]]  # type: ignore[union-attr]
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise PrivacyBudgetError(
+                f"the site's accountant state is unreadable ({exc}); refusing to train because the "
+                "privacy budget already spent cannot be established"
+            ) from None
+        if stored_accountant != accountant:
+            raise PrivacyBudgetError(
+                f"the site's history was accounted with {stored_accountant!r} but this run asks for "
+                f"{accountant!r}; refusing to mix accountants within one site's budget"
+            )
+        return cls(
+            accountant=accountant,
+            noise_multiplier=None if sigma < 0 else sigma,
+            history=history,
+            rounds=rounds,
+        )
+
+    def save(self, state: RecordDict) -> None:
+        state.config_records[STATE_KEY] = self.to_record()
+
+    def epsilon(self, delta: float, extra: list[DpSgdEvent] | None = None) -> float:
+        """Cumulative epsilon of the recorded history (plus ``extra`` planned events)."""
+        return compute_epsilon([*self.history, *(extra or [])], delta, self.accountant)

@@ -1,0 +1,190 @@
+"""Detection, alignment, embedding and emotion on real uncropped Yale photos and LFW crops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from client.recogniser.calibration import calibrate
+from client.recogniser.pipeline import (
+    LFW112_TEMPLATE,
+    FacePipeline,
+    FaceStatus,
+    HaarDetector,
+    PipelineConfig,
+    YuNetDetector,
+    emotion_names,
+    load_pipeline,
+)
+from common.errors import ConfigError, DataError
+from common.models import EmotionNet, FaceEmbedder
+
+YaleRgb = Callable[[int, str], np.ndarray]
+YUNET = Path(__file__).parents[4] / "shared" / "data" / "face_detection_yunet_2026may.onnx"
+
+
+@pytest.fixture(scope="module")
+def pipeline(small_models: tuple[FaceEmbedder, EmotionNet]) -> FacePipeline:
+    return FacePipeline(*small_models)
+
+
+def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+# ---------------------------------------------------------------------- detection outcomes
+def test_haar_finds_exactly_one_face_on_most_yale_photos(
+    pipeline: FacePipeline, yale: dict[str, np.ndarray]
+) -> None:
+    results = [pipeline.locate(gray_to_rgb(img)) for img in yale["images"][::4]]
+    ok = [r for r in results if r.status is FaceStatus.OK]
+    assert len(ok) >= 0.9 * len(results)
+    assert all(r.face is not None and r.face.shape == (112, 112, 3) for r in ok)
+    assert {r.method for r in ok} <= {"eyes", "box"}
+    assert any(r.method == "eyes" for r in ok)  # eye alignment works on real photos
+
+
+@pytest.mark.skipif(not YUNET.is_file(), reason="YuNet model not in ../shared/data")
+def test_yunet_aligns_landmarks_onto_the_training_template(
+    small_models: tuple[FaceEmbedder, EmotionNet], yale: dict[str, np.ndarray]
+) -> None:
+    detector = YuNetDetector(YUNET)
+    yunet = FacePipeline(*small_models, detector=detector)
+    for img in yale["images"][::20]:
+        result = yunet.locate(gray_to_rgb(img))
+        assert result.status is FaceStatus.OK and result.method == "landmarks5"
+        again = detector.detect(cv2.resize(result.face, (224, 224)))  # type: ignore[arg-type]
+        assert again, "the aligned face must still look like a face"
+        eyes = again[0].landmarks[:2] / 2  # type: ignore[index]
+        assert np.abs(eyes - LFW112_TEMPLATE[:2]).max() < 6.0
+
+
+def test_blank_and_texture_images_have_no_face(pipeline: FacePipeline) -> None:
+    rng = np.random.default_rng(0)
+    for img in (
+        np.full((240, 320, 3), 128, np.uint8),
+        rng.integers(0, 255, (240, 320, 3), np.uint8),
+    ):
+        result = pipeline.locate(img)
+        assert result.status is FaceStatus.NO_FACE
+        with pytest.raises(DataError, match=r"no face found in wall\.png"):
+            result.require("wall.png", 40)
+
+
+def test_two_people_is_an_error_unless_largest(
+    small_models: tuple[FaceEmbedder, EmotionNet], yale_rgb: YaleRgb
+) -> None:
+    pair = np.hstack([yale_rgb(0, "normal"), yale_rgb(1, "normal")])
+    strict = FacePipeline(*small_models)
+    assert strict.locate(pair).status is FaceStatus.MULTIPLE_FACES
+    with pytest.raises(DataError, match=r"2 faces found in pair\.jpg.*--largest"):
+        strict.aligned_face(pair, "pair.jpg")
+    largest = FacePipeline(*small_models, config=PipelineConfig(multi_face="largest"))
+    assert largest.locate(pair).status is FaceStatus.OK
+
+
+def test_tiny_face_is_too_small(pipeline: FacePipeline, yale_rgb: YaleRgb) -> None:
+    small = cv2.resize(yale_rgb(2, "normal"), (72, 55), interpolation=cv2.INTER_AREA)
+    result = pipeline.locate(small)
+    assert result.status is FaceStatus.TOO_SMALL
+    with pytest.raises(DataError, match="too small"):
+        result.require("tiny.jpg", 40)
+
+
+def test_min_face_below_16_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        PipelineConfig(min_face=8)
+
+
+def test_missing_yunet_model_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--detector-model"):
+        YuNetDetector(tmp_path / "nope.onnx")
+
+
+# ---------------------------------------------------------------------- embedding and emotion
+def test_embedding_is_a_unit_vector_and_deterministic(
+    pipeline: FacePipeline, yale_rgb: YaleRgb
+) -> None:
+    image = yale_rgb(3, "normal")
+    a, b = pipeline.embed(image), pipeline.embed(image)
+    assert a.shape == (128,) and a.dtype == np.float32
+    assert abs(np.linalg.norm(a) - 1) < 1e-5
+    np.testing.assert_array_equal(a, b)
+
+
+def test_template_is_the_renormalised_mean(pipeline: FacePipeline, yale_rgb: YaleRgb) -> None:
+    images = [yale_rgb(4, c) for c in ("normal", "happy", "glasses")]
+    each = np.stack([pipeline.embed(img) for img in images])
+    mean = each.mean(axis=0)
+    np.testing.assert_allclose(
+        pipeline.template(images, ["a", "b", "c"]), mean / np.linalg.norm(mean), atol=1e-5
+    )
+
+
+def test_template_of_no_images_is_refused(pipeline: FacePipeline) -> None:
+    with pytest.raises(DataError, match="at least one photo"):
+        pipeline.template([], [])
+
+
+def test_emotion_gives_one_of_seven_labels(pipeline: FacePipeline, yale_rgb: YaleRgb) -> None:
+    result = pipeline.emotion(yale_rgb(5, "happy"))
+    assert result.label in emotion_names() and len(result.probabilities) == 7
+    assert abs(sum(result.probabilities.values()) - 1) < 1e-2
+
+
+def test_model_tag_changes_with_the_weights(small_models: tuple[FaceEmbedder, EmotionNet]) -> None:
+    other = FaceEmbedder(width=8)
+    assert FacePipeline(small_models[0]).model_tag != FacePipeline(other).model_tag
+
+
+def test_load_pipeline_reads_a_real_checkpoint(checkpoint: Path, yale_rgb: YaleRgb) -> None:
+    loaded, meta = load_pipeline(checkpoint)
+    assert meta["round"] == 0
+    assert isinstance(loaded.detector, HaarDetector)
+    assert loaded.embed(yale_rgb(6, "normal")).shape == (128,)
+
+
+# ---------------------------------------------------------------------- calibration
+def test_calibrated_threshold_never_exceeds_the_target_far() -> None:
+    rng = np.random.default_rng(0)
+    same = np.repeat([True, False], 1500)
+    scores = np.where(same, rng.normal(0.6, 0.1, 3000), rng.normal(0.1, 0.1, 3000))
+    folds = np.tile(np.arange(5), 600)
+    cal = calibrate(scores, same, folds, far=1e-2, model_tag="t")
+    assert np.mean(scores[~same] > cal.threshold) <= 1e-2
+    assert (
+        cal.tar is not None and 0.9 < cal.tar <= 1.0 and cal.n_impostor == 1500 and cal.n_folds == 5
+    )
+    assert "FAR 0.01" in cal.describe()
+
+
+def test_far_too_small_for_the_number_of_impostors_is_refused() -> None:
+    same = np.repeat([True, False], 100)
+    with pytest.raises(ConfigError, match="cannot calibrate at FAR"):
+        calibrate(np.linspace(0, 1, 200), same, np.tile(np.arange(2), 100), far=1e-3, model_tag="t")
+
+
+# ---------------------------------------------------------------------- with a trained model
+@pytest.mark.slow  # calibrates on every pair of the held-out LFW people sets 4-5
+def test_same_person_matches_and_different_person_is_rejected(
+    trained_checkpoint: Path, yale_rgb: YaleRgb
+) -> None:
+    from client.recogniser.calibration import calibrate_on_lfw
+
+    pipe, _ = load_pipeline(trained_checkpoint)
+    # the shipped model's operating point: FAR 1e-4 on the people sets facefed never trains on
+    cal = calibrate_on_lfw(pipe.embed_faces, model_tag=pipe.model_tag, far=1e-4, lfw_sets=(4, 5))
+    accepted = rejected = 0
+    for subject in range(15):
+        template = pipe.template(
+            [yale_rgb(subject, c) for c in ("normal", "noglasses")], ["normal", "noglasses"]
+        )
+        same = float(pipe.embed(yale_rgb(subject, "happy")) @ template)
+        other = float(pipe.embed(yale_rgb((subject + 1) % 15, "happy")) @ template)
+        accepted += same > cal.threshold
+        rejected += other <= cal.threshold
+    assert accepted >= 11 and rejected >= 13, (accepted, rejected, cal.describe())
