@@ -162,3 +162,19 @@ def chip_tensor(chips: np.ndarray) -> torch.Tensor:
     mean = np.asarray(CHIP_MEAN, dtype=np.float32)
     x = (chips.astype(np.float32) - mean) / CHIP_SCALE
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+class ChipEmbedder(nn.Module):
+    """The whole face model on device: ``(N, 3, 150, 150)`` chip tensors -> ``(N, 128)`` unit vectors.
+
+    The frozen trunk and a (fine-tuned) tail; the on-device pipeline aligns faces onto dlib's chip
+    template (``common.facenet.chips``) and feeds them through :func:`chip_tensor`.
+    """
+
+    def __init__(self, trunk: Trunk, tail: FaceTail) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.trunk(x))
