@@ -89,7 +89,8 @@ class LandmarkDetector:
                 f"cannot load YuNet model {model_path} ({exc}); check the file"
             ) from exc
 
-    def _detect_once(self, rgb: np.ndarray, pad: float, scale: float) -> np.ndarray | None:
+    def detect_at(self, rgb: np.ndarray, pad: float, scale: float) -> np.ndarray | None:
+        """Landmarks of the most central face in ``rgb`` with a ``pad`` border, upscaled ``scale``x."""
         h, w = rgb.shape[:2]
         px, py = round(pad * w), round(pad * h)
         image = cv2.copyMakeBorder(rgb, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0))
@@ -111,7 +112,7 @@ class LandmarkDetector:
         """``(5, 2)`` landmarks of the face in a gray or RGB image, or None if none is found."""
         rgb = as_rgb(image)
         for pad, scale in ATTEMPTS:
-            points = self._detect_once(rgb, pad, scale)
+            points = self.detect_at(rgb, pad, scale)
             if points is not None:
                 return points
         return None
