@@ -1,8 +1,17 @@
 """On-device face pipeline: image -> detection -> alignment -> embedding / emotion. Nothing leaves.
 
-**Detection.** :class:`HaarDetector` (OpenCV's frontal-face cascade, shipped in the
-``opencv-python-headless`` 4.x wheel) is the default; :class:`YuNetDetector`
-(``cv2.FaceDetectorYN``) is used when a YuNet ONNX model path is given and also returns 5 landmarks.
+**Detection.** :class:`YuNetDetector` (``cv2.FaceDetectorYN``, boxes plus 5 landmarks) is the default
+for the dlib chip model (:class:`common.facenet.resnet.ChipEmbedder`) whenever its ONNX file is found
+(:func:`default_detector`: an explicit path, else ``FACEFED_YUNET``, else
+``<data dir>/face_detection_yunet_2026may.onnx``); :class:`HaarDetector` (OpenCV's frontal-face
+cascade, shipped in the ``opencv-python-headless`` 4.x wheel) is the fallback, and stays the default
+for the older 112x112 models (their calibrations were measured with it).
+
+**Chip models** (:class:`~common.facenet.resnet.ChipEmbedder`) take dlib's 150x150 RGB face chips:
+:class:`ChipAligner` maps the face onto :data:`common.facenet.chips.CHIP_TEMPLATE` with the same three
+methods as below (5 landmarks; the two Haar eye centres onto the template's eyes; the Haar box, placed
+where it sits in chips). Everything below about :data:`LFW112_TEMPLATE` applies to the older 112x112
+models, whose behaviour is unchanged.
 
 **Alignment** maps the face onto the geometry the embedder was trained on. The training faces are
 the LFW 112x112 centre crops, *not* ArcFace-aligned faces, so the target is :data:`LFW112_TEMPLATE`:
@@ -27,6 +36,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +49,8 @@ from torch import nn
 
 from common.data.preprocess import FACE_SIZE, emotion_tensor, face_tensor
 from common.errors import ConfigError, DataError
+from common.facenet.chips import CHIP_TEMPLATE, as_rgb, chip_transform, warp_chip
+from common.facenet.resnet import ChipEmbedder, chip_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +64,19 @@ LFW112_TEMPLATE = np.array(
 _HAAR_BOX_FRACTION = 83.0 / 112.0
 # The emotion model sees the centre of the aligned face (FER2013 crops are tighter than LFW's).
 EMOTION_CROP = (slice(8, 104), slice(8, 104))
+
+YUNET_ENV = "FACEFED_YUNET"
+YUNET_FILE = "face_detection_yunet_2026may.onnx"
+# Where the Haar box sits in dlib chips: median over 231 LFW/Yale images of the Haar box mapped into
+# the chip by YuNet's landmarks: centre (73.3, 61.9) in chip pixel coordinates, side 142.3 px.
+_CHIP_HAAR_CENTRE = (73.3, 61.9)
+_CHIP_HAAR_SIDE = 142.3
+# FER2013's framing inside a chip. YuNet on 197 of 200 random FER2013 PublicTest images (upscaled 4x)
+# puts the median landmarks at (14.18, 17.63), (33.00, 17.94), (23.57, 28.20), (16.39, 35.60),
+# (31.12, 35.78) in 48x48 pixels; the least-squares similarity taking CHIP_TEMPLATE onto them has
+# scale 0.3260, rotation 0.1 degrees, so a FER image is the square of side 147.3 chip pixels whose
+# top-left corner is at (0.28, -8.66) (pixel edges): nearly the whole chip, moved 8.7 px up.
+EMOTION_CHIP_BOX = (0.28, -8.66, 147.26)  # (left, top, side) in chip pixels
 
 MultiFacePolicy = Literal["error", "largest"]
 AlignMethod = Literal["landmarks5", "eyes", "box"]
@@ -82,7 +107,8 @@ class Detection:
 
 @dataclass(frozen=True)
 class FaceResult:
-    """The outcome for one image: an aligned 112x112 RGB face only when ``status`` is OK."""
+    """The outcome for one image: the aligned RGB face (a 150x150 chip for chip models, else
+    112x112) only when ``status`` is OK."""
 
     status: FaceStatus
     n_faces: int
@@ -256,6 +282,74 @@ class Aligner:
         return face, method
 
 
+class ChipAligner(Aligner):
+    """Warps a detected face onto dlib's chip template (:mod:`common.facenet.chips`)."""
+
+    def __init__(self) -> None:
+        super().__init__(template=CHIP_TEMPLATE.copy())
+
+    def align(self, rgb: np.ndarray, det: Detection) -> tuple[np.ndarray, AlignMethod]:
+        """Return the ``(150, 150, 3)`` uint8 RGB chip and the method used."""
+        rgb = as_rgb(rgb)
+        method: AlignMethod
+        if det.landmarks is not None:
+            matrix, method = chip_transform(det.landmarks), "landmarks5"
+        else:
+            eyes = self._eye_centres(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), det)
+            if eyes is not None:
+                matrix = _similarity_from_eyes(eyes, CHIP_TEMPLATE[:2].astype(np.float64))
+                method = "eyes"
+            else:
+                x, y, w, h = det.box
+                scale = _CHIP_HAAR_SIDE / max(w, h)
+                cx, cy = x + w / 2 - 0.5, y + h / 2 - 0.5  # pixel-centre coordinates
+                matrix = np.array(
+                    [
+                        [scale, 0, _CHIP_HAAR_CENTRE[0] - scale * cx],
+                        [0, scale, _CHIP_HAAR_CENTRE[1] - scale * cy],
+                    ]
+                )
+                method = "box"
+        return warp_chip(rgb, matrix), method
+
+
+def emotion_crop_of_chip(chip: np.ndarray) -> np.ndarray:
+    """The part of a 150x150 chip framed like a FER2013 image (:data:`EMOTION_CHIP_BOX`)."""
+    left, top, side = EMOTION_CHIP_BOX
+    n = round(side)
+    matrix = np.array([[1.0, 0.0, -left], [0.0, 1.0, -top]])  # pixel edges and centres shift alike
+    return cv2.warpAffine(
+        chip, matrix, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+
+
+def default_yunet_path(explicit: Path | str | None = None) -> Path | None:
+    """The YuNet model to use: ``explicit``, else ``FACEFED_YUNET``, else the data directory's
+    ``face_detection_yunet_2026may.onnx`` if it exists; None when there is none (use Haar).
+    """
+    if explicit not in (None, ""):
+        return Path(explicit)
+    if os.environ.get(YUNET_ENV):
+        return Path(os.environ[YUNET_ENV]).expanduser()
+    from common.paths import data_dir
+
+    try:
+        candidate = data_dir() / YUNET_FILE
+    except DataError:
+        return None
+    return candidate if candidate.is_file() else None
+
+
+def default_detector(model_path: Path | str | None = None) -> Detector:
+    """YuNet when a model file is given or found (:func:`default_yunet_path`), else Haar.
+
+    Raises:
+        ConfigError: an explicit path or ``FACEFED_YUNET`` names a missing or unreadable file.
+    """
+    path = default_yunet_path(model_path)
+    return HaarDetector() if path is None else YuNetDetector(path)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """How the pipeline treats detections."""
@@ -311,13 +405,20 @@ class FacePipeline:
     ) -> None:
         self.embedder = embedder.eval()
         self.emotion_net = None if emotion_net is None else emotion_net.eval()
-        self.detector: Detector = detector if detector is not None else HaarDetector()
+        self.chips = isinstance(embedder, ChipEmbedder)
+        if detector is None:
+            detector = default_detector() if self.chips else HaarDetector()
+        self.detector: Detector = detector
         self.config = config or PipelineConfig()
-        self.aligner = Aligner()
+        self.aligner: Aligner = ChipAligner() if self.chips else Aligner()
         self.model_tag = model_tag(self.embedder)
 
     def locate(self, rgb: np.ndarray) -> FaceResult:
-        """Detect, apply the multi-face policy and the size limit, and align."""
+        """Detect, apply the multi-face policy and the size limit, and align.
+
+        ``rgb`` is ``(H, W, 3)`` RGB uint8; a gray ``(H, W)`` image is taken as 3 equal channels.
+        """
+        rgb = as_rgb(rgb)
         detections = self.detector.detect(rgb)
         if not detections:
             return FaceResult(FaceStatus.NO_FACE, 0)
@@ -337,12 +438,13 @@ class FacePipeline:
 
     @torch.inference_mode()
     def embed_faces(self, faces: np.ndarray, batch: int = 256) -> np.ndarray:
-        """Aligned ``(N, 112, 112, 3)`` uint8 faces -> ``(N, D)`` float32 unit embeddings.
+        """Aligned ``(N, 112, 112, 3)`` uint8 faces (``(N, 150, 150, 3)`` chips for chip models) ->
+        ``(N, D)`` float32 unit embeddings.
 
         Flip-augmented exactly like ``common.evaluation.embed`` (the embedding of the face plus that
         of its mirror image, renormalised), so LFW-calibrated thresholds apply unchanged.
         """
-        x = face_tensor(faces)
+        x = chip_tensor(faces) if self.chips else face_tensor(faces)
         out = torch.cat(
             [
                 torch.nn.functional.normalize(self.embedder(b) + self.embedder(b.flip(-1)), dim=1)
@@ -368,7 +470,8 @@ class FacePipeline:
         """Classify the expression of the single face in ``rgb``."""
         if self.emotion_net is None:
             raise ConfigError("this pipeline has no emotion model; load a checkpoint that has one")
-        face = self.aligned_face(rgb, name)[EMOTION_CROP]
+        aligned = self.aligned_face(rgb, name)
+        face = emotion_crop_of_chip(aligned) if self.chips else aligned[EMOTION_CROP]
         logits = self.emotion_net(emotion_tensor(face[None]))
         probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
         names = emotion_names()
@@ -395,5 +498,11 @@ def load_pipeline(
             "to a trained facefed checkpoint"
         )
     embedder, emotion_net, meta = load_models(Path(checkpoint))
-    detector: Detector = HaarDetector() if detector_model is None else YuNetDetector(detector_model)
+    detector: Detector
+    if detector_model is not None:
+        detector = YuNetDetector(detector_model)
+    elif isinstance(embedder, ChipEmbedder):
+        detector = default_detector()
+    else:
+        detector = HaarDetector()
     return FacePipeline(embedder, emotion_net, detector=detector, config=config), dict(meta)

@@ -8,19 +8,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from client.recogniser.calibration import calibrate
 from client.recogniser.pipeline import (
+    EMOTION_CHIP_BOX,
     LFW112_TEMPLATE,
+    YUNET_ENV,
+    ChipAligner,
     FacePipeline,
     FaceStatus,
     HaarDetector,
     PipelineConfig,
     YuNetDetector,
+    default_detector,
+    emotion_crop_of_chip,
     emotion_names,
     load_pipeline,
 )
 from common.errors import ConfigError, DataError
+from common.facenet.chips import CHIP_SIZE, align_chip
+from common.facenet.resnet import ChipEmbedder, DlibResNet, chip_tensor
 from common.models import EmotionNet, FaceEmbedder
 
 YaleRgb = Callable[[int, str], np.ndarray]
@@ -188,3 +196,85 @@ def test_same_person_matches_and_different_person_is_rejected(
         accepted += same > cal.threshold
         rejected += other <= cal.threshold
     assert accepted >= 11 and rejected >= 13, (accepted, rejected, cal.describe())
+
+
+# ---------------------------------------------------------------------- dlib chip models
+@pytest.fixture(scope="module")
+def chip_embedder() -> ChipEmbedder:
+    """dlib's architecture with seeded random weights (plumbing only)."""
+    torch.manual_seed(0)
+    return ChipEmbedder(*DlibResNet().split(2)).eval()
+
+
+@pytest.mark.skipif(not YUNET.is_file(), reason="YuNet model not in ../shared/data")
+def test_chip_model_aligns_onto_the_chip_template_and_embeds(
+    chip_embedder: ChipEmbedder,
+    small_models: tuple[FaceEmbedder, EmotionNet],
+    yale: dict[str, np.ndarray],
+) -> None:
+    detector = YuNetDetector(YUNET)
+    pipe = FacePipeline(chip_embedder, small_models[1], detector=detector)
+    assert pipe.chips and isinstance(pipe.aligner, ChipAligner)
+    for gray in yale["images"][::40]:
+        result = pipe.locate(gray)  # a gray photo is taken as RGB
+        assert result.status is FaceStatus.OK and result.method == "landmarks5"
+        assert result.face is not None and result.face.shape == (CHIP_SIZE, CHIP_SIZE, 3)
+        np.testing.assert_array_equal(result.face, align_chip(gray, result.detection.landmarks))  # type: ignore[union-attr]
+    image = gray_to_rgb(yale["images"][0])
+    a = pipe.embed(image)
+    assert a.shape == (128,) and abs(np.linalg.norm(a) - 1) < 1e-5
+    chip = pipe.aligned_face(image)
+    with torch.inference_mode():
+        x = chip_tensor(np.stack([chip, chip[:, ::-1]]))
+        both = chip_embedder(x).sum(dim=0)
+    np.testing.assert_allclose(a, (both / both.norm()).numpy(), atol=1e-5)  # flip TTA
+    emotion = pipe.emotion(image)
+    assert emotion.label in emotion_names()
+
+
+def test_chip_model_with_haar_aligns_by_the_eyes(
+    chip_embedder: ChipEmbedder, yale: dict[str, np.ndarray]
+) -> None:
+    pipe = FacePipeline(chip_embedder, detector=HaarDetector())
+    results = [pipe.locate(gray_to_rgb(img)) for img in yale["images"][::12]]
+    ok = [r for r in results if r.status is FaceStatus.OK]
+    assert len(ok) >= 0.9 * len(results)
+    assert all(r.face is not None and r.face.shape == (CHIP_SIZE, CHIP_SIZE, 3) for r in ok)
+    assert any(r.method == "eyes" for r in ok)
+
+
+def test_chip_model_tiny_face_is_too_small(chip_embedder: ChipEmbedder, yale_rgb: YaleRgb) -> None:
+    pipe = FacePipeline(chip_embedder, detector=HaarDetector())
+    small = cv2.resize(yale_rgb(2, "normal"), (72, 55), interpolation=cv2.INTER_AREA)
+    with pytest.raises(DataError, match="too small"):
+        pipe.aligned_face(small, "tiny.jpg")
+
+
+def test_emotion_crop_frames_the_chip_like_fer2013() -> None:
+    chip = np.zeros((CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+    chip[:, :, 0] = np.arange(CHIP_SIZE, dtype=np.uint8)[:, None]  # row index
+    crop = emotion_crop_of_chip(chip)
+    _, top, side = EMOTION_CHIP_BOX
+    assert crop.shape == (round(side), round(side), 3)
+    # row r of the crop is chip row r + top (clamped at the chip's top edge)
+    assert crop[40, 0, 0] == round(40 + top) and crop[0, 0, 0] == 0
+
+
+@pytest.mark.skipif(not YUNET.is_file(), reason="YuNet model not in ../shared/data")
+def test_yunet_is_the_default_detector_of_chip_models_when_found(
+    chip_embedder: ChipEmbedder,
+    small_models: tuple[FaceEmbedder, EmotionNet],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.delenv(YUNET_ENV, raising=False)
+    monkeypatch.setenv("FACEFED_DATA", str(YUNET.parent))
+    assert isinstance(FacePipeline(chip_embedder).detector, YuNetDetector)
+    assert isinstance(FacePipeline(small_models[0]).detector, HaarDetector)  # old models: unchanged
+    monkeypatch.setenv("FACEFED_DATA", str(tmp_path))  # a data dir without YuNet: Haar
+    assert isinstance(default_detector(), HaarDetector)
+    monkeypatch.setenv(YUNET_ENV, str(YUNET))
+    assert isinstance(default_detector(), YuNetDetector)
+    monkeypatch.setenv(YUNET_ENV, str(tmp_path / "missing.onnx"))
+    with pytest.raises(ConfigError, match=r"missing\.onnx not found"):
+        default_detector()
