@@ -29,13 +29,14 @@ import torch
 from client.training.privacy_state import SitePrivacyState
 from client.training.site_data import SiteSpec, load_site_tensors
 from client.training.train import SiteTensors, expected_batch, train_round
-from common.checkpoint import ModelConfig, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.config import RunSettings
 from common.evaluation import (
     evaluate_emotion,
     evaluate_face,
     held_out_sets,
 )
+from common.model_spec import ModelSpec
 from common.models import CosineHead, EmotionNet, FaceEmbedder
 from common.paths import data_dir as resolve_data_dir
 
@@ -192,7 +193,7 @@ def run_centralised(settings: RunSettings, out_dir: Path, num_threads: int) -> d
         out_dir / "centralised.ckpt",
         face,
         emotion,
-        ModelConfig(settings.face_width, settings.emotion_width),
+        ModelSpec(settings.face_width, settings.emotion_width),
         settings.num_rounds,
         meta={"kind": "centralised-baseline"},
     )

@@ -10,36 +10,25 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from common.atomic import atomic_write_bytes
 from common.errors import DataError, IntegrityError
-from common.models import EmotionNet, FaceEmbedder
+from common.model_spec import ModelSpec
 
 MAGIC = b"FFCKPT01"
 FORMAT = "facefed-checkpoint/1"
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """What is needed to rebuild the networks before loading weights."""
-
-    face_width: int
-    emotion_width: int
-
-    def build(self) -> tuple[FaceEmbedder, EmotionNet]:
-        return FaceEmbedder(width=self.face_width), EmotionNet(width=self.emotion_width)
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
-    face: FaceEmbedder,
-    emotion: EmotionNet,
-    model_config: ModelConfig,
+    face: nn.Module,
+    emotion: nn.Module,
+    model_config: ModelSpec,
     round_: int,
     meta: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
@@ -53,10 +42,7 @@ def save_checkpoint(
         "round": int(round_),
         "face": {k: v.detach().cpu() for k, v in face.state_dict().items()},
         "emotion": {k: v.detach().cpu() for k, v in emotion.state_dict().items()},
-        "model_config": {
-            "face_width": model_config.face_width,
-            "emotion_width": model_config.emotion_width,
-        },
+        "model_config": model_config.to_dict(),
         "meta": dict(meta or {}),
     }
     if server is not None:
@@ -93,18 +79,70 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return payload
 
 
-def load_models(path: str | os.PathLike[str]) -> tuple[FaceEmbedder, EmotionNet, dict[str, Any]]:
-    """Rebuild both models from a checkpoint, in eval mode; return ``(face, emotion, meta)``."""
+def load_federated(
+    path: str | os.PathLike[str],
+) -> tuple[nn.Module, nn.Module, ModelSpec, int]:
+    """The two federated modules of a checkpoint as trained (for the pretrained family, the heads
+    without the frozen trunk), in eval mode, their :class:`ModelSpec` and the round."""
     payload = read_checkpoint(path)
-    config = ModelConfig(**payload["model_config"])
-    face, emotion = config.build()
+    return (*_federated(payload, path), int(payload["round"]))
+
+
+def _federated(
+    payload: dict[str, Any], path: str | os.PathLike[str]
+) -> tuple[nn.Module, nn.Module, ModelSpec]:
+    try:
+        spec = ModelSpec.from_dict(dict(payload["model_config"]))
+        face, emotion = spec.build()
+    except (TypeError, ValueError, IndexError) as exc:
+        raise IntegrityError(
+            f"checkpoint {path} names networks this facefed cannot build: {exc}"
+        ) from None
     try:
         face.load_state_dict(payload["face"])
         emotion.load_state_dict(payload["emotion"])
-    except RuntimeError as exc:
-        raise IntegrityError(f"checkpoint {path} does not match the model code: {exc}") from None
-    face.eval()
-    emotion.eval()
+    except RuntimeError:
+        raise IntegrityError(
+            f"checkpoint {path} does not match the networks it names (wrong network or a foreign "
+            "file); use a checkpoint written by this facefed"
+        ) from None
+    return face.eval(), emotion.eval(), spec
+
+
+def load_models(
+    path: str | os.PathLike[str], pretrained: str | os.PathLike[str] | None = None
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """Both models ready for inference, in eval mode; return ``(face, emotion, meta)``.
+
+    ``face`` maps the input of its family (112x112 gray, or 150x150 chips through the frozen trunk
+    for the pretrained family) to unit embeddings; ``emotion`` maps standardised 48x48 gray faces to
+    logits. ``pretrained`` is the public network's weights file (default: ``FACEFED_PRETRAINED`` or
+    ``models/dlib-resnet-v1.ffnet``).
+    """
+    payload = read_checkpoint(path)
+    face, emotion, spec = _federated(payload, path)
+    if spec.pretrained:
+        face, emotion = _with_trunk(face, emotion, spec, pretrained)
     meta = dict(payload.get("meta", {}))
     meta["round"] = payload["round"]
+    meta["model_spec"] = spec.to_dict()
     return face, emotion, meta
+
+
+def _with_trunk(
+    face: nn.Module, emotion: nn.Module, spec: ModelSpec, pretrained: str | os.PathLike[str] | None
+) -> tuple[nn.Module, nn.Module]:
+    from common.facenet.resnet import ChipEmbedder, FaceTail
+    from common.facenet.transfer import EmotionHead, EmotionTransfer
+    from common.facenet.weights import default_pretrained_path, load_pretrained
+
+    network = spec.check_pretrained(
+        load_pretrained(Path(pretrained) if pretrained else default_pretrained_path())
+    )
+    if isinstance(face, FaceTail):
+        trunk, _ = network.split(spec.face_tail_blocks)
+        face = ChipEmbedder(trunk, face).eval()
+    if isinstance(emotion, EmotionHead):
+        trunk, _ = network.split(14 - spec.emotion_trunk_blocks)
+        emotion = EmotionTransfer(trunk, emotion, spec.emotion_input_size).eval()
+    return face, emotion

@@ -102,8 +102,18 @@ class RunSettings:
     emotion_train_limit: int = 0
     emotion_eval_limit: int = 0
     # models and local optimisation
-    face_width: int = 16
-    emotion_width: int = 32
+    # "pretrained": fine-tune the tail of dlib's public face ResNet on its frozen features;
+    # "scratch": facefed's own small network from random weights (common/model_spec.py)
+    face_model: Literal["pretrained", "scratch"] = "scratch"
+    face_tail_blocks: int = 0  # pretrained: residual blocks fine-tuned besides the embedding layer
+    face_width: int = 16  # scratch
+    # "transfer": a linear head on the frozen face trunk's features (cut after emotion-trunk-blocks
+    # blocks, at emotion-input-size pixels, pooled to emotion-pool x emotion-pool); "scratch": EmotionNet
+    emotion_model: Literal["transfer", "scratch"] = "scratch"
+    emotion_trunk_blocks: int = 10
+    emotion_input_size: int = 96
+    emotion_pool: int = 2
+    emotion_width: int = 32  # scratch
     face_steps: int = 25
     emotion_steps: int = 40
     face_batch: int = 64
@@ -160,6 +170,23 @@ class RunSettings:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_kebab(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.face_tail_blocks <= 5:
+            raise ConfigError(f"face-tail-blocks must be in 0..5, got {self.face_tail_blocks}")
+        if not 1 <= self.emotion_trunk_blocks <= 14:
+            raise ConfigError(
+                f"emotion-trunk-blocks must be in 1..14, got {self.emotion_trunk_blocks}"
+            )
+        if not 48 <= self.emotion_input_size <= 150:
+            raise ConfigError(
+                f"emotion-input-size must be in 48..150 pixels, got {self.emotion_input_size}"
+            )
+        if not 1 <= self.emotion_pool <= 4:
+            raise ConfigError(f"emotion-pool must be in 1..4, got {self.emotion_pool}")
+        if self.face_augment and self.face_model == "pretrained":
+            raise ConfigError(
+                'face-augment works on images; with face-model = "pretrained" the sites train on '
+                'frozen features: set face-augment = false or face-model = "scratch"'
+            )
         if self.face_steps == 0 and self.emotion_steps == 0:
             raise ConfigError("face-steps and emotion-steps are both 0: nothing would be trained")
         if self.cohort_size > self.num_sites:

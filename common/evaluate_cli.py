@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fer-dir", type=Path, help="FER2013-layout folder (index.csv + <Usage>/<emotion>/)"
     )
-    p.add_argument("--fer-split", default="PublicTest", choices=("PublicTest", "Training"))
+    p.add_argument(
+        "--fer-split",
+        default="PublicTest",
+        choices=("PublicTest", "PrivateTest", "Training"),
+        help="FER2013 split to score (PrivateTest: the standard final test split, from --fer-dir)",
+    )
     p.add_argument(
         "--lfw-folds",
         default="4,5",
@@ -50,31 +55,35 @@ def _folds(text: str) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.checkpoint import load_models
+    from common.checkpoint import load_federated
     from common.data.fer2013 import load_fer2013
     from common.data.lfw import load_lfw
     from common.errors import ConfigError
     from common.evaluation import emotion_set, evaluate_emotion, evaluate_face, verification_set
+    from common.features import ModelInputs
     from common.paths import data_dir
 
     if args.pairs and not args.lfw_dir:
         raise ConfigError("--pairs needs --lfw-dir (the folder the pairs refer to)")
-    face, emotion, meta = load_models(args.checkpoint)
-    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "round": meta.get("round")}
+    face, emotion, spec, round_ = load_federated(args.checkpoint)
+    inputs = ModelInputs(
+        spec
+    )  # frozen pretrained features, where the checkpoint's networks use them
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "round": round_}
     if not args.skip_face:
         if args.lfw_dir:
             lfw = load_lfw(lfw_dir=args.lfw_dir, pairs_file=args.pairs)
         else:
             lfw = load_lfw(data_dir=data_dir(args.data_dir))
         folds = _folds(args.lfw_folds)
-        report["face"] = evaluate_face(face, verification_set(lfw, folds))
+        report["face"] = evaluate_face(face, verification_set(lfw, folds, inputs))
         report["face"]["pairs"] = sum(1 for p in lfw.pairs if folds is None or p.fold in folds)
     if not args.skip_emotion:
         if args.fer_dir:
             fer = load_fer2013(args.fer_split, fer_dir=args.fer_dir)
         else:
             fer = load_fer2013(args.fer_split, data_dir=data_dir(args.data_dir))
-        report["emotion"] = evaluate_emotion(emotion, emotion_set(fer))
+        report["emotion"] = evaluate_emotion(emotion, emotion_set(fer, inputs))
         report["emotion"]["images"] = len(fer)
     print(json.dumps(report, indent=2))
     return 0

@@ -13,24 +13,27 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from common.config import RunSettings
+from common.data.chips import LandmarkDetector, build_chips, dataset_chips, default_yunet_path
 from common.data.fer2013 import load_fer2013
 from common.data.lfw import LfwData, load_lfw
-from common.data.preprocess import emotion_tensor, face_tensor
 from common.data.types import LabeledImages
 from common.errors import DataError
+from common.features import ModelInputs
 from common.metrics import emotion_metrics, lfw_verification
-from common.models import EmotionNet, FaceEmbedder
+from common.model_spec import ModelSpec
 
 EVAL_SUBSET_SALT = 104729  # seeds the emotion-eval-limit subset, apart from the other seeded draws
 
 
 @dataclass(frozen=True)
 class VerificationSet:
-    """Preprocessed faces and the pairs to verify between them."""
+    """The face module's inputs for the faces of some pairs, and the pairs to verify between them."""
 
-    faces: torch.Tensor  # (M, 1, 112, 112)
+    faces: torch.Tensor  # (M, 1, 112, 112) preprocessed faces, or frozen features (M, ...)
+    flipped: torch.Tensor  # the same for the mirrored faces (flip test-time augmentation)
     left: np.ndarray  # row into faces, per pair
     right: np.ndarray
     same: np.ndarray  # bool per pair
@@ -39,12 +42,21 @@ class VerificationSet:
 
 @dataclass(frozen=True)
 class EmotionSet:
-    images: torch.Tensor  # (N, 1, 48, 48)
+    images: torch.Tensor  # (N, 1, 48, 48), or frozen features
     labels: np.ndarray
 
 
-def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> VerificationSet:
-    """The pairs of the given 0-based folds (all folds when None), with only the images they use."""
+def verification_set(
+    lfw: LfwData,
+    folds: tuple[int, ...] | None = None,
+    inputs: ModelInputs | None = None,
+    chips: np.ndarray | None = None,
+) -> VerificationSet:
+    """The pairs of the given 0-based folds (all folds when None), with only the images they use.
+
+    ``inputs`` turns the images into the face module's inputs (default: the scratch family's);
+    ``chips`` are the aligned chips of ``lfw.images`` (row for row), needed by the pretrained family.
+    """
     pairs = [p for p in lfw.pairs if folds is None or p.fold in folds]
     if not pairs:
         raise DataError("no LFW pairs to evaluate; check the pairs file and lfw-eval-sets")
@@ -53,8 +65,19 @@ def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> Veri
         | {lfw.image_row[(p.name2, p.num2)] for p in pairs}
     )
     where = {row: i for i, row in enumerate(rows)}
+    inputs = inputs or ModelInputs(ModelSpec())
+    if inputs.face_needs_chips:
+        if chips is None:  # an LFW folder of the user's: align its images here
+            chips = build_chips(lfw.images, LandmarkDetector(default_yunet_path()).landmarks)[
+                "chips"
+            ]
+        faces = inputs.face(chips[rows], flips=True)
+    else:
+        faces = inputs.face(lfw.images[rows], flips=True)
+    assert faces.flipped is not None
     return VerificationSet(
-        faces=face_tensor(lfw.images[rows]),
+        faces=faces.x,
+        flipped=faces.flipped,
         left=np.array([where[lfw.image_row[(p.name1, p.num1)]] for p in pairs]),
         right=np.array([where[lfw.image_row[(p.name2, p.num2)]] for p in pairs]),
         same=np.array([p.same for p in pairs], dtype=bool),
@@ -62,43 +85,52 @@ def verification_set(lfw: LfwData, folds: tuple[int, ...] | None = None) -> Veri
     )
 
 
-def held_out_sets(settings: RunSettings, root: Path) -> tuple[VerificationSet, EmotionSet]:
+def held_out_sets(
+    settings: RunSettings, root: Path, inputs: ModelInputs
+) -> tuple[VerificationSet, EmotionSet]:
     """The coordinator's evaluation sets: LFW pairs of ``lfw-eval-sets`` and FER2013 PublicTest.
 
     With ``emotion-eval-limit`` a seeded random subset of PublicTest is drawn (the split is stored class
     by class, so a prefix would be a single class).
     """
-    lfw = verification_set(
-        load_lfw(data_dir=root), tuple(s - 1 for s in settings.lfw_eval_set_list)
-    )
+    data = load_lfw(data_dir=root)
+    chips = dataset_chips("lfw", data_dir=root).chips if inputs.face_needs_chips else None
+    lfw = verification_set(data, tuple(s - 1 for s in settings.lfw_eval_set_list), inputs, chips)
     fer = load_fer2013("PublicTest", data_dir=root)
     if settings.emotion_eval_limit and settings.emotion_eval_limit < len(fer):
         rng = np.random.default_rng([settings.seed, EVAL_SUBSET_SALT])
         fer = fer.subset(np.sort(rng.choice(len(fer), settings.emotion_eval_limit, replace=False)))
-    return lfw, emotion_set(fer)
+    return lfw, emotion_set(fer, inputs)
 
 
-def emotion_set(fer: LabeledImages) -> EmotionSet:
-    return EmotionSet(images=emotion_tensor(fer.images), labels=fer.labels.astype(np.int64))
+def emotion_set(fer: LabeledImages, inputs: ModelInputs | None = None) -> EmotionSet:
+    inputs = inputs or ModelInputs(ModelSpec())
+    return EmotionSet(images=inputs.emotion(fer.images), labels=fer.labels.astype(np.int64))
 
 
 @torch.no_grad()
-def embed(face: FaceEmbedder, faces: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Flip-augmented, L2-normalised embeddings of preprocessed faces."""
+def embed(
+    face: nn.Module, faces: torch.Tensor, flipped: torch.Tensor, batch: int = 256
+) -> torch.Tensor:
+    """Flip-augmented, L2-normalised embeddings: the face module on the inputs of the faces and of
+    their mirror images."""
     face.eval()
-    out = [F.normalize(face(x) + face(x.flip(-1)), dim=1) for x in faces.split(batch)]
+    out = [
+        F.normalize(face(x) + face(xf), dim=1)
+        for x, xf in zip(faces.split(batch), flipped.split(batch), strict=True)
+    ]
     return torch.cat(out)
 
 
-def evaluate_face(face: FaceEmbedder, data: VerificationSet) -> dict[str, float]:
-    emb = embed(face, data.faces)
+def evaluate_face(face: nn.Module, data: VerificationSet) -> dict[str, float]:
+    emb = embed(face, data.faces, data.flipped)
     scores = (emb[data.left] * emb[data.right]).sum(dim=1).numpy()
     result = lfw_verification(scores, data.same, data.folds)
     return {"lfw_accuracy": result.accuracy, "lfw_std": result.std}
 
 
 @torch.no_grad()
-def evaluate_emotion(emotion: EmotionNet, data: EmotionSet, batch: int = 512) -> dict[str, float]:
+def evaluate_emotion(emotion: nn.Module, data: EmotionSet, batch: int = 512) -> dict[str, float]:
     emotion.eval()
     preds = torch.cat([emotion(x).argmax(dim=1) for x in data.images.split(batch)]).numpy()
     return emotion_metrics(preds, data.labels)

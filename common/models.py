@@ -87,7 +87,7 @@ class FaceTrainer(nn.Module):
     head, so a head trained without noise would leak through the federated backbone.
     """
 
-    def __init__(self, backbone: FaceEmbedder, head: CosineHead) -> None:
+    def __init__(self, backbone: nn.Module, head: CosineHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.models import EmotionNet, FaceEmbedder
-
 SHARED_PREFIXES = ("face.", "emotion.")
 
 
-def to_arrays(face: FaceEmbedder, emotion: EmotionNet) -> ArrayRecord:
+def to_arrays(face: torch.nn.Module, emotion: torch.nn.Module) -> ArrayRecord:
     """Pack the shared weights of both models into one ArrayRecord."""
     record = ArrayRecord()
     for prefix, model in (("face.", face), ("emotion.", emotion)):
@@ -31,7 +29,7 @@ def to_arrays(face: FaceEmbedder, emotion: EmotionNet) -> ArrayRecord:
     return record
 
 
-def from_arrays(arrays: ArrayRecord, face: FaceEmbedder, emotion: EmotionNet) -> None:
+def from_arrays(arrays: ArrayRecord, face: torch.nn.Module, emotion: torch.nn.Module) -> None:
     """Load an ArrayRecord produced by :func:`to_arrays` into the two models (strict)."""
     state = {key: torch.from_numpy(decode(array).copy()) for key, array in arrays.items()}
     for prefix, model in (("face.", face), ("emotion.", emotion)):
@@ -42,7 +40,7 @@ def from_arrays(arrays: ArrayRecord, face: FaceEmbedder, emotion: EmotionNet) ->
         raise ValueError(f"unexpected keys in model arrays: {extra[:5]}")
 
 
-def manifest(face: FaceEmbedder, emotion: EmotionNet) -> dict[str, tuple[int, ...]]:
+def manifest(face: torch.nn.Module, emotion: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """The agreed parameter manifest: every shared key and its shape (used by the egress guard)."""
     return {k: tuple(v.shape) for k, v in to_arrays(face, emotion).to_torch_state_dict().items()}
 

@@ -10,18 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.atomic import atomic_write_text
-from common.checkpoint import ModelConfig, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.config import RunSettings
 from common.errors import FacefedError
 from common.evaluation import evaluate_emotion, evaluate_face, held_out_sets
 from common.failpoints import failpoint
-from common.models import EmotionNet, FaceEmbedder
+from common.features import ModelInputs
+from common.model_spec import ModelSpec
 from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
 from server.central_dp import CentralDp
@@ -41,7 +41,9 @@ class RunRecorder:
         self.out = Path(settings.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         root = resolve_data_dir(settings.data_dir or None)
-        self.lfw, self.fer = held_out_sets(settings, root)
+        inputs = ModelInputs(ModelSpec.from_settings(settings))
+        self.spec = inputs.spec
+        self.lfw, self.fer = held_out_sets(settings, root, inputs)
         self.rounds: list[dict[str, Any]] = []
         self.resumes: list[dict[str, Any]] = []
         self.dropouts: dict[int, list[int]] = {}
@@ -68,8 +70,7 @@ class RunRecorder:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> None:
         """Evaluate the round's global model; checkpoint it with the coordinator state; record it."""
-        face = FaceEmbedder(width=self.settings.face_width)
-        emotion = EmotionNet(width=self.settings.emotion_width)
+        face, emotion = self.spec.build()
         from_arrays(arrays, face, emotion)
         t0 = time.monotonic()
         face_metrics = evaluate_face(face, self.lfw)
@@ -111,7 +112,7 @@ class RunRecorder:
             ckpt_path,
             face,
             emotion,
-            ModelConfig(self.settings.face_width, self.settings.emotion_width),
+            self.spec,
             server_round,
             meta={"model_hash": arrays_digest(arrays)},
             server=self.state_fn(arrays) if self.state_fn is not None else None,
@@ -197,10 +198,7 @@ def run_federation(grid: Grid, settings: RunSettings) -> RunRecorder:
     recorder.state_fn = lambda arrays: server_state(
         arrays, inner.sampling_state(), _moments(inner), recorder.history()
     )
-    torch.manual_seed(settings.seed)
-    arrays = to_arrays(
-        FaceEmbedder(width=settings.face_width), EmotionNet(width=settings.emotion_width)
-    )
+    arrays = to_arrays(*recorder.spec.initial(settings.seed))
     first = 1
     if point is not None:
         first = point.round + 1

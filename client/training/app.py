@@ -32,7 +32,7 @@ from client.training.site_policy import PolicyRefusal, SitePolicies, SitePolicy
 from client.training.site_store import ReplayRefused, SiteStore
 from common.config import RunSettings, Scalar, parse_run_config
 from common.errors import FacefedError, IntegrityError, PrivacyBudgetError
-from common.models import EmotionNet, FaceEmbedder
+from common.model_spec import ModelSpec
 from common.privacy.site_record import site_id
 from common.serde import manifest
 
@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=4)
-def _manifest_for(face_width: int, emotion_width: int) -> dict[str, tuple[int, ...]]:
-    return manifest(FaceEmbedder(face_width), EmotionNet(emotion_width))
+def _manifest_for(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    return manifest(*spec.build())
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,21 +98,19 @@ def build_client_app(
             return None
         return store.stored_record(_run_id(msg), server_round)
 
-    guards: dict[tuple[int, int], EgressGuard] = {}
+    guards: dict[ModelSpec, EgressGuard] = {}
 
     def egress(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         try:
             settings = _settings(injected, context)
-            widths = (settings.face_width, settings.emotion_width)
-            if widths not in guards:
-                guards[widths] = make_egress_guard(
-                    _manifest_for(*widths), stored_record=stored_record
-                )
+            spec = ModelSpec.from_settings(settings)
+            if spec not in guards:
+                guards[spec] = make_egress_guard(_manifest_for(spec), stored_record=stored_record)
         except Exception:  # never the exception's text: a fixed code leaves the site
             logger.exception("refusing the message before training")
             error = Error(code=SITE_INTERNAL_ERROR_CODE, reason=SITE_INTERNAL_ERROR_REASON)
             return Message(error=error, reply_to=msg)
-        reply = guards[widths](msg, context, call_next)
+        reply = guards[spec](msg, context, call_next)
         if not reply.has_error() and "metrics" in reply.content.metric_records:
             # Stamp the reply with the guard's running count (added after the check: a scalar), so the
             # coordinator can show that every message the site sent went through the guard.

@@ -23,7 +23,8 @@ from client.training.train import SiteTensors, planned_events, train_round
 from common.config import RunSettings
 from common.crypto.signing import canonical_bytes, sign
 from common.errors import DataError, PrivacyBudgetError
-from common.models import CosineHead, EmotionNet, FaceEmbedder
+from common.model_spec import ModelSpec
+from common.models import CosineHead
 from common.privacy.accounting import calibrate_noise, compute_epsilon
 from common.privacy.events import DpSgdEvent
 from common.privacy.site_record import RECORD_NAME, RoundReport
@@ -182,8 +183,7 @@ def run_round(
             )
     generator = aux_generator(p.noise_source, [settings.seed, site_index, server_round])
     randomness = release_randomness(p.noise_source, generator)
-    face = FaceEmbedder(width=settings.face_width)
-    emotion = EmotionNet(width=settings.emotion_width)
+    face, emotion = ModelSpec.from_settings(settings).build()
     from_arrays(arrays, face, emotion)
     head = _load_head(state, data.num_identities, generator)
 

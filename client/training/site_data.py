@@ -20,14 +20,17 @@ import torch
 
 from client.training.train import SiteTensors
 from common.config import RunSettings
+from common.data.chips import dataset_chips
 from common.data.fer2013 import load_fer2013
-from common.data.lfw import lfw_train_subset, load_lfw
+from common.data.lfw import lfw_train_rows, load_lfw
 from common.data.npz_sets import load_extended_yale_b
 from common.data.orl import load_orl
 from common.data.partition import partition_by_identity, partition_dirichlet, partition_iid
-from common.data.preprocess import FACE_SIZE, emotion_tensor, resize_all, standardize, to_gray
+from common.data.preprocess import FACE_SIZE, resize_all, to_gray
 from common.data.types import LabeledImages
 from common.errors import ConfigError
+from common.features import ModelInputs
+from common.model_spec import ModelSpec
 from common.paths import data_dir as resolve_data_dir
 
 logger = logging.getLogger(__name__)
@@ -96,25 +99,19 @@ def _site_index(node_config: Mapping[str, object], partition_id: int) -> int:
     return index
 
 
-def face_pool(settings: RunSettings, data_dir: Path) -> tuple[list[torch.Tensor], np.ndarray]:
-    """All training faces of the configured sources, as per-source tensors and disjoint identity labels."""
-    pool, sizes, labels = _gray_face_pool(
-        settings.face_source_list, settings.lfw_train_set_list, data_dir
-    )
-    return [standardize(part) for part in np.split(pool, np.cumsum(sizes)[:-1])], labels
-
-
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _gray_face_pool(
-    sources: tuple[str, ...], lfw_train_sets: tuple[int, ...], data_dir: Path
+    sources: tuple[str, ...], lfw_train_sets: tuple[int, ...], data_dir: Path, chips: bool = False
 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
-    """The face pool as one array of 112x112 gray uint8 images (the sources in turn), the number of
-    images of each source, and disjoint identity labels.
+    """The face pool as one uint8 image array (the sources in turn), the number of images of each
+    source, and disjoint identity labels.
+
+    The images are 112x112 gray faces, or with ``chips`` aligned 150x150 RGB chips
+    (``common.data.chips``) for the pretrained face network.
 
     Kept once per process: a simulation worker serves many sites in turn, and decoding, converting
     and resizing the whole pool (seconds) for each of them dominated a small site's round. Each site
-    then standardises only its own faces (per-image, so the result is the same as standardising the
-    pool and slicing it).
+    then turns only its own faces into model inputs.
     """
     parts: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -122,16 +119,28 @@ def _gray_face_pool(
     for source in sources:
         if source == "lfw":
             lfw = load_lfw(data_dir=data_dir)
-            imgs = lfw_train_subset(lfw, [s - 1 for s in lfw_train_sets], min_images=2)
+            rows = lfw_train_rows(lfw, [s - 1 for s in lfw_train_sets], min_images=2)
+            imgs = LabeledImages(lfw.images[rows], lfw.identity[rows])
         elif source == "orl":
             imgs = load_orl(data_dir=data_dir)
+            rows = np.arange(len(imgs))
         else:
             imgs = load_extended_yale_b(data_dir=data_dir)
-        parts.append(resize_all(to_gray(imgs.images), FACE_SIZE))
+            rows = np.arange(len(imgs))
+        if chips:
+            parts.append(dataset_chips(source, data_dir).chips[rows])
+        else:
+            parts.append(resize_all(to_gray(imgs.images), FACE_SIZE))
         _, dense = np.unique(imgs.labels, return_inverse=True)
         labels.append(dense.astype(np.int64) + offset)
         offset += int(dense.max()) + 1
     return np.concatenate(parts), tuple(len(part) for part in parts), np.concatenate(labels)
+
+
+@functools.lru_cache(maxsize=2)
+def model_inputs(spec: ModelSpec) -> ModelInputs:
+    """The site's :class:`ModelInputs` for a run's networks (the public weights loaded once)."""
+    return ModelInputs(spec)
 
 
 @functools.lru_cache(maxsize=2)
@@ -212,8 +221,9 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     root = resolve_data_dir(site.data_dir or None)
     rng = np.random.default_rng([settings.seed, site.partition_id])
 
+    inputs = model_inputs(ModelSpec.from_settings(settings))
     pool, _, identities = _gray_face_pool(
-        settings.face_source_list, settings.lfw_train_set_list, root
+        settings.face_source_list, settings.lfw_train_set_list, root, inputs.face_needs_chips
     )
     face_idx, emo_idx = _partitions(settings, site.num_partitions, root)
     mine = subsample_people(
@@ -223,12 +233,12 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
         rng,
     )
     _, local_labels = np.unique(identities[mine], return_inverse=True)
-    face_x = standardize(pool[mine])
+    face_x = inputs.face(pool[mine]).x
     face_y = torch.from_numpy(local_labels.astype(np.int64))
 
     fer = _fer_training(root)
     emo = _subsample(emo_idx[site.partition_id], settings.emotion_train_limit, rng)
-    emotion_x = emotion_tensor(fer.images[emo])
+    emotion_x = inputs.emotion(fer.images[emo])
     emotion_y = torch.from_numpy(fer.labels[emo].astype(np.int64))
     logger.info(
         "site %d: %d face images of %d people, %d emotion images",

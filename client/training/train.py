@@ -29,7 +29,7 @@ from client.training.fast_dp import FastDpSgd, poisson_indices
 from client.training.privacy_state import SitePrivacyState
 from common.config import RunSettings
 from common.errors import DataError
-from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
+from common.models import CosineHead, FaceTrainer, cosface_loss
 from common.privacy.events import DpSgdEvent, compose
 
 logger = logging.getLogger(__name__)
@@ -287,9 +287,9 @@ def _train_with_loader(
 
 
 def train_round(
-    face: FaceEmbedder,
+    face: nn.Module,
     head: CosineHead,
-    emotion: EmotionNet,
+    emotion: nn.Module,
     data: SiteTensors,
     settings: RunSettings,
     privacy: SitePrivacyState,

@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 EMOTIONS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 ARCHIVE = "fer2013_train_publictest.tar.gz"
 IMAGE_SIZE = 48
-Split = Literal["Training", "PublicTest"]
+Split = Literal["Training", "PublicTest", "PrivateTest"]
 SPLITS: tuple[str, ...] = get_args(Split)
-_USAGES = (*SPLITS, "PrivateTest")
+_USAGES = SPLITS
 _COLUMNS = ("path", "label", "emotion", "usage")
 
 
@@ -48,7 +48,8 @@ def load_fer2013(
     """Load one FER2013 split: ``(N, 48, 48)`` uint8 gray images, labels 0..6 (:data:`EMOTIONS`).
 
     Args:
-        split: ``"Training"`` or ``"PublicTest"``.
+        split: ``"Training"``, ``"PublicTest"`` or ``"PrivateTest"`` (FER2013's final test split;
+            the shared copy does not hold it, an ``index.csv`` that lists it does).
         data_dir: folder holding ``fer2013_train_publictest.tar.gz``; resolved with
             :func:`common.paths.data_dir` when ``None``. Ignored when ``fer_dir`` is given.
         fer_dir: an already-extracted FER2013 folder (holding ``index.csv``, or holding

@@ -124,6 +124,13 @@ def lfw_train_subset(data: LfwData, sets: Sequence[int], min_images: int = 1) ->
     """Images of the people in the given 0-based people sets with at least ``min_images`` images.
 
     Labels are identity indices as in ``data.identity`` (into ``data.names``; not renumbered).
+    """
+    rows = lfw_train_rows(data, sets, min_images)
+    return LabeledImages(images=data.images[rows], labels=data.identity[rows])
+
+
+def lfw_train_rows(data: LfwData, sets: Sequence[int], min_images: int = 1) -> np.ndarray:
+    """The rows of :func:`lfw_train_subset`'s images in ``data.images``.
 
     Raises:
         ConfigError: if a set index is out of range or ``min_images < 1``.
@@ -144,7 +151,7 @@ def lfw_train_subset(data: LfwData, sets: Sequence[int], min_images: int = 1) ->
     rows = np.flatnonzero(np.isin(data.identity, wanted))
     if rows.size == 0:
         raise DataError(f"no LFW images of people in sets {list(sets)} with >= {min_images} images")
-    return LabeledImages(images=data.images[rows], labels=data.identity[rows])
+    return rows
 
 
 def _find(root: Path, candidates: Sequence[str]) -> Path | None:

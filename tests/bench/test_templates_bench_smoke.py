@@ -16,8 +16,9 @@ import torch
 
 from bench import templates_bench as tb
 from bench.timing import measure
-from common.checkpoint import ModelConfig, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.errors import DataError
+from common.model_spec import ModelSpec
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import data_dir
 
@@ -135,7 +136,7 @@ def test_main_writes_json_and_prints_table(
     # Arrange: a real (tiny, untrained) checkpoint and the LFW loader limited to 5 faces
     torch.manual_seed(0)
     ckpt = save_checkpoint(
-        tmp_path / "c.ckpt", FaceEmbedder(width=8), EmotionNet(width=8), ModelConfig(8, 8), 0
+        tmp_path / "c.ckpt", FaceEmbedder(width=8), EmotionNet(width=8), ModelSpec(8, 8), 0
     )
     monkeypatch.setattr(tb, "load_lfw", lambda: types.SimpleNamespace(images=lfw_faces))
     out = tmp_path / "r.json"

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import ModelConfig, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.crypto import keys
+from common.model_spec import ModelSpec
 from common.models import EmotionNet, FaceEmbedder
 from common.paths import DEFAULT_DATA_DIR
 
@@ -82,7 +83,7 @@ def checkpoint(
     """A real checkpoint file of the small untrained models."""
     path = tmp_path_factory.mktemp("ckpt") / "round_0.ckpt"
     face, emotion = small_models
-    save_checkpoint(path, face, emotion, ModelConfig(face_width=8, emotion_width=8), round_=0)
+    save_checkpoint(path, face, emotion, ModelSpec(face_width=8, emotion_width=8), round_=0)
     return path
 
 

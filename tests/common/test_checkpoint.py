@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import ModelConfig, load_models, save_checkpoint
+from common.checkpoint import load_models, save_checkpoint
 from common.errors import DataError, IntegrityError
+from common.model_spec import ModelSpec
 
 
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
-    config = ModelConfig(face_width=16, emotion_width=16)
+    config = ModelSpec(face_width=16, emotion_width=16)
     face, emotion = config.build()
     path = save_checkpoint(tmp_path / "round_001.ckpt", face, emotion, config, 1, {"k": "v"})
     return path, face, emotion
@@ -24,7 +25,7 @@ def test_round_trip_restores_both_models(checkpoint) -> None:
     torch.testing.assert_close(face2(x), face.eval()(x))
     e = torch.randn(2, 1, 48, 48)
     torch.testing.assert_close(emotion2(e), emotion.eval()(e))
-    assert meta == {"k": "v", "round": 1}
+    assert meta == {"k": "v", "round": 1, "model_spec": ModelSpec(16, 16).to_dict()}
     assert not face2.training and not emotion2.training
 
 

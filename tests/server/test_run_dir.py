@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord
 
-from common.checkpoint import ModelConfig, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.config import parse_run_config
 from common.errors import ConfigError
+from common.model_spec import ModelSpec
 from common.models import EmotionNet, FaceEmbedder
 from common.serde import arrays_digest, to_arrays
 from server.run_dir import resume_point, server_state, start_run
@@ -36,7 +37,7 @@ def checkpoint(out: Path, server_round: int, seed: int) -> ArrayRecord:
         out / "checkpoints" / f"round_{server_round:03d}.ckpt",
         face,
         emotion,
-        ModelConfig(8, 8),
+        ModelSpec(8, 8),
         server_round,
         server=server_state(arrays, sampling, moments, history),
     )

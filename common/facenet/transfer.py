@@ -1,0 +1,71 @@
+"""Frozen pretrained features and the small trainable heads that sites fine-tune on them.
+
+Both federated models can start from dlib's pretrained face network (``common.facenet.resnet``):
+
+* **face**: the frozen :class:`~common.facenet.resnet.Trunk` turns an aligned chip into a feature map;
+  the federated model is the :class:`~common.facenet.resnet.FaceTail` (last blocks + embedding layer).
+* **emotion**: the same public trunk, cut earlier (where features still carry expression rather than
+  identity), turns a face into a feature map; the federated model is an :class:`EmotionHead`.
+
+Sites compute the frozen features once (they depend only on public weights and the site's own images)
+and train only the heads under DP-SGD. On device, :class:`EmotionTransfer` chains trunk and head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.facenet.resnet import CHIP_MEAN, CHIP_SCALE, Trunk
+
+# A standardised gray face (zero mean, unit variance per image) becomes a gray "photo" with this
+# brightness and contrast before the chip normalisation: typical values of an aligned face chip.
+GRAY_LEVEL = 128.0
+GRAY_CONTRAST = 50.0
+
+
+def gray_to_chip(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Standardised gray faces ``(N, 1, H, W)`` -> the trunk's ``(N, 3, size, size)`` input."""
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    pixels = GRAY_LEVEL + GRAY_CONTRAST * x
+    mean = torch.tensor(CHIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (pixels - mean) / CHIP_SCALE
+
+
+class EmotionHead(nn.Module):
+    """Feature map ``(N, C, H, W)`` -> ``(N, classes)`` logits: pool to ``pool x pool``, then linear.
+
+    Keeping a coarse spatial layout lets the head tell where a feature fires (mouth vs brows).
+    """
+
+    def __init__(self, channels: int, pool: int, num_classes: int = 7) -> None:
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(channels * pool * pool, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.adaptive_avg_pool2d(h, self.pool).flatten(1))
+
+
+class EmotionTransfer(nn.Module):
+    """On device: standardised 48x48 gray faces ``(N, 1, 48, 48)`` -> emotion logits."""
+
+    def __init__(self, trunk: Trunk, head: EmotionHead, size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(gray_to_chip(x, self.size)))
+
+
+@torch.inference_mode()
+def frozen_features(
+    trunk: nn.Module, x: torch.Tensor, batch: int = 64, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``trunk(x)`` in batches, without gradients (the trunk is public and frozen)."""
+    trunk.eval()
+    return torch.cat([trunk(b).to(dtype) for b in x.split(batch)])

@@ -1,0 +1,113 @@
+"""What the federated modules take as input, for either model family (``common.model_spec``).
+
+* scratch: preprocessed images (``common.data.preprocess``);
+* pretrained / transfer: the frozen features of dlib's public face trunk. They depend only on public
+  weights and the images, so each party computes them once, here with a cache on disk keyed by the
+  images' bytes, the trunk's weights and the cut.
+
+The flip test-time augmentation of evaluation happens on the images, so a features set carries the
+features of the mirrored images too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data.archives import load_or_build
+from common.data.preprocess import emotion_tensor, face_tensor
+from common.facenet.resnet import BLOCKS, chip_tensor
+from common.facenet.transfer import frozen_features, gray_to_chip
+from common.model_spec import ModelSpec, state_sha256
+from common.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FaceInputs:
+    """The face module's inputs for some faces, and for their mirror images (evaluation only)."""
+
+    x: torch.Tensor
+    flipped: torch.Tensor | None = None
+
+
+class ModelInputs:
+    """Turns images into the federated modules' inputs under one :class:`ModelSpec`.
+
+    ``spec.pretrained_sha256`` is filled in from the weights actually loaded (:attr:`spec`).
+    """
+
+    def __init__(self, spec: ModelSpec, pretrained: Path | None = None) -> None:
+        self.spec = spec
+        self._face_trunk: torch.nn.Module | None = None
+        self._emotion_trunk: torch.nn.Module | None = None
+        if spec.pretrained:
+            from common.facenet.weights import default_pretrained_path, load_pretrained
+
+            network = spec.check_pretrained(
+                load_pretrained(pretrained or default_pretrained_path())
+            )
+            self.spec = replace(spec, pretrained_sha256=state_sha256(network))
+            if spec.face_model == "pretrained":
+                self._face_trunk = network.split(spec.face_tail_blocks)[0]
+            if spec.emotion_model == "transfer":
+                self._emotion_trunk = network.split(len(BLOCKS) - spec.emotion_trunk_blocks)[0]
+
+    @property
+    def face_needs_chips(self) -> bool:
+        """Whether face inputs are made from aligned 150x150 RGB chips (else 112x112 faces)."""
+        return self._face_trunk is not None
+
+    def face(self, images: np.ndarray, flips: bool = False) -> FaceInputs:
+        """uint8 faces (chips for the pretrained family) -> the face module's inputs."""
+        if self._face_trunk is None:
+            x = face_tensor(images)
+            return FaceInputs(x, x.flip(-1) if flips else None)
+        key = f"face{self.spec.face_tail_blocks}"
+        x = self._cached(key, images, lambda: self._face_features(images))
+        flipped = None
+        if flips:
+            mirrored = np.ascontiguousarray(images[:, :, ::-1])
+            flipped = self._cached(key, mirrored, lambda: self._face_features(mirrored))
+        return FaceInputs(x, flipped)
+
+    def emotion(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 gray (or RGB) faces of any size -> the emotion module's inputs."""
+        x = emotion_tensor(images)
+        if self._emotion_trunk is None:
+            return x
+        s = self.spec
+        key = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-{s.emotion_pool}"
+        return self._cached(key, images, lambda: self._emotion_features(x))
+
+    def _face_features(self, chips: np.ndarray) -> torch.Tensor:
+        assert self._face_trunk is not None
+        h = frozen_features(self._face_trunk, chip_tensor(chips))
+        return h.mean(dim=(2, 3)) if self.spec.face_tail_blocks == 0 else h
+
+    def _emotion_features(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._emotion_trunk is not None
+        size, pool = self.spec.emotion_input_size, self.spec.emotion_pool
+        chips = torch.cat([gray_to_chip(b, size) for b in x.split(256)])
+        return F.adaptive_avg_pool2d(frozen_features(self._emotion_trunk, chips), pool)
+
+    def _cached(self, key: str, images: np.ndarray, build: object) -> torch.Tensor:
+        digest = hashlib.sha256(self.spec.pretrained_sha256.encode())
+        digest.update(f"{key}:{images.shape}".encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        path = cache_dir() / f"features-{key}-{digest.hexdigest()[:24]}.npz"
+
+        def compute() -> dict[str, np.ndarray]:
+            logger.info(
+                "computing frozen %s features of %d images (cached in %s)", key, len(images), path
+            )
+            return {"x": build().numpy()}  # type: ignore[operator]
+
+        return torch.from_numpy(load_or_build(path, compute)["x"])

@@ -1,0 +1,136 @@
+"""Which networks a run federates, and how to build them: the one place that knows both model families.
+
+* ``scratch``: facefed's own small networks (``common.models``), trained from random weights on
+  112x112 gray faces and 48x48 gray emotion crops.
+* ``pretrained`` (face) / ``transfer`` (emotion): dlib's public face ResNet (``common.facenet``) is
+  frozen, and the federated models are small heads on its features: the :class:`FaceTail` (last
+  residual blocks + embedding layer) and an :class:`EmotionHead`.
+
+A :class:`ModelSpec` is stored in every checkpoint, so a checkpoint names the networks it holds (and,
+for the pretrained family, the SHA-256 of the public weights its heads were trained on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from common.errors import IntegrityError
+from common.models import EmotionNet, FaceEmbedder
+
+FaceModel = Literal["pretrained", "scratch"]
+EmotionModel = Literal["transfer", "scratch"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild the federated networks before loading weights."""
+
+    face_width: int = 16
+    emotion_width: int = 32
+    face_model: FaceModel = "scratch"
+    face_tail_blocks: int = 0
+    emotion_model: EmotionModel = "scratch"
+    emotion_trunk_blocks: int = 10
+    emotion_input_size: int = 96
+    emotion_pool: int = 2
+    pretrained_sha256: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any, pretrained_sha256: str = "") -> ModelSpec:
+        """The spec of a run's :class:`~common.config.RunSettings`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"pretrained_sha256"}
+        values = {name: getattr(settings, name) for name in names}
+        return cls(
+            **values, pretrained_sha256=pretrained_sha256 if _uses_pretrained(values) else ""
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise IntegrityError(f"unknown model settings {sorted(unknown)} in the checkpoint")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def pretrained(self) -> bool:
+        return _uses_pretrained(self.to_dict())
+
+    def build(self) -> tuple[nn.Module, nn.Module]:
+        """The two federated modules, with random weights."""
+        from common.facenet.resnet import FaceTail
+
+        face: nn.Module = (
+            FaceTail(self.face_tail_blocks)
+            if self.face_model == "pretrained"
+            else FaceEmbedder(width=self.face_width)
+        )
+        return face, self._emotion_module()
+
+    def _emotion_module(self) -> nn.Module:
+        from common.facenet.resnet import BLOCKS
+        from common.facenet.transfer import EmotionHead
+
+        if self.emotion_model == "scratch":
+            return EmotionNet(width=self.emotion_width)
+        channels = BLOCKS[self.emotion_trunk_blocks - 1][0] if self.emotion_trunk_blocks else 32
+        return EmotionHead(channels, self.emotion_pool)
+
+    def initial(
+        self, seed: int, pretrained_path: Path | None = None
+    ) -> tuple[nn.Module, nn.Module]:
+        """The run's starting point: the pretrained tail where the face model is pretrained."""
+        torch.manual_seed(seed)
+        face, emotion = self.build()
+        if self.face_model == "pretrained":
+            from common.facenet.weights import load_pretrained
+
+            _, tail = self.check_pretrained(load_pretrained(_path(pretrained_path))).split(
+                self.face_tail_blocks
+            )
+            face = tail
+        return face, emotion
+
+    def check_pretrained(self, network: Any) -> Any:
+        """``network`` (a loaded DlibResNet), after checking it is the one this spec was built on."""
+        if self.pretrained_sha256 and state_sha256(network) != self.pretrained_sha256:
+            raise IntegrityError(
+                "the pretrained face network on this machine differs from the one this model was "
+                f"trained on (SHA-256 {self.pretrained_sha256[:16]}...); install the matching "
+                "models/dlib-resnet-v1.ffnet or set FACEFED_PRETRAINED"
+            )
+        return network
+
+    def face_trunk_blocks(self) -> int:
+        from common.facenet.resnet import BLOCKS
+
+        return len(BLOCKS) - self.face_tail_blocks
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 over a module's state: each tensor's name, shape and float32 bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _uses_pretrained(values: dict[str, Any]) -> bool:
+    return values.get("face_model") == "pretrained" or values.get("emotion_model") == "transfer"
+
+
+def _path(path: Path | None) -> Path:
+    from common.facenet.weights import default_pretrained_path
+
+    return path if path is not None else default_pretrained_path()
