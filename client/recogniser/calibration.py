@@ -131,10 +131,14 @@ def calibrate_on_lfw(
     data_dir: Path | None = None,
     lfw_sets: Sequence[int] | None = None,
     protocol: Protocol = "all",
+    chips: bool = False,
 ) -> Calibration:
     """Embed LFW images with ``embed_faces`` (the pipeline's) and calibrate.
 
-    LFW images ship as 112x112 crops in the training geometry, so they go straight to the embedder.
+    LFW images ship as 112x112 crops in the training geometry of facefed's scratch networks, so they
+    go straight to such an embedder. With ``chips``, the embedder takes dlib's 150x150 chips instead,
+    and the images are aligned onto them first (``common.data.chips``, YuNet's 5 landmarks: the
+    pipeline's own alignment).
 
     Two sets of pairs (``protocol``):
 
@@ -146,7 +150,8 @@ def calibrate_on_lfw(
       its 600 impostor pairs in sets 4-5 cannot state a FAR below ~1.7e-3.
 
     Args:
-        embed_faces: aligned ``(N, 112, 112, 3)`` uint8 faces -> ``(N, D)`` unit embeddings.
+        embed_faces: aligned ``(N, 112, 112, 3)`` uint8 faces (``(N, 150, 150, 3)`` chips with
+            ``chips``) -> ``(N, D)`` unit embeddings.
         model_tag: the fingerprint of the model the threshold is for.
         far: the target false-accept rate.
         data_dir: folder holding the LFW archive (default: :func:`common.paths.data_dir`).
@@ -163,6 +168,10 @@ def calibrate_on_lfw(
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown pairs protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     lfw = load_lfw(data_dir)
+    if chips:
+        from common.data.chips import dataset_chips
+
+        lfw = dataclasses.replace(lfw, images=dataset_chips("lfw", data_dir).chips)
     if protocol == "all":
         return _calibrate_all_pairs(embed_faces, lfw, model_tag, far, lfw_sets)
     row1, row2, same, fold = lfw.pair_arrays()

@@ -270,6 +270,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             lfw_sets=lfw_sets,
             protocol=args.pairs,
+            chips=pipeline.chips,
         )
         store.set_meta(f"calibration:{pipeline.model_tag}", cal.to_dict())
     _emit(args, cal.to_dict(), f"model {cal.model_tag}: {cal.describe()}")

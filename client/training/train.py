@@ -114,9 +114,12 @@ def _run_steps(
     loss_fn: nn.Module | object,
     steps: int,
     generator: torch.Generator,
-    geometric: bool,
+    geometric: bool | None,
 ) -> float:
-    """Take exactly ``steps`` optimizer steps (re-iterating the loader); return the mean loss."""
+    """Take exactly ``steps`` optimizer steps (re-iterating the loader); return the mean loss.
+
+    ``geometric`` None: the inputs are frozen features, not images, and are not augmented.
+    """
     module.train()
     losses: list[float] = []
     batches = iter(loader)
@@ -134,7 +137,7 @@ def _run_steps(
             optimizer.step()
             losses.append(float("nan"))
             continue
-        loss = loss_fn(module(augment(x, generator, geometric)), y)  # type: ignore[operator]
+        loss = loss_fn(module(_augmented(x, generator, geometric)), y)  # type: ignore[operator]
         private = isinstance(optimizer, DPOptimizer)
         if not private and not torch.isfinite(loss):
             raise FloatingPointError("local training diverged (non-finite loss); lower the lr")
@@ -176,7 +179,7 @@ def _run_fast_steps(
     y: torch.Tensor,
     steps: int,
     generator: torch.Generator,
-    geometric: bool,
+    geometric: bool | None,
 ) -> float:
     """Take exactly ``steps`` fast DP-SGD steps on Poisson batches of ``(x, y)``; return the mean loss.
 
@@ -186,9 +189,14 @@ def _run_fast_steps(
     losses: list[float] = []
     for _ in range(steps):
         idx = poisson_indices(len(y), dp.sample_rate, dp.randomness)
-        losses.append(dp.step(augment(x[idx], generator, geometric), y[idx]))
+        losses.append(dp.step(_augmented(x[idx], generator, geometric), y[idx]))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _augmented(x: torch.Tensor, generator: torch.Generator, geometric: bool | None) -> torch.Tensor:
+    """Images mirrored (and with ``geometric``, jittered) at random; frozen features (None) as they are."""
+    return x if geometric is None else augment(x, generator, geometric)
 
 
 def _matches(recorded: list[tuple[float, float, int]], planned: list[DpSgdEvent]) -> bool:
@@ -253,7 +261,7 @@ def _train_with_loader(
     privacy: SitePrivacyState,
     generator: torch.Generator,
     randomness: DpRandomness,
-    geometric: bool,
+    geometric: bool | None,
 ) -> float:
     """Non-private training, or DP-SGD through Opacus when ``engine`` is given."""
     dataset = TensorDataset(x, y)
@@ -331,7 +339,7 @@ def train_round(
             settings.face_steps,
             p.face_clip,
             cosface_loss,
-            settings.face_augment,
+            None if settings.face_model == "pretrained" else settings.face_augment,
         ),
         (
             "emotion",
@@ -343,7 +351,7 @@ def train_round(
             settings.emotion_steps,
             p.emotion_clip,
             F.cross_entropy,
-            False,
+            None if settings.emotion_model == "transfer" else False,
         ),
     )
     for name, module, x, y, batch, lr, steps, clip, loss_fn, geometric in jobs:

@@ -62,7 +62,7 @@ class EmotionTransfer(nn.Module):
         return self.head(self.trunk(gray_to_chip(x, self.size)))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the features are training inputs
 def frozen_features(
     trunk: nn.Module, x: torch.Tensor, batch: int = 64, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

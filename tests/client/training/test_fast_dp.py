@@ -7,6 +7,7 @@ the emotion model, both at reduced widths (the same layers as the defaults) to k
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -28,10 +29,14 @@ from client.training.fast_dp import FastDpSgd, poisson_indices
 from client.training.privacy_state import SitePrivacyState
 from client.training.train import SiteTensors, train_round
 from common.config import parse_run_config
+from common.data.chips import dataset_chips
 from common.data.fer2013 import load_fer2013
 from common.data.orl import load_orl
 from common.data.preprocess import emotion_tensor, face_tensor
 from common.errors import ConfigError
+from common.facenet.resnet import FaceTail, chip_tensor
+from common.facenet.transfer import frozen_features
+from common.facenet.weights import default_pretrained_path, load_pretrained
 from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,6 +66,25 @@ def real_site() -> SiteTensors:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _pretrained_features(n: int) -> tuple[FaceTail, torch.Tensor, torch.Tensor]:
+    """dlib's pretrained tail (2 residual blocks + embedding layer) and the frozen trunk's features of
+    ``n`` real ORL face chips of 4 people."""
+    trunk, tail = load_pretrained(default_pretrained_path()).split(2)
+    orl = dataset_chips("orl")
+    rows = np.flatnonzero(orl.labels < 4)[:: max(1, 40 // n)][:n]
+    return (
+        tail,
+        frozen_features(trunk, chip_tensor(orl.chips[rows])),
+        torch.from_numpy(np.unique(orl.labels[rows], return_inverse=True)[1]),
+    )
+
+
+def pretrained_tail_batch(n: int) -> tuple[FaceTail, torch.Tensor, torch.Tensor]:
+    tail, features, labels = _pretrained_features(n)
+    return copy.deepcopy(tail), features, labels
+
+
 def model_and_batch(kind: str, n: int = 8) -> tuple[nn.Module, Loss, torch.Tensor, torch.Tensor]:
     """A seeded narrow model (same layers as the default), its loss, and a real batch of ``n``."""
     site = real_site()
@@ -69,6 +93,10 @@ def model_and_batch(kind: str, n: int = 8) -> tuple[nn.Module, Loss, torch.Tenso
         rows = torch.randperm(len(site.face_y), generator=torch.Generator().manual_seed(1))[:n]
         model = FaceTrainer(FaceEmbedder(8), CosineHead(site.num_identities))
         return model, cosface_loss, site.face_x[rows], site.face_y[rows]
+    if kind == "pretrained-tail":
+        tail, features, labels = pretrained_tail_batch(n)
+        torch.manual_seed(0)  # the head's init, whether or not the features were cached
+        return FaceTrainer(tail, CosineHead(int(labels.max()) + 1)), cosface_loss, features, labels
     return EmotionNet(16), F.cross_entropy, site.emotion_x[:n], site.emotion_y[:n]
 
 
@@ -133,7 +161,7 @@ def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> Non
 # --- noise 0: the clipped sum is Opacus's -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion"])
+@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail"])
 @pytest.mark.parametrize(
     ("clip", "conv_method"),
     [(1.0, "grouped"), (1.0, "unfold"), (1e6, None)],
@@ -153,7 +181,7 @@ def test_clipped_sum_equals_opacus_per_sample_reference(
     assert (batch.per_sample_norms > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion"])
+@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail"])
 def test_equivalence_check_detects_a_wrong_clip(kind: str) -> None:
     reference = list(clipped_reference(kind, 1.0))
     model, loss, x, y = model_and_batch(kind)

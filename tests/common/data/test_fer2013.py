@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def test_second_load_from_the_archive_is_fast(training: fer2013.LabeledImages) -
 
 def test_unknown_split_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="PublicTest"):
-        load_fer2013("PrivateTest")  # type: ignore[arg-type]
+        load_fer2013("Validation")  # type: ignore[arg-type]
 
 
 def test_missing_archive_names_file_and_fix(tmp_path: Path) -> None:
@@ -206,3 +209,51 @@ def test_wrong_image_size_is_a_data_error(
 def test_folder_without_index_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--fer-dir"):
         load_fer2013("Training", fer_dir=tmp_path)
+
+
+def _private_test_dir(fer_root: Path, dest: Path, n: int = 12) -> Path:
+    """A FER2013 copy whose index lists ``n`` real PublicTest images as PrivateTest rows."""
+    lines = [line for line in (fer_root / "index.csv").read_text().splitlines()[1:]]
+    chosen = [line for line in lines if line.endswith(",PublicTest")][::300][:n]
+    rows = []
+    for line in chosen:
+        rel, label, emotion, _ = line.split(",")
+        new = rel.replace("PublicTest", "PrivateTest")
+        (dest / new).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fer_root / rel, dest / new)
+        rows.append(f"{new},{label},{emotion},PrivateTest")
+    (dest / "index.csv").write_text(HEADER + "\n".join(rows) + "\n")
+    return dest
+
+
+def test_private_test_is_read_from_a_copy_that_lists_it(fer_root: Path, tmp_path: Path) -> None:
+    root = _private_test_dir(fer_root, tmp_path / "fer")
+    data = load_fer2013("PrivateTest", fer_dir=root)
+    assert len(data) == 12 and data.images.shape[1:] == (48, 48)
+
+
+def test_private_test_of_a_copy_without_it_is_one_clear_data_error() -> None:
+    with pytest.raises(DataError, match="lists no PrivateTest images"):
+        load_fer2013("PrivateTest")
+
+
+def test_evaluate_scores_the_private_test_split(fer_root: Path, tmp_path: Path) -> None:
+    from common.checkpoint import save_checkpoint
+    from common.model_spec import ModelSpec
+
+    spec = ModelSpec(face_width=8, emotion_width=8)
+    ckpt = save_checkpoint(tmp_path / "c.ckpt", *spec.build(), spec, 1)
+    root = _private_test_dir(fer_root, tmp_path / "fer")
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "common.cli", "evaluate", "--checkpoint", str(ckpt)),
+            *("--skip-face", "--fer-dir", str(root), "--fer-split", "PrivateTest"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["emotion"]["images"] == 12
+    assert 0.0 <= report["emotion"]["accuracy"] <= 1.0
