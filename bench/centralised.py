@@ -6,12 +6,21 @@ The baseline reuses the federated pieces so that the only differences are "one p
   :func:`client.training.site_data.load_site_tensors` the sites use (the ``face_pool`` split by identity, the
   FER2013 Training split, the same preprocessing and limits); each site's local identity labels are
   offset so that identities stay distinct (no person is at two sites, so none is merged);
-* **training** -- :func:`client.training.train.train_round` with ``dp = false`` (same models, initial weights, loss,
-  optimizer, learning rate, batch size and flip augmentation); the identity head spans all identities;
+* **models** -- the run's networks, built from :meth:`common.model_spec.ModelSpec.from_settings` and started
+  from :meth:`~common.model_spec.ModelSpec.initial` with the run's seed, as the coordinator does (for the
+  pretrained family: the tail of dlib's public ResNet on its frozen trunk features);
+* **training** -- :func:`client.training.train.train_round` with ``dp = false`` (same loss, optimizer,
+  learning rate, batch size and augmentation); the identity head spans all identities; batches are drawn
+  from a :class:`~client.training.dp_random.SeededRandomness` (no privacy is claimed, so the baseline is
+  reproducible from the seed);
 * **compute** -- the same number of training examples processed (optimizer steps x batch) as the
   federated non-private run: :func:`matched_steps`;
-* **evaluation** -- the same held-out LFW people sets and FER2013 PublicTest images, scored by the same
-  :mod:`common.evaluation` functions as the coordinator scores each round.
+* **evaluation** -- the same held-out LFW people sets and FER2013 PublicTest images, made into the
+  modules' inputs by :class:`common.features.ModelInputs` and scored by the same :mod:`common.evaluation`
+  functions as the coordinator's ``RunRecorder`` scores each round.
+
+With ``domain-holdout = N`` the last N people of ORL and of Extended Yale B are missing from every site's
+data, so from the union too.
 """
 
 from __future__ import annotations
@@ -25,24 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from client.training.dp_random import SeededRandomness
 from client.training.privacy_state import SitePrivacyState
 from client.training.site_data import SiteSpec, load_site_tensors
 from client.training.train import SiteTensors, expected_batch, train_round
 from common.checkpoint import save_checkpoint
 from common.config import RunSettings
-from common.evaluation import (
-    evaluate_emotion,
-    evaluate_face,
-    held_out_sets,
-)
+from common.evaluation import evaluate_emotion, evaluate_face, held_out_sets
+from common.features import ModelInputs
 from common.model_spec import ModelSpec
-from common.models import CosineHead, EmotionNet, FaceEmbedder
+from common.models import CosineHead
 from common.paths import data_dir as resolve_data_dir
 
 logger = logging.getLogger(__name__)
-
-# The coordinator's seed offset for the emotion evaluation subset (server/run.py, RunRecorder).
 
 
 @dataclass(frozen=True)
@@ -116,13 +122,13 @@ def matched_steps(
     return plans[0], plans[1]
 
 
-def initial_models(settings: RunSettings) -> tuple[FaceEmbedder, EmotionNet]:
-    """The federated run's initial global models (the coordinator seeds torch's global RNG)."""
+def initial_models(spec: ModelSpec, seed: int) -> tuple[nn.Module, nn.Module]:
+    """The federated run's initial global models, as the coordinator builds them (server/run.py).
+
+    :meth:`ModelSpec.initial` seeds torch's global RNG; the caller's RNG state is restored after.
+    """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        face = FaceEmbedder(width=settings.face_width)
-        emotion = EmotionNet(width=settings.emotion_width)
-    return face, emotion
+        return spec.initial(seed)
 
 
 def run_centralised(settings: RunSettings, out_dir: Path, num_threads: int) -> dict[str, Any]:
@@ -164,7 +170,9 @@ def run_centralised(settings: RunSettings, out_dir: Path, num_threads: int) -> d
         emotion_plan.steps,
         emotion_plan.batch,
     )
-    face, emotion = initial_models(settings)
+    inputs = ModelInputs(ModelSpec.from_settings(settings))
+    spec = inputs.spec  # with the SHA-256 of the pretrained weights actually loaded
+    face, emotion = initial_models(spec, settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     head = CosineHead(union.num_identities)
     with torch.no_grad():
@@ -182,9 +190,10 @@ def run_centralised(settings: RunSettings, out_dir: Path, num_threads: int) -> d
             central,
             SitePrivacyState(accountant=settings.privacy.accountant),
             generator,
+            SeededRandomness(torch.Generator().manual_seed(settings.seed + 1)),
         )
         train_s = time.monotonic() - train_started
-        lfw, fer = held_out_sets(settings, root)
+        lfw, fer = held_out_sets(settings, root, inputs)
         face_metrics = evaluate_face(face, lfw)
         emotion_metrics = evaluate_emotion(emotion, fer)
     finally:
@@ -193,7 +202,7 @@ def run_centralised(settings: RunSettings, out_dir: Path, num_threads: int) -> d
         out_dir / "centralised.ckpt",
         face,
         emotion,
-        ModelSpec(settings.face_width, settings.emotion_width),
+        spec,
         settings.num_rounds,
         meta={"kind": "centralised-baseline"},
     )

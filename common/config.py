@@ -99,6 +99,9 @@ class RunSettings:
     lfw_train_sets: str = "1,2,3"
     lfw_eval_sets: str = "4,5"
     face_train_limit: int = 0
+    # people of ORL and of Extended Yale B kept out of every site (the last N subjects of each), so a
+    # benchmark can measure what federation adds on identities of the sites' kind (bench/domain_gain.py)
+    domain_holdout: int = 0
     emotion_train_limit: int = 0
     emotion_eval_limit: int = 0
     # models and local optimisation
@@ -165,6 +168,7 @@ class RunSettings:
             "emotion_steps",
             "dispatch_window",
             "face_train_limit",
+            "domain_holdout",
             "emotion_train_limit",
             "emotion_eval_limit",
         ):

@@ -99,9 +99,25 @@ def _site_index(node_config: Mapping[str, object], partition_id: int) -> int:
     return index
 
 
+def domain_holdout_mask(labels: np.ndarray, holdout: int) -> np.ndarray:
+    """Which rows belong to the ``holdout`` people with the largest subject labels (kept from sites)."""
+    if holdout <= 0:
+        return np.zeros(len(labels), dtype=bool)
+    people = np.unique(labels)
+    if holdout >= len(people):
+        raise ConfigError(
+            f"domain-holdout {holdout} would hold out all {len(people)} people of a face source"
+        )
+    return np.isin(labels, people[-holdout:])
+
+
 @functools.lru_cache(maxsize=2)
 def _gray_face_pool(
-    sources: tuple[str, ...], lfw_train_sets: tuple[int, ...], data_dir: Path, chips: bool = False
+    sources: tuple[str, ...],
+    lfw_train_sets: tuple[int, ...],
+    data_dir: Path,
+    chips: bool = False,
+    holdout: int = 0,
 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
     """The face pool as one uint8 image array (the sources in turn), the number of images of each
     source, and disjoint identity labels.
@@ -121,12 +137,12 @@ def _gray_face_pool(
             lfw = load_lfw(data_dir=data_dir)
             rows = lfw_train_rows(lfw, [s - 1 for s in lfw_train_sets], min_images=2)
             imgs = LabeledImages(lfw.images[rows], lfw.identity[rows])
-        elif source == "orl":
-            imgs = load_orl(data_dir=data_dir)
-            rows = np.arange(len(imgs))
         else:
-            imgs = load_extended_yale_b(data_dir=data_dir)
-            rows = np.arange(len(imgs))
+            imgs = (
+                load_orl(data_dir=data_dir) if source == "orl" else load_extended_yale_b(data_dir)
+            )
+            rows = np.flatnonzero(~domain_holdout_mask(imgs.labels, holdout))
+            imgs = imgs.subset(rows)
         if chips:
             parts.append(dataset_chips(source, data_dir).chips[rows])
         else:
@@ -153,7 +169,10 @@ def _partitions(
     serves many sites of the same split in turn.
     """
     _, _, identities = _gray_face_pool(
-        settings.face_source_list, settings.lfw_train_set_list, data_dir
+        settings.face_source_list,
+        settings.lfw_train_set_list,
+        data_dir,
+        holdout=settings.domain_holdout,
     )
     if len(np.unique(identities)) < 2 * num_partitions:
         raise ConfigError(
@@ -223,7 +242,11 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
 
     inputs = model_inputs(ModelSpec.from_settings(settings))
     pool, _, identities = _gray_face_pool(
-        settings.face_source_list, settings.lfw_train_set_list, root, inputs.face_needs_chips
+        settings.face_source_list,
+        settings.lfw_train_set_list,
+        root,
+        inputs.face_needs_chips,
+        settings.domain_holdout,
     )
     face_idx, emo_idx = _partitions(settings, site.num_partitions, root)
     mine = subsample_people(

@@ -1,16 +1,17 @@
 """Acceptance: the shipped public model on real, uncropped photos of people it never trained on.
 
-The model is ``models/facefed-face-v2.ckpt`` with the threshold shipped beside it
-(``models/facefed-face-v2.calibration.json``: ``facefed site calibrate --far 1e-4 --lfw-sets 4,5``,
-i.e. FAR 1e-4 over all ~1.36M different-person pairs of the LFW people sets the model never trained
-on). Photos go through the default on-device pipeline (Haar detection, eye alignment, flip-augmented
-embedding), templates through the encrypted template store, and every decision uses the shipped
+The model is ``models/facefed-face-v3.ckpt`` (dlib's pretrained face network, the start of every
+federated run) with the threshold shipped beside it (``models/facefed-face-v3.calibration.json``:
+``facefed site calibrate --far 1e-4 --lfw-sets 4,5``, i.e. FAR 1e-4 over all ~1.36M different-person
+pairs of LFW people sets 4-5). Photos go through the default on-device pipeline (YuNet detection and
+5 landmarks, alignment onto dlib's 150x150 chip, flip-augmented embedding), templates through the encrypted template store, and every decision uses the shipped
 threshold exactly as ``facefed site verify`` does (a match is a cosine score strictly above it).
 
 The people are the 15 subjects of Yale Faces (``yalefaces_243x320.npz``), which no facefed model trains
 on. Each is enrolled from the photos :data:`ENROL` and probed with the photos :data:`PROBES` (normal
 lighting; expressions, a wink, glasses): 90 genuine and 1,260 impostor comparisons. The bounds were
-fixed before any shipped model was measured; an untrained network fails them at every threshold.
+fixed before the shipped model was measured (raised for v3 by issue #15, from 0.85 / 0.95); an
+untrained network fails them at every threshold.
 What the shipped model measures against them, and its limits: ``models/README.md``.
 """
 
@@ -41,7 +42,7 @@ from common.models import FaceEmbedder
 from common.paths import DEFAULT_DATA_DIR
 from tests.client.conftest import site_cli_env
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "facefed-face-v2.ckpt"
+SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "facefed-face-v3.ckpt"
 LFW = (
     Path(os.environ.get("FACEFED_DATA") or DEFAULT_DATA_DIR) / "lfw_deepfunneled112_sets1-5.tar.gz"
 )
@@ -54,8 +55,8 @@ Faces = dict[tuple[int, str], np.ndarray]
 FAR = 1e-4  # the LFW false-accept rate the shipped threshold is calibrated for
 ENROL = ("normal", "noglasses", "centerlight")  # subject 0 has no centerlight photo: 2 photos
 PROBES = ("happy", "sad", "sleepy", "surprised", "wink", "glasses")
-MIN_GENUINE_ACCEPTED = 0.85  # of the 90 genuine Yale comparisons
-MIN_IMPOSTORS_REJECTED = 0.95  # of the 1,260 impostor Yale comparisons
+MIN_GENUINE_ACCEPTED = 0.97  # of the 90 genuine Yale comparisons
+MIN_IMPOSTORS_REJECTED = 0.99  # of the 1,260 impostor Yale comparisons
 MIN_RANK1 = 0.90  # a probe's best template is its own person's (15 candidates; chance 1/15)
 LFW_SETS = (4, 5)  # held out from training; the first pairs of each, in pairs-file order
 LFW_PAIRS_PER_KIND = 20  # per set: 20 same-person and 20 different-person pairs, as JPEG photos
@@ -285,7 +286,8 @@ def lfw_pair_scores(
                 assert f is not None
                 photos[member.name] = decode_image(f.read(), name=member.name)
     found = [pipeline.locate(photos[name]) for name in files]
-    faces = [np.zeros((112, 112, 3), np.uint8) if r.face is None else r.face for r in found]
+    side = 150 if pipeline.chips else 112
+    faces = [np.zeros((side, side, 3), np.uint8) if r.face is None else r.face for r in found]
     emb = pipeline.embed_faces(np.stack(faces))
     ok = np.array([r.face is not None for r in found])
     scores = np.where(ok[0::2] & ok[1::2], np.sum(emb[0::2] * emb[1::2], axis=1), -1.0)
@@ -301,7 +303,7 @@ def test_lfw_photos_same_person_accepted_different_person_rejected(
     accepted = int(np.sum(scores[same] > cal.threshold))
     false_accepts = int(np.sum(scores[~same] > cal.threshold))
     report = f"{accepted}/{n} same and {false_accepts}/{n} different accepted, {missed} missed"
-    assert missed <= 2, report  # Haar finds ~99% of LFW faces
+    assert missed <= 2, report  # YuNet finds every LFW face, Haar ~99%
     assert false_accepts <= 2, report  # FAR 1e-4: 0.004 expected of 40
     assert cal.tar is not None  # at least the calibrated TAR less two binomial SDs
     assert accepted >= n * cal.tar - 2 * np.sqrt(n * cal.tar * (1 - cal.tar)), report
