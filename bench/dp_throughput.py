@@ -1,15 +1,19 @@
 """Benchmark of issue 6: DP-SGD training throughput, Opacus modes vs facefed's fast path.
 
-Run from the repository root (about 6 minutes on a busy 2-core CPU)::
+Run from the repository root (about 6 minutes for the scratch models on a busy 2-core CPU; the
+tails add a few minutes, most of it face-tail2 under Opacus and the fast path)::
 
     .venv/bin/python -m bench.dp_throughput [--threads 1] [--windows 7] [--device auto]
 
-For each model (the face embedder + its cosine head, and the emotion net, at the default widths) it
-trains, in one process and on the same real batches, with: no privacy; Opacus ``hooks``, ``ghost``
+For each model (the scratch face embedder + its cosine head, and the emotion net, at the default widths;
+and the pretrained face model's federated tail, :class:`common.facenet.resnet.FaceTail` with 0 and with 2
+residual blocks + the cosine head, on the frozen trunk features of site 0's real chips, starting from
+dlib's pretrained weights) it trains, in one process and on the same real batches, with: no privacy; Opacus ``hooks``, ``ghost``
 (fast gradient clipping) and ``functorch``; and :class:`client.training.fast_dp.FastDpSgd`. Every step is a
 training step as ``client.training.train`` takes it: a Poisson batch of site 0 of the default simulation (LFW +
 ORL + Extended Yale B faces; FER2013 training images), random horizontal flips, forward, backward,
-clipping to C = 1, noise sigma = 1, Adam. Batches are indexed tensors for every mode (no DataLoader), so
+clipping to C = 1, noise sigma = 1, Adam. The tails' inputs are frozen features, not images, so (as
+in ``client.training.train``) they are not flipped. Batches are indexed tensors for every mode (no DataLoader), so
 the numbers compare the training steps alone.
 
 Throughput is images/s, the median over ``--windows`` timed windows of ``--steps`` steps each, after
@@ -47,12 +51,14 @@ from client.training.fast_dp import FastDpSgd, poisson_indices
 from client.training.train import expected_batch, sample_rate
 from common.atomic import atomic_write_text
 from common.config import RunSettings
-from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
+from common.model_spec import ModelSpec
+from common.models import CosineHead, FaceTrainer, cosface_loss
 
 logger = logging.getLogger(__name__)
 
 MODES = ("non-private", "opacus-hooks", "opacus-ghost", "opacus-functorch", "fast", "fast-seeded")
-MODELS = ("face", "emotion")
+MODELS = ("face", "emotion", "face-tail0", "face-tail2")
+TAIL_PREFIX = "face-tail"  # "face-tailK": the pretrained face model's tail with K residual blocks
 SIGMA, CLIP, SEED = 1.0, 1.0, 0
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,30 +80,49 @@ def _cosface_logits(cosine: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 16.0 * (cosine - 0.2 * F.one_hot(y, cosine.shape[1]).to(cosine.dtype))
 
 
+def tail_blocks(name: str) -> int | None:
+    """K for a ``face-tailK`` workload, None for the scratch models."""
+    return int(name.removeprefix(TAIL_PREFIX)) if name.startswith(TAIL_PREFIX) else None
+
+
+def workload_settings(name: str) -> RunSettings:
+    """The run settings whose site data and networks a workload uses (the defaults, or the tail's)."""
+    blocks = tail_blocks(name)
+    if blocks is None:
+        return RunSettings()
+    return RunSettings(face_model="pretrained", face_tail_blocks=blocks)
+
+
 class Workload:
     """One model's data, batch size, sampling rate and loss, as ``client.training.train`` uses them."""
 
     def __init__(self, name: str, x: torch.Tensor, y: torch.Tensor, settings: RunSettings) -> None:
         self.name, self.x, self.y = name, x, y
-        batch = settings.face_batch if name == "face" else settings.emotion_batch
+        self.face = name == "face" or tail_blocks(name) is not None
+        self.images = tail_blocks(name) is None  # else frozen features: not flipped
+        self.spec = ModelSpec.from_settings(settings)
+        batch = settings.face_batch if self.face else settings.emotion_batch
         self.q = sample_rate(batch, len(y))
         self.expected = int(len(y) * self.q)  # Opacus's expected_batch_size
         self.batch = expected_batch(batch, len(y))
-        self.width = settings.face_width if name == "face" else settings.emotion_width
-        self.lr = settings.face_lr if name == "face" else settings.emotion_lr
+        self.width = settings.face_width if self.face else settings.emotion_width
+        self.lr = settings.face_lr if self.face else settings.emotion_lr
         self.classes = int(y.max()) + 1
 
     def model(self, device: torch.device) -> nn.Module:
-        torch.manual_seed(SEED)
-        if self.name == "face":
-            return FaceTrainer(FaceEmbedder(self.width), CosineHead(self.classes)).to(device)
-        return EmotionNet(self.width).to(device)
+        """The module a site trains: the run's initial network (+ a cosine head for faces)."""
+        with torch.random.fork_rng(devices=[]):
+            face, emotion = self.spec.initial(SEED)  # the pretrained tail for face-tailK
+            torch.manual_seed(SEED)
+            if self.face:
+                return FaceTrainer(face, CosineHead(self.classes)).to(device)
+            return emotion.to(device)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cosface_loss(out, y) if self.name == "face" else F.cross_entropy(out, y)
+        return cosface_loss(out, y) if self.face else F.cross_entropy(out, y)
 
     def criterion(self) -> _PerSampleLoss:
-        return _PerSampleLoss(_cosface_logits if self.name == "face" else (lambda out, _y: out))
+        return _PerSampleLoss(_cosface_logits if self.face else (lambda out, _y: out))
 
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -175,7 +200,8 @@ class Batches:
         idx = poisson_indices(len(self.work.y), self.work.q, SeededRandomness(self.rng))
         x, y = self.work.x[idx], self.work.y[idx]
         flip = torch.rand(len(y), generator=self.rng) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.work.images:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x.to(self.device), y.to(self.device)
 
 
@@ -264,15 +290,20 @@ def _cpu_memory(work: Workload, mode: str, args: argparse.Namespace, tmp: Path) 
 
 
 def load_workloads(names: Sequence[str], limit: int = 0) -> list[Workload]:
-    """Site 0 of the default simulation, as ``client.training.site_data`` builds it (real faces)."""
+    """Site 0 of the default simulation, as ``client.training.site_data`` builds it (real faces; for
+    a ``face-tailK`` workload, the frozen trunk features of the site's real chips)."""
     from client.training.site_data import SiteSpec, load_site_tensors
 
-    settings = RunSettings()
-    data = load_site_tensors(settings, SiteSpec(0, settings.num_sites))
-    pairs = {"face": (data.face_x, data.face_y), "emotion": (data.emotion_x, data.emotion_y)}
     out = []
     for name in names:
-        x, y = pairs[name]
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; use some of {', '.join(MODELS)}")
+        settings = workload_settings(name)
+        data = load_site_tensors(settings, SiteSpec(0, settings.num_sites))
+        if name == "emotion":
+            x, y = data.emotion_x, data.emotion_y
+        else:
+            x, y = data.face_x, data.face_y
         if limit:
             x, y = x[:limit], y[:limit]
         out.append(Workload(name, x, y, settings))
@@ -337,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe:
         model, mode, path = args.probe
         data = torch.load(path)
-        work = Workload(model, data["x"], data["y"], RunSettings())
+        work = Workload(model, data["x"], data["y"], workload_settings(model))
         print(json.dumps(probe_memory(work, mode, args.steps + 2, device)))
         return 0
     # force: Opacus configures the root logger at import.

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.dp_throughput import Workload, load_workloads, main, probe_memory
+from bench.dp_throughput import Workload, load_workloads, main, probe_memory, workload_settings
 from common.config import RunSettings
-from common.models import cosface_loss
+from common.model_spec import ModelSpec
+from common.models import FaceTrainer, cosface_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,3 +63,37 @@ def test_tiny_run_writes_a_table_with_every_requested_mode(tmp_path: Path) -> No
     assert len(emotion["fast"]["windows_images_per_s"]) == 2
     assert report["threads"] == 1 and report["load_before"] is not None
     assert "| fast |" in table and "| opacus-hooks |" in table
+
+
+def test_pretrained_tail_workloads_train_dlibs_tail_on_frozen_features(tmp_path: Path) -> None:
+    code = main(
+        [
+            "--models=face-tail0,face-tail2",
+            "--modes=non-private,opacus-hooks,fast",
+            "--limit=32",
+            "--windows=1",
+            "--steps=1",
+            "--warmup=1",
+            "--no-memory",
+            "--device=cpu",
+            f"--out={tmp_path}",
+        ]
+    )
+    report = json.loads((tmp_path / "dp_throughput.json").read_text())
+    assert code == 0
+    for name in ("face-tail0", "face-tail2"):
+        modes = report["results"][name]
+        assert set(modes) == {"non-private", "opacus-hooks", "fast"}
+        assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in modes.values()), modes
+    assert "## face-tail2" in (tmp_path / "dp_throughput.md").read_text()
+
+    tail0, tail2 = load_workloads(["face-tail0", "face-tail2"], limit=8)
+    assert tail0.x.shape[1:] == (256,) and tail2.x.dim() == 4  # pooled features / feature maps
+    assert not tail0.images and tail0.face
+    start, _ = ModelSpec.from_settings(workload_settings("face-tail2")).initial(0)
+    trainer = tail2.model(torch.device("cpu"))
+    assert isinstance(trainer, FaceTrainer)
+    for (k, v), w in zip(
+        trainer.backbone.state_dict().items(), start.state_dict().values(), strict=True
+    ):
+        assert torch.equal(v, w), k  # dlib's pretrained tail, not random weights
