@@ -7,7 +7,12 @@ Run ``python -m bench.accuracy [--rounds N] [--epsilons 1,3,8,inf] [--out DIR] [
 * The centralised baseline trains the same models on the union of all sites' data without DP, with as
   many training examples processed as the non-private federated run (see :mod:`bench.centralised`).
 * Every setting is scored by the coordinator's code on the held-out LFW people sets and FER2013
-  PublicTest. ``DIR/accuracy.json`` is rewritten after every setting (so a crash keeps what finished) and
+  PublicTest.
+* Domain gain (:mod:`bench.domain_gain`): the bench scenario keeps the last ``domain-holdout`` people of
+  ORL and of Extended Yale B out of every site (and out of the baseline). Each trained model's final
+  checkpoint, and the run's starting point (``ModelSpec.initial(seed)``: dlib's pretrained tail, saved
+  as ``DIR/runs/start.ckpt``), is scored on every pair of those people's images: TAR at FAR 1e-3 and
+  AUC, per source and pooled; the gain is the epsilon-8 run's pooled TAR minus the start's. ``DIR/accuracy.json`` is rewritten after every setting (so a crash keeps what finished) and
   a Markdown table goes to stdout and ``DIR/accuracy.md``.
 
 ``--quick`` shrinks rounds, steps and data and runs only epsilon 8 and inf (unless ``--epsilons`` is
@@ -33,12 +38,17 @@ from typing import Any
 
 import torch
 
-from bench.centralised import run_centralised
+from bench.centralised import initial_models, run_centralised
+from bench.domain_gain import POOLED, domain_gain
 from bench.report import markdown_table
 from common.atomic import atomic_write_text
+from common.checkpoint import save_checkpoint
 from common.cli import configure_logging, report_errors
-from common.config import Scalar
+from common.config import RunSettings, Scalar
 from common.errors import ConfigError, FacefedError
+from common.features import ModelInputs
+from common.model_spec import ModelSpec
+from common.paths import data_dir as resolve_data_dir
 from simulations.scenarios import load_scenario, load_site_policies, resolve
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,9 @@ QUICK_OVERRIDES: dict[str, Scalar] = {
     "emotion-train-limit": 400,
     "emotion-eval-limit": 400,
 }
+DOMAIN_FAR = 1e-3
+DOMAIN_REFERENCE = "eps-8"  # the setting whose gain over the pretrained start is reported
+START = "start"
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -152,6 +165,71 @@ def machine() -> dict[str, Any]:
     }
 
 
+def start_checkpoint(settings: RunSettings, path: Path) -> Path:
+    """The run's starting point (the coordinator's initial global model) as a checkpoint."""
+    spec = ModelInputs(ModelSpec.from_settings(settings)).spec  # with the pretrained weights' hash
+    face, emotion = initial_models(spec, settings.seed)
+    return save_checkpoint(path, face, emotion, spec, 0, meta={"kind": "initial-model"})
+
+
+def domain_gain_entry(
+    settings: RunSettings, checkpoint: str | Path, data_dir: Path
+) -> dict[str, Any]:
+    """One model's domain-gain scores (bench.domain_gain), or the error that stopped them."""
+    started = time.monotonic()
+    try:
+        scores: dict[str, Any] = domain_gain(
+            checkpoint, settings.domain_holdout, DOMAIN_FAR, data_dir
+        )
+    except FacefedError as exc:
+        logger.error("domain gain of %s failed: %s", checkpoint, exc)
+        return {"checkpoint": str(checkpoint), "error": str(exc)}
+    return {
+        "checkpoint": str(checkpoint),
+        "scores": scores,
+        "wall_time_s": round(time.monotonic() - started, 2),
+    }
+
+
+def domain_gain_summary(table: dict[str, Any]) -> dict[str, float] | None:
+    """Pooled TAR and AUC of the reference setting minus the pretrained start's, if both were scored."""
+    start, ref = table["models"].get(START, {}), table["models"].get(DOMAIN_REFERENCE, {})
+    if "scores" not in start or "scores" not in ref:
+        return None
+    a, b = start["scores"][POOLED], ref["scores"][POOLED]
+    return {"tar": round(b["tar"] - a["tar"], 4), "auc": round(b["auc"] - a["auc"], 4)}
+
+
+def domain_gain_markdown(table: dict[str, Any]) -> str:
+    """The domain-gain rows: each model's TAR@FAR and AUC per source and pooled."""
+    far = table["far"]
+    lines = [
+        f"Domain gain: the {table['holdout']} last people of ORL and of Extended Yale B, kept out of "
+        f"every site; all pairs of their images, TAR at FAR {far:g} / AUC.",
+        "",
+        "| model | ORL TAR | ORL AUC | Yale B TAR | Yale B AUC | pooled TAR | pooled AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in table["models"].items():
+        if "scores" not in entry:
+            lines.append(f"| {name} | failed: {entry.get('error', '')} | | | | | |")
+            continue
+        cells = [
+            f"{entry['scores'][src][key]:.3f}"
+            for src in ("orl", "eyaleb", POOLED)
+            for key in ("tar", "auc")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gain = table.get("gain")
+    if gain is not None:
+        lines += [
+            "",
+            f"{DOMAIN_REFERENCE} vs the pretrained start: pooled TAR {gain['tar']:+.3f}, "
+            f"AUC {gain['auc']:+.3f}.",
+        ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.accuracy",
@@ -201,9 +279,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "settings": {},
     }
     path = out / "accuracy.json"
+    root = resolve_data_dir(settings.data_dir or None)
+    gains: dict[str, Any] | None = None
+    if settings.domain_holdout > 0:
+        gains = {"holdout": settings.domain_holdout, "far": DOMAIN_FAR, "models": {}, "gain": None}
+        report["domain_gain"] = gains
 
     def save() -> None:
         atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
+
+    def score_domain(name: str, entry: dict[str, Any]) -> None:
+        if gains is not None and "checkpoint" in entry and "error" not in entry:
+            gains["models"][name] = domain_gain_entry(settings, entry["checkpoint"], root)
+            gains["gain"] = domain_gain_summary(gains)
+
+    if gains is not None:
+        start = start_checkpoint(settings, runs_dir / "start.ckpt")
+        gains["models"][START] = domain_gain_entry(settings, start, root)
 
     failed = 0
     if not args.no_baseline:
@@ -217,6 +309,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             failed += 1
             report["settings"]["centralised"] = _failure("centralised", "inf", exc, started)
         report["settings"]["centralised"]["command"] = report["command"]
+        score_domain("centralised", report["settings"]["centralised"])
         save()
     for epsilon in epsilons:
         name = f"eps-{label(epsilon)}"
@@ -237,10 +330,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             entry = _failure("federated", label(epsilon), exc, started)
         entry["command"] = cmd
         report["settings"][name] = entry
+        score_domain(name, entry)
         save()
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     save()
     table = markdown_table(report)
+    if gains is not None:
+        table += "\n\n" + domain_gain_markdown(gains)
     atomic_write_text(out / "accuracy.md", table + "\n")
     print(table)
     print(f"\nwrote {path}")

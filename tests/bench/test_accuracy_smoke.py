@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.accuracy import federated_overrides, main, parse_epsilons, summarise_federated
+from bench.accuracy import (
+    domain_gain_markdown,
+    domain_gain_summary,
+    federated_overrides,
+    main,
+    parse_epsilons,
+    summarise_federated,
+)
 from bench.centralised import matched_steps, union_tensors
 from bench.report import markdown_table
 from client.training.site_data import SiteSpec, load_site_tensors
@@ -27,6 +34,7 @@ ALLOWED_DIFFERENCES = {
     "face-train-limit",
     "emotion-train-limit",
     "emotion-eval-limit",
+    "domain-holdout",
 }
 
 
@@ -53,6 +61,8 @@ def test_bench_scenario_is_the_default_run_for_more_rounds() -> None:
     assert bench["num-sites"] == 4 and bench["cohort-size"] == 4
     assert int(bench["num-rounds"]) > int(default["num-rounds"])
     assert bench["emotion-eval-limit"] == 0  # the full 3,589-image PublicTest split
+    assert bench["face-model"] == "pretrained"
+    assert bench["domain-holdout"] == 10
 
 
 def test_parse_epsilons_accepts_infinity_and_rejects_non_positive_values() -> None:
@@ -119,9 +129,10 @@ def test_union_of_real_sites_holds_all_their_faces_and_people() -> None:
 
     union = union_tensors(sites)
 
-    assert union.num_identities == 40  # ORL: 40 people, each at exactly one site
-    assert len(union.face_y) == 400
-    assert torch.bincount(union.face_y).tolist() == [10] * 40
+    # ORL: 40 people less the bench's 10 held out (domain-holdout), each at exactly one site
+    assert union.num_identities == 30
+    assert len(union.face_y) == 300
+    assert torch.bincount(union.face_y).tolist() == [10] * 30
     assert len(union.emotion_y) == 200
 
 
@@ -203,6 +214,31 @@ def test_bad_epsilon_is_one_clear_line_not_a_traceback(capsys: pytest.CaptureFix
     assert "\n" not in err
 
 
+def _scores(tar: float) -> dict[str, dict[str, float]]:
+    return {s: {"tar": tar, "auc": 0.9} for s in ("orl", "eyaleb", "pooled")}
+
+
+def test_domain_gain_is_the_eps8_runs_pooled_tar_over_the_start_and_failures_show() -> None:
+    table = {
+        "holdout": 10,
+        "far": 1e-3,
+        "models": {
+            "start": {"scores": _scores(0.2)},
+            "eps-8": {"scores": _scores(0.25)},
+            "eps-1": {"error": "boom"},
+        },
+    }
+
+    table["gain"] = domain_gain_summary(table)
+    text = domain_gain_markdown(table)
+
+    assert table["gain"] == {"tar": 0.05, "auc": 0.0}
+    assert "| eps-8 | 0.250 | 0.900 |" in text
+    assert "| eps-1 | failed: boom |" in text
+    assert "pooled TAR +0.050" in text
+    assert domain_gain_summary({"models": {"start": {"scores": _scores(0.2)}}}) is None
+
+
 @pytest.mark.slow
 def test_quick_benchmark_with_dp_and_baseline_completes(tmp_path: Path) -> None:
     code = main(["--quick", "--epsilons", "8", "--out", str(tmp_path)])
@@ -223,6 +259,15 @@ def test_quick_benchmark_with_dp_and_baseline_completes(tmp_path: Path) -> None:
         assert 0 <= entry["emotion"]["accuracy"] <= 1
         assert 0 <= entry["face"]["lfw_accuracy"] <= 1
     assert "| eps-8 |" in (tmp_path / "accuracy.md").read_text()
+    assert report["machine"]["torch"] and report["machine"]["cpus"]
+    assert all(entry["wall_time_s"] > 0 for entry in report["settings"].values())
+    gain = report["domain_gain"]
+    assert gain["holdout"] == 10 and set(gain["models"]) == {"start", "centralised", "eps-8"}
+    start = gain["models"]["start"]["scores"]
+    assert start["orl"]["genuine_pairs"] == 450  # 10 ORL people x 10 images
+    assert start["pooled"]["tar"] > 0.1  # dlib's pretrained start verifies unseen people
+    assert set(gain["gain"]) == {"tar", "auc"}
+    assert "Domain gain" in (tmp_path / "accuracy.md").read_text()
 
 
 @pytest.mark.slow
