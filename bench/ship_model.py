@@ -18,7 +18,7 @@ from pathlib import Path
 from common.checkpoint import load_federated, save_checkpoint
 from common.errors import ConfigError
 from common.facenet.weights import default_pretrained_path, load_pretrained
-from common.model_spec import ModelSpec, state_sha256
+from common.model_spec import state_sha256
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -450,7 +450,7 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
         site_round.train_round = train_round
     calibrating = parse_run_config({**settings.to_flat(), "noise-multiplier": 0.0})
     t0 = time.monotonic()
-    _calibrated_noise(calibrating, data, calibrating.privacy.max_epsilon, site)
+    _calibrated_noise(calibrating, data, calibrating.privacy.max_epsilon, site, 0.0)
     calibration = time.monotonic() - t0
     return {
         "site": site,

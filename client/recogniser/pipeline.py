@@ -37,7 +37,7 @@ import enum
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -49,7 +49,13 @@ from torch import nn
 
 from common.data.preprocess import FACE_SIZE, emotion_tensor, face_tensor
 from common.errors import ConfigError, DataError
-from common.facenet.chips import CHIP_TEMPLATE, as_rgb, chip_transform, warp_chip
+from common.facenet.chips import (
+    CHIP_TEMPLATE,
+    as_rgb,
+    chip_transform,
+    refine_landmarks,
+    warp_chip,
+)
 from common.facenet.resnet import ChipEmbedder, chip_tensor
 
 logger = logging.getLogger(__name__)
@@ -186,6 +192,20 @@ class YuNetDetector:
             for f in faces
         ]
 
+    def central_landmarks(self, rgb: np.ndarray) -> np.ndarray | None:
+        """The 5 landmarks of the face nearest the image centre, or None (landmark refinement)."""
+        found = self.detect(rgb)
+        if not found:
+            return None
+        centre = np.array([rgb.shape[1], rgb.shape[0]]) / 2
+        best = min(
+            found,
+            key=lambda d: float(
+                np.hypot(*(np.array(d.box[:2]) + np.array(d.box[2:]) / 2 - centre))
+            ),
+        )
+        return best.landmarks
+
 
 def _box(values: Sequence[float] | np.ndarray) -> tuple[float, float, float, float]:
     x, y, w, h = (float(v) for v in values)
@@ -285,15 +305,19 @@ class Aligner:
 class ChipAligner(Aligner):
     """Warps a detected face onto dlib's chip template (:mod:`common.facenet.chips`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refine: Callable[[np.ndarray], np.ndarray | None] | None = None) -> None:
         super().__init__(template=CHIP_TEMPLATE.copy())
+        self.refine = refine  # re-detects landmarks on an upright view (common.facenet.chips)
 
     def align(self, rgb: np.ndarray, det: Detection) -> tuple[np.ndarray, AlignMethod]:
         """Return the ``(150, 150, 3)`` uint8 RGB chip and the method used."""
         rgb = as_rgb(rgb)
         method: AlignMethod
         if det.landmarks is not None:
-            matrix, method = chip_transform(det.landmarks), "landmarks5"
+            points = det.landmarks
+            if self.refine is not None:
+                points = refine_landmarks(rgb, points, self.refine)
+            matrix, method = chip_transform(points), "landmarks5"
         else:
             eyes = self._eye_centres(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), det)
             if eyes is not None:
@@ -410,7 +434,8 @@ class FacePipeline:
             detector = default_detector() if self.chips else HaarDetector()
         self.detector: Detector = detector
         self.config = config or PipelineConfig()
-        self.aligner: Aligner = ChipAligner() if self.chips else Aligner()
+        refine = detector.central_landmarks if isinstance(detector, YuNetDetector) else None
+        self.aligner: Aligner = ChipAligner(refine) if self.chips else Aligner()
         self.model_tag = model_tag(self.embedder)
 
     def locate(self, rgb: np.ndarray) -> FaceResult:

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,13 @@ import numpy as np
 
 from common.data.archives import content_key, load_or_build, require_file
 from common.errors import ConfigError, DataError
-from common.facenet.chips import CHIP_SIZE, TEMPLATE_VERSION, align_chip, as_rgb
+from common.facenet.chips import (
+    CHIP_SIZE,
+    TEMPLATE_VERSION,
+    align_chip,
+    as_rgb,
+    refine_landmarks,
+)
 from common.paths import cache_dir
 from common.paths import data_dir as resolve_data_dir
 
@@ -114,7 +121,7 @@ class LandmarkDetector:
         for pad, scale in ATTEMPTS:
             points = self.detect_at(rgb, pad, scale)
             if points is not None:
-                return points
+                return refine_landmarks(rgb, points, lambda view: self.detect_at(view, 0.0, 1.0))
         return None
 
 
@@ -175,6 +182,24 @@ def build_chips(
     return {"chips": chips, "aligned": aligned, "landmarks": landmarks}
 
 
+def _parallel_landmarks(
+    model: Path, images: np.ndarray, workers: int = 2
+) -> Callable[[np.ndarray], np.ndarray | None]:
+    """``LandmarkDetector(model).landmarks`` of all ``images``, computed ahead in ``workers`` threads
+    (OpenCV releases the GIL; each thread has its own network, which is not thread-safe). The
+    returned callable hands them out in order, for :func:`build_chips`."""
+
+    def detect_all(part: np.ndarray) -> list[np.ndarray | None]:
+        detector = LandmarkDetector(model)
+        return [detector.landmarks(img) for img in part]
+
+    parts = np.array_split(np.arange(len(images)), workers)
+    with ThreadPoolExecutor(workers) as pool:
+        found = [p for batch in pool.map(detect_all, (images[idx] for idx in parts)) for p in batch]
+    queue = iter(found)
+    return lambda _image: next(queue)
+
+
 def dataset_chips(
     source: str,
     data_dir: Path | None = None,
@@ -208,8 +233,7 @@ def dataset_chips(
     def build() -> dict[str, np.ndarray]:
         nonlocal seconds
         start = time.perf_counter()
-        detector = LandmarkDetector(model)
-        arrays = build_chips(images, detector.landmarks)
+        arrays = build_chips(images, _parallel_landmarks(model, images))
         seconds = time.perf_counter() - start
         logger.info(
             "%s chips: %d images, YuNet found %.1f%%, %.1f s",

@@ -11,13 +11,15 @@ same way, and :func:`chip_transform` fits a similarity transform of the 5 detect
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 # Bump when the template or the warp changes: it keys the dataset chip caches (common.data.chips).
-TEMPLATE_VERSION = "dlib-mean5-v1"
+TEMPLATE_VERSION = "dlib-mean5-v2-refined"
 
 # dlib's mean face shape (interpolation.h, get_face_chip_details: mean_face_shape_x/y hold the
 # 68-point landmarks 17..67, so point i sits at index i - 17), in units of the face box:
@@ -103,3 +105,41 @@ def align_chip(image: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     ``image`` is ``(H, W, 3)`` RGB or ``(H, W)`` gray (embedded as 3 equal channels).
     """
     return warp_chip(image, chip_transform(landmarks5))
+
+
+# Landmark refinement: the face is re-detected in a view where it is upright and large. The view is
+# the chip geometry scaled by REFINE_SCALE inside a canvas with REFINE_BORDER chip-widths of margin.
+REFINE_SCALE = 2.0
+REFINE_BORDER = 0.5
+REFINE_SIZE = round(CHIP_SIZE * REFINE_SCALE * (1 + 2 * REFINE_BORDER))
+
+
+def refine_landmarks(
+    image: np.ndarray,
+    landmarks5: np.ndarray,
+    detect: Callable[[np.ndarray], np.ndarray | None],
+) -> np.ndarray:
+    """Landmarks re-detected on an upright, upscaled view of the face; the input ones if none found.
+
+    YuNet's landmarks jitter by 3-4 chip pixels with the face's size and tilt in the photo; detecting
+    again where the face has the chip's pose at twice its size steadies them (measured on LFW:
+    TAR at FAR 1e-4 over all pairs of people sets 4-5 rose from 0.895 to 0.907, BENCHMARKS.md).
+    ``detect`` returns the 5 landmarks of the most central face of an RGB image, or None.
+    """
+    offset = CHIP_SIZE * REFINE_SCALE * REFINE_BORDER
+    view = np.vstack([chip_transform(landmarks5), [0.0, 0.0, 1.0]])
+    scale = np.array([[REFINE_SCALE, 0, offset], [0, REFINE_SCALE, offset], [0, 0, 1.0]])
+    forward = (scale @ view)[:2]
+    canvas = cv2.warpAffine(
+        as_rgb(image),
+        forward,
+        (REFINE_SIZE, REFINE_SIZE),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    found = detect(canvas)
+    if found is None:
+        return np.asarray(landmarks5, dtype=np.float32)
+    back = cv2.invertAffineTransform(forward)
+    points = np.asarray(found, dtype=np.float64)
+    return (points @ back[:, :2].T + back[:, 2]).astype(np.float32)

@@ -118,3 +118,23 @@ def test_gray_image_is_embedded_as_three_equal_channels(detector: LandmarkDetect
     assert chip.shape == (CHIP_SIZE, CHIP_SIZE, 3)
     np.testing.assert_array_equal(chip[:, :, 0], chip[:, :, 2])
     np.testing.assert_array_equal(chip, align_chip(np.repeat(gray[:, :, None], 3, 2), points))
+
+
+def test_refinement_maps_the_view_back_to_image_coordinates() -> None:
+    from common.facenet.chips import CHIP_TEMPLATE, REFINE_BORDER, REFINE_SCALE, refine_landmarks
+
+    image = np.zeros((200, 240, 3), np.uint8)
+    landmarks = CHIP_TEMPLATE * 0.7 + np.array([40.0, 30.0], np.float32)
+    offset = CHIP_SIZE * REFINE_SCALE * REFINE_BORDER
+    # a detector that finds exactly the template in the view: the landmarks come back unchanged
+    agree = refine_landmarks(image, landmarks, lambda view: CHIP_TEMPLATE * REFINE_SCALE + offset)
+    np.testing.assert_allclose(agree, landmarks, atol=1e-3)
+    # one that finds the face 4 view pixels to the right: 4 * 0.7 / 2 image pixels to the right
+    moved = refine_landmarks(
+        image, landmarks, lambda view: CHIP_TEMPLATE * REFINE_SCALE + offset + [4, 0]
+    )
+    np.testing.assert_allclose(
+        moved - landmarks, np.tile([[4 * 0.7 / REFINE_SCALE, 0]], (5, 1)), atol=1e-3
+    )
+    # none found: the input landmarks
+    np.testing.assert_array_equal(refine_landmarks(image, landmarks, lambda view: None), landmarks)
