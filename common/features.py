@@ -41,11 +41,17 @@ class FaceInputs:
 class ModelInputs:
     """Turns images into the federated modules' inputs under one :class:`ModelSpec`.
 
-    ``spec.pretrained_sha256`` is filled in from the weights actually loaded (:attr:`spec`).
+    ``spec.pretrained_sha256`` is filled in from the weights actually loaded (:attr:`spec`). Frozen
+    features of faces are close to templates (with the public embedding layer, they are templates), so
+    they are written to the cache folder only with ``disk_cache`` (public data, such as a simulation's
+    shared datasets); a site's own data keeps them in memory.
     """
 
-    def __init__(self, spec: ModelSpec, pretrained: Path | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, pretrained: Path | None = None, *, disk_cache: bool = True
+    ) -> None:
         self.spec = spec
+        self.disk_cache = disk_cache
         self._face_trunk: torch.nn.Module | None = None
         self._emotion_trunk: torch.nn.Module | None = None
         if spec.pretrained:
@@ -99,6 +105,8 @@ class ModelInputs:
         return F.adaptive_avg_pool2d(frozen_features(self._emotion_trunk, chips), pool)
 
     def _cached(self, key: str, images: np.ndarray, build: object) -> torch.Tensor:
+        if not self.disk_cache:
+            return build()  # type: ignore[operator]
         digest = hashlib.sha256(self.spec.pretrained_sha256.encode())
         digest.update(f"{key}:{images.shape}".encode())
         digest.update(np.ascontiguousarray(images).tobytes())

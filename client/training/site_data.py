@@ -44,6 +44,7 @@ class SiteSpec:
     num_partitions: int
     data_dir: str = ""
     site_index: int = 0  # names the site in the privacy ledger ("site-<index>")
+    own_data: bool = False  # the node config names the site's own data-dir (a deployed site)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], settings: RunSettings) -> SiteSpec:
@@ -74,6 +75,7 @@ class SiteSpec:
             num_partitions=num,
             data_dir=data,
             site_index=_site_index(node_config, pid),
+            own_data=bool(node_config.get("data-dir")),
         )
 
 
@@ -154,9 +156,12 @@ def _gray_face_pool(
 
 
 @functools.lru_cache(maxsize=2)
-def model_inputs(spec: ModelSpec) -> ModelInputs:
-    """The site's :class:`ModelInputs` for a run's networks (the public weights loaded once)."""
-    return ModelInputs(spec)
+def model_inputs(spec: ModelSpec, disk_cache: bool) -> ModelInputs:
+    """The site's :class:`ModelInputs` for a run's networks (the public weights loaded once).
+
+    A site with its own data never writes its faces' frozen features to disk (``disk_cache``).
+    """
+    return ModelInputs(spec, disk_cache=disk_cache)
 
 
 @functools.lru_cache(maxsize=2)
@@ -240,7 +245,7 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
     root = resolve_data_dir(site.data_dir or None)
     rng = np.random.default_rng([settings.seed, site.partition_id])
 
-    inputs = model_inputs(ModelSpec.from_settings(settings))
+    inputs = model_inputs(ModelSpec.from_settings(settings), not site.own_data)
     pool, _, identities = _gray_face_pool(
         settings.face_source_list,
         settings.lfw_train_set_list,
