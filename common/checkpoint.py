@@ -98,6 +98,11 @@ def _federated(
         raise IntegrityError(
             f"checkpoint {path} names networks this facefed cannot build: {exc}"
         ) from None
+    if spec.pretrained and not spec.pretrained_sha256:
+        raise IntegrityError(
+            f"checkpoint {path} uses the pretrained face network but does not name which one "
+            "(no SHA-256); use a checkpoint written by facefed"
+        )
     try:
         face.load_state_dict(payload["face"])
         emotion.load_state_dict(payload["emotion"])

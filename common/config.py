@@ -186,6 +186,12 @@ class RunSettings:
             )
         if not 1 <= self.emotion_pool <= 4:
             raise ConfigError(f"emotion-pool must be in 1..4, got {self.emotion_pool}")
+        try:
+            from common.model_spec import ModelSpec
+
+            ModelSpec.from_settings(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("_", "-")) from None
         if self.face_augment and self.face_model == "pretrained":
             raise ConfigError(
                 'face-augment works on images; with face-model = "pretrained" the sites train on '

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,29 @@ class ModelSpec:
     emotion_input_size: int = 96
     emotion_pool: int = 2
     pretrained_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse types and sizes no run accepts (a checkpoint is a file from outside: absurd sizes
+        would allocate without bound, odd types raise deep inside torch)."""
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        for name, choices in (("face_model", FACE_MODELS), ("emotion_model", EMOTION_MODELS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}")
+        sha = self.pretrained_sha256
+        if not isinstance(sha, str) or (sha and not _SHA256.fullmatch(sha)):
+            raise ValueError("pretrained_sha256 must be empty or 64 lowercase hex digits")
+        if (
+            self.emotion_model == "transfer"
+            and _map_side(self.emotion_input_size, self.emotion_trunk_blocks) < 1
+        ):
+            raise ValueError(
+                f"a {self.emotion_input_size}-pixel face has no features left after "
+                f"{self.emotion_trunk_blocks} trunk blocks; use a larger emotion-input-size or fewer "
+                "emotion-trunk-blocks"
+            )
 
     @classmethod
     def from_settings(cls, settings: Any, pretrained_sha256: str = "") -> ModelSpec:
@@ -115,6 +139,34 @@ class ModelSpec:
         from common.facenet.resnet import BLOCKS
 
         return len(BLOCKS) - self.face_tail_blocks
+
+
+FACE_MODELS = ("pretrained", "scratch")
+EMOTION_MODELS = ("transfer", "scratch")
+_INT_RANGES = {
+    "face_width": (1, 256),
+    "emotion_width": (1, 256),
+    "face_tail_blocks": (0, 5),
+    "emotion_trunk_blocks": (1, 14),
+    "emotion_input_size": (48, 150),
+    "emotion_pool": (1, 4),
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _map_side(size: int, blocks: int) -> int:
+    """The side of dlib's trunk's feature map after ``blocks`` residual blocks at ``size`` pixels
+    (0 when a convolution runs out of input on the way)."""
+    from common.facenet.resnet import BLOCKS
+
+    side = (size - 7) // 2 + 1  # 7x7 stride-2 stem, no padding
+    side = (side - 3) // 2 + 1 if side >= 3 else 0  # 3x3 stride-2 max pool
+    for _, down in BLOCKS[:blocks]:
+        if down:  # a 3x3 stride-2 conv without padding (it needs 3 rows) beside a 2x2 average pool
+            if side < 3:
+                return 0
+            side = max((side - 3) // 2 + 1, (side - 2) // 2 + 1)
+    return max(side, 0)
 
 
 def state_sha256(module: nn.Module) -> str:

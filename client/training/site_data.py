@@ -120,12 +120,14 @@ def _gray_face_pool(
     data_dir: Path,
     chips: bool = False,
     holdout: int = 0,
+    disk_cache: bool = True,
 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
     """The face pool as one uint8 image array (the sources in turn), the number of images of each
     source, and disjoint identity labels.
 
     The images are 112x112 gray faces, or with ``chips`` aligned 150x150 RGB chips
-    (``common.data.chips``) for the pretrained face network.
+    (``common.data.chips``) for the pretrained face network, written to the cache folder only with
+    ``disk_cache`` (never for a site's own faces).
 
     Kept once per process: a simulation worker serves many sites in turn, and decoding, converting
     and resizing the whole pool (seconds) for each of them dominated a small site's round. Each site
@@ -146,7 +148,7 @@ def _gray_face_pool(
             rows = np.flatnonzero(~domain_holdout_mask(imgs.labels, holdout))
             imgs = imgs.subset(rows)
         if chips:
-            parts.append(dataset_chips(source, data_dir).chips[rows])
+            parts.append(dataset_chips(source, data_dir, cache=disk_cache).chips[rows])
         else:
             parts.append(resize_all(to_gray(imgs.images), FACE_SIZE))
         _, dense = np.unique(imgs.labels, return_inverse=True)
@@ -252,6 +254,7 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
         root,
         inputs.face_needs_chips,
         settings.domain_holdout,
+        not site.own_data,
     )
     face_idx, emo_idx = _partitions(settings, site.num_partitions, root)
     mine = subsample_people(

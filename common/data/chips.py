@@ -205,10 +205,12 @@ def dataset_chips(
     data_dir: Path | None = None,
     *,
     yunet_path: Path | None = None,
+    cache: bool = True,
 ) -> ChipSet:
     """The chips of every image of ``source`` ("lfw", "orl", "eyaleb", "yale"), in loader order.
 
     For "lfw" the rows follow ``load_lfw().images`` (so ``image_row`` and the pairs index them).
+    Without ``cache`` (a site's own faces) the chips are built in memory and never written to disk.
 
     Raises:
         ConfigError: unknown source, or the YuNet model is missing or unreadable.
@@ -244,7 +246,7 @@ def dataset_chips(
         )
         return arrays
 
-    arrays = load_or_build(cache_file, build)
+    arrays = load_or_build(cache_file, build) if cache else build()
     chips = arrays.get("chips")
     if chips is None or chips.shape != (len(images), CHIP_SIZE, CHIP_SIZE, 3):
         raise DataError(

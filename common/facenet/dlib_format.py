@@ -138,7 +138,11 @@ class _Reader:
     def dims(self, version: int) -> tuple[int, int, int, int]:
         self.expect_int(range(version, version + 1), "tensor version")
         n, k, r, c = (self.integer(8) for _ in range(4))
-        if min(n, k, r, c) < 0 or n * k * r * c > len(self.data):
+        if (
+            min(n, k, r, c) < 0
+            or max(n, k, r, c) > len(self.data)
+            or n * k * r * c > len(self.data)
+        ):
             raise self.fail(f"a tensor of shape {(n, k, r, c)}")
         return n, k, r, c
 
