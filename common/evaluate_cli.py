@@ -56,6 +56,7 @@ def _folds(text: str) -> tuple[int, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     from common.checkpoint import load_federated
+    from common.data.chips import dataset_chips
     from common.data.fer2013 import load_fer2013
     from common.data.lfw import load_lfw
     from common.errors import ConfigError
@@ -71,12 +72,15 @@ def run(args: argparse.Namespace) -> int:
     )  # frozen pretrained features, where the checkpoint's networks use them
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "round": round_}
     if not args.skip_face:
+        chips = None
         if args.lfw_dir:
             lfw = load_lfw(lfw_dir=args.lfw_dir, pairs_file=args.pairs)
         else:
             lfw = load_lfw(data_dir=data_dir(args.data_dir))
+            if inputs.face_needs_chips:  # the shared LFW's chips are cached once for all commands
+                chips = dataset_chips("lfw", data_dir(args.data_dir)).chips
         folds = _folds(args.lfw_folds)
-        report["face"] = evaluate_face(face, verification_set(lfw, folds, inputs))
+        report["face"] = evaluate_face(face, verification_set(lfw, folds, inputs, chips))
         report["face"]["pairs"] = sum(1 for p in lfw.pairs if folds is None or p.fold in folds)
     if not args.skip_emotion:
         if args.fer_dir:

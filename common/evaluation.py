@@ -67,11 +67,11 @@ def verification_set(
     where = {row: i for i, row in enumerate(rows)}
     inputs = inputs or ModelInputs(ModelSpec())
     if inputs.face_needs_chips:
-        if chips is None:  # an LFW folder of the user's: align its images here
-            chips = build_chips(lfw.images, LandmarkDetector(default_yunet_path()).landmarks)[
-                "chips"
-            ]
-        faces = inputs.face(chips[rows], flips=True)
+        if chips is None:  # an LFW folder of the user's: align the images of these pairs here
+            detect = LandmarkDetector(default_yunet_path()).landmarks
+            faces = inputs.face(build_chips(lfw.images[rows], detect)["chips"], flips=True)
+        else:
+            faces = inputs.face(chips[rows], flips=True)
     else:
         faces = inputs.face(lfw.images[rows], flips=True)
     assert faces.flipped is not None
