@@ -127,10 +127,8 @@ def test_run_settings_name_the_model_spec() -> None:
     from common.config import parse_run_config
 
     settings = parse_run_config({"face-model": "pretrained", "face-tail-blocks": 2})
-    spec = ModelSpec.from_settings(settings, pretrained_sha256="ab")
-    assert (spec.face_model, spec.face_tail_blocks, spec.pretrained_sha256) == (
-        "pretrained",
-        2,
-        "ab",
-    )
-    assert ModelSpec.from_settings(parse_run_config({}), "ab").pretrained_sha256 == ""
+    spec = ModelSpec.from_settings(settings, pretrained_sha256="ab" * 32)
+    assert (spec.face_model, spec.face_tail_blocks) == ("pretrained", 2)
+    assert spec.pretrained_sha256 == "ab" * 32
+    # a run without the pretrained network names none
+    assert ModelSpec.from_settings(parse_run_config({}), "ab" * 32).pretrained_sha256 == ""
