@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.data.chips import open_yunet
 from common.data.preprocess import FACE_SIZE, emotion_tensor, face_tensor
 from common.errors import ConfigError, DataError
 from common.facenet.chips import (
@@ -167,19 +168,11 @@ class YuNetDetector:
     """YuNet (``cv2.FaceDetectorYN``): boxes plus 5 landmarks."""
 
     def __init__(self, model_path: Path, score_threshold: float = 0.8) -> None:
-        if not Path(model_path).is_file():
-            raise ConfigError(
-                f"YuNet model {model_path} not found; pass --detector-model PATH to an ONNX file "
-                "or leave it unset to use the Haar cascade"
-            )
-        try:
-            self._net = cv2.FaceDetectorYN.create(
-                str(model_path), "", (320, 320), score_threshold, 0.3, 5000
-            )
-        except cv2.error as exc:
-            raise ConfigError(
-                f"cannot load YuNet model {model_path} ({exc}); check the file"
-            ) from exc
+        self._net = open_yunet(
+            model_path,
+            score_threshold,
+            "pass --detector-model PATH to an ONNX file or leave it unset to use the Haar cascade",
+        )
 
     def detect(self, rgb: np.ndarray) -> list[Detection]:
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)

@@ -78,23 +78,28 @@ class ChipSet:
         return float(self.aligned.mean()) if len(self.aligned) else 0.0
 
 
+def open_yunet(model_path: Path, score_threshold: float, hint: str) -> cv2.FaceDetectorYN:
+    """OpenCV's YuNet detector from an ONNX file; a missing or unreadable file is a one-line
+    :class:`ConfigError` ending in ``hint`` (what to do about it)."""
+    if not Path(model_path).is_file():
+        raise ConfigError(f"YuNet model {model_path} not found; {hint}")
+    try:
+        return cv2.FaceDetectorYN.create(
+            str(model_path), "", (320, 320), score_threshold, 0.3, 5000
+        )
+    except cv2.error as exc:
+        raise ConfigError(f"cannot load YuNet model {model_path} ({exc}); check the file") from exc
+
+
 class LandmarkDetector:
     """YuNet's 5 landmarks of the most central face, retrying with a border and upscaling."""
 
     def __init__(self, model_path: Path, score_threshold: float = SCORE_THRESHOLD) -> None:
-        if not Path(model_path).is_file():
-            raise ConfigError(
-                f"YuNet model {model_path} not found; pass the path of "
-                f"{YUNET_FILE} or put it in the data directory"
-            )
-        try:
-            self._net = cv2.FaceDetectorYN.create(
-                str(model_path), "", (320, 320), score_threshold, 0.3, 5000
-            )
-        except cv2.error as exc:
-            raise ConfigError(
-                f"cannot load YuNet model {model_path} ({exc}); check the file"
-            ) from exc
+        self._net = open_yunet(
+            model_path,
+            score_threshold,
+            f"pass the path of {YUNET_FILE} or put it in the data directory",
+        )
 
     def detect_at(self, rgb: np.ndarray, pad: float, scale: float) -> np.ndarray | None:
         """Landmarks of the most central face in ``rgb`` with a ``pad`` border, upscaled ``scale``x."""
