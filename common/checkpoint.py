@@ -137,7 +137,7 @@ def load_models(
 def _with_trunk(
     face: nn.Module, emotion: nn.Module, spec: ModelSpec, pretrained: str | os.PathLike[str] | None
 ) -> tuple[nn.Module, nn.Module]:
-    from common.facenet.resnet import ChipEmbedder, FaceTail
+    from common.facenet.resnet import BLOCKS, ChipEmbedder, FaceTail
     from common.facenet.transfer import EmotionHead, EmotionTransfer
     from common.facenet.weights import default_pretrained_path, load_pretrained
 
@@ -148,6 +148,6 @@ def _with_trunk(
         trunk, _ = network.split(spec.face_tail_blocks)
         face = ChipEmbedder(trunk, face).eval()
     if isinstance(emotion, EmotionHead):
-        trunk, _ = network.split(14 - spec.emotion_trunk_blocks)
+        trunk, _ = network.split(len(BLOCKS) - spec.emotion_trunk_blocks)
         emotion = EmotionTransfer(trunk, emotion, spec.emotion_input_size).eval()
     return face, emotion

@@ -135,11 +135,6 @@ class ModelSpec:
             )
         return network
 
-    def face_trunk_blocks(self) -> int:
-        from common.facenet.resnet import BLOCKS
-
-        return len(BLOCKS) - self.face_tail_blocks
-
 
 FACE_MODELS = ("pretrained", "scratch")
 EMOTION_MODELS = ("transfer", "scratch")
