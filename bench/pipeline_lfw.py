@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tarfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from client.recogniser.imageio import decode_image
 from client.recogniser.pipeline import load_pipeline
-from common.data.lfw import ARCHIVE, parse_pairs
+from common.data.lfw import ARCHIVE, archive_pair_photos, photo_member
 from common.metrics import lfw_verification
 from common.paths import REPO_ROOT, data_dir
 
@@ -39,23 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     folds = [int(s) - 1 for s in args.sets.split(",")]
 
     pipeline, _ = load_pipeline(args.checkpoint)
-    with tarfile.open(data_dir() / ARCHIVE, "r:gz") as tar:
-        handle = tar.extractfile("lfw112/pairs_sets1-5.txt")
-        assert handle is not None
-        pairs = [
-            p for p in parse_pairs(handle.read().decode().splitlines(), "pairs") if p.fold in folds
-        ]
-        wanted = {
-            f"lfw112/images/{n}/{n}_{i:04d}.jpg"
-            for p in pairs
-            for n, i in ((p.name1, p.num1), (p.name2, p.num2))
-        }
-        jpegs = {}
-        for member in tar:
-            if member.name in wanted:
-                f = tar.extractfile(member)
-                assert f is not None
-                jpegs[member.name] = f.read()
+    pairs, jpegs = archive_pair_photos(
+        data_dir() / ARCHIVE, lambda all_pairs: [p for p in all_pairs if p.fold in folds]
+    )
     names = sorted(jpegs)
     start = time.perf_counter()
     found = [pipeline.locate(decode_image(jpegs[n], name=n)) for n in names]
@@ -69,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = np.array([r.face is not None for r in found])
 
     def index(name: str, num: int) -> int:
-        return row[f"lfw112/images/{name}/{name}_{num:04d}.jpg"]
+        return row[photo_member(name, num)]
 
     left = np.array([index(p.name1, p.num1) for p in pairs])
     right = np.array([index(p.name2, p.num2) for p in pairs])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,3 +324,28 @@ def parse_pairs(lines: list[str], source: str) -> tuple[LfwPair, ...]:
             expected = "'name n1 n2'" if same else "'name1 n1 name2 n2'"
             raise DataError(f"{where}: expected {expected}, got {' '.join(fields)!r}")
     return tuple(pairs)
+
+
+def archive_pair_photos(
+    archive: Path, select: Callable[[tuple[LfwPair, ...]], list[LfwPair]]
+) -> tuple[list[LfwPair], dict[str, bytes]]:
+    """The pairs ``select`` picks from the archive's pairs file, and the JPEG bytes of their photos,
+    keyed by :func:`photo_member` (read straight from the archive, as a device would get them)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        handle = tar.extractfile("lfw112/pairs_sets1-5.txt")
+        if handle is None:
+            raise DataError(f"{archive} has no lfw112/pairs_sets1-5.txt")
+        pairs = select(parse_pairs(handle.read().decode().splitlines(), "pairs_sets1-5.txt"))
+        wanted = {
+            photo_member(n, i) for p in pairs for n, i in ((p.name1, p.num1), (p.name2, p.num2))
+        }
+        photos = {}
+        for member in tar:
+            if member.name in wanted and (f := tar.extractfile(member)) is not None:
+                photos[member.name] = f.read()
+    return pairs, photos
+
+
+def photo_member(name: str, num: int) -> str:
+    """The archive member of LFW photo ``num`` of ``name``."""
+    return f"lfw112/images/{name}/{name}_{num:04d}.jpg"

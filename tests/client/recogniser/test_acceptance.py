@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from client.recogniser.site_cli import calibration_file
 from client.recogniser.templates import TemplateStore
 from common.cli import main
 from common.crypto import keys
-from common.data.lfw import load_lfw, parse_pairs
+from common.data.lfw import archive_pair_photos, load_lfw, photo_member
 from common.errors import ConfigError
 from common.models import FaceEmbedder
 from common.paths import DEFAULT_DATA_DIR
@@ -270,27 +269,17 @@ def lfw_pair_scores(
     if not LFW.is_file():
         pytest.skip(f"{LFW} not available")
     pipeline = shipped[0]
-    with tarfile.open(LFW, "r:gz") as tar:
-        handle = tar.extractfile("lfw112/pairs_sets1-5.txt")
-        assert handle is not None
-        pairs = parse_pairs(handle.read().decode().splitlines(), "pairs_sets1-5.txt")
-        chosen = [
+    chosen, jpegs = archive_pair_photos(
+        LFW,
+        lambda pairs: [
             p
             for s in LFW_SETS
             for same in (True, False)
             for p in [p for p in pairs if p.fold == s - 1 and p.same == same][:LFW_PAIRS_PER_KIND]
-        ]
-        files = [
-            f"lfw112/images/{n}/{n}_{i:04d}.jpg"
-            for p in chosen
-            for n, i in ((p.name1, p.num1), (p.name2, p.num2))
-        ]
-        photos = {}
-        for member in tar:
-            if member.name in files:
-                f = tar.extractfile(member)
-                assert f is not None
-                photos[member.name] = decode_image(f.read(), name=member.name)
+        ],
+    )
+    files = [photo_member(n, i) for p in chosen for n, i in ((p.name1, p.num1), (p.name2, p.num2))]
+    photos = {name: decode_image(data, name=name) for name, data in jpegs.items()}
     found = [pipeline.locate(photos[name]) for name in files]
     side = 150 if pipeline.chips else 112
     faces = [np.zeros((side, side, 3), np.uint8) if r.face is None else r.face for r in found]
