@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site": ("client.recogniser.site_cli", "on-device face pipeline and encrypted template store"),
     "audit": ("server.audit_cli", "verify a privacy ledger and render its report"),
     "deploy": ("server.deploy_cli", "provision and start a real SuperLink / SuperNode federation"),
+    "report": ("server.run_report_cli", "render runs' accuracy, privacy and timing as HTML"),
     "convert-dlib": (
         "common.facenet.convert_cli",
         "convert dlib's pretrained face network into a facefed weights file",
