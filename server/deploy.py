@@ -54,6 +54,7 @@ DEFAULT_CONTROL_PORT = 9091
 DEFAULT_HUB_PORT = 9092
 LOOPBACK = "127.0.0.1"
 DEFAULT_SITE_RUNTIME_PORT = 9094
+DEFAULT_OUT_DIR = "runs/default"  # a coordinator kit's run output, relative to the kit
 SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: `$` admits a final "\n"
 # Kit permissions, whatever the umask: directories owner-only, state and logs owner-only, and the
 # processes facefed starts create files with umask 077 (superlink.db and its -wal/-shm, logs).
@@ -79,9 +80,18 @@ class CoordinatorConfig:
     control_port: int = DEFAULT_CONTROL_PORT
     hub_port: int = DEFAULT_HUB_PORT
     sites: tuple[str, ...] = ()
+    # The ServerApp's evaluation data (FER2013 / LFW test sets) on the coordinator host, and where
+    # a run's results and privacy ledger go (relative: inside the kit). `deploy submit` passes both.
+    data_dir: str = ""
+    out_dir: str = DEFAULT_OUT_DIR
 
     def __post_init__(self) -> None:
         pki.san_entry(self.host)  # raises ConfigError for a malformed host
+        if not self.out_dir.strip() or "\n" in self.out_dir or "\n" in self.data_dir:
+            raise ConfigError(
+                f"out-dir = {self.out_dir!r} in coordinator.toml must name a folder (relative: "
+                f"inside the kit), e.g. {DEFAULT_OUT_DIR!r}"
+            )
         for value, key in (
             (self.port, "port"),
             (self.control_port, "control-port"),
@@ -106,6 +116,17 @@ class CoordinatorConfig:
     def control_address(self) -> str:
         """The SuperLink itself (Control API), as the ``flwr`` CLI on the coordinator dials it."""
         return f"{LOOPBACK}:{self.control_port}"
+
+    def run_locations(self, kit: Path) -> dict[str, str]:
+        """``data-dir`` and ``out-dir`` for a run, absolute: never the shell's current folder.
+
+        A relative ``out-dir`` lies inside the kit; ``data-dir`` is omitted when the kit names none.
+        """
+        out = Path(self.out_dir)
+        found = {"out-dir": str(out if out.is_absolute() else kit.resolve() / out)}
+        if self.data_dir:
+            found["data-dir"] = str(Path(self.data_dir).expanduser())
+        return found
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +281,7 @@ def load_coordinator(kit: Path) -> CoordinatorConfig:
     path = kit / "coordinator.toml"
     doc = _read_toml(path, "coordinator")
     table = _table(doc, "coordinator", path)
-    known = {"host", "port", "bind", "control-port", "hub-port"}
+    known = {"host", "port", "bind", "control-port", "hub-port", "data-dir", "out-dir"}
     if unknown := set(table) - known:
         raise ConfigError(
             f"{path}: unknown key(s) {sorted(unknown)} in [coordinator]; known: {sorted(known)}"
@@ -275,6 +296,8 @@ def load_coordinator(kit: Path) -> CoordinatorConfig:
         control_port=int(_typed(table, "control-port", int, path, DEFAULT_CONTROL_PORT)),  # type: ignore[call-overload]
         hub_port=int(_typed(table, "hub-port", int, path, DEFAULT_HUB_PORT)),  # type: ignore[call-overload]
         sites=tuple(sorted(sites)),
+        data_dir=str(_typed(table, "data-dir", str, path, "")),
+        out_dir=str(_typed(table, "out-dir", str, path, DEFAULT_OUT_DIR)),
     )
 
 
@@ -356,6 +379,10 @@ def superlink_env(kit: Path, cfg: CoordinatorConfig) -> dict[str, str]:
     gRPC Fleet/Control servers on 0.0.0.0, so they are forced off.
     """
     env = flwr_env(kit)
+    if (
+        cfg.data_dir
+    ):  # the ServerApp's evaluation data, also for a run started with plain `flwr run`
+        env["FACEFED_DATA"] = cfg.run_locations(kit)["data-dir"]
     env["FLWR_SUPERGRID_API_URL"] = deploy_publisher.hub_api_url(cfg.hub_port)
     env["NO_PROXY"] = ",".join(filter(None, [env.get("NO_PROXY", ""), LOOPBACK, "localhost"]))
     env["FLWR_INTERNAL_GRPC_CONTROL_API"] = "0"
@@ -527,6 +554,10 @@ def coordinator_toml(cfg: CoordinatorConfig, site_epsilons: Mapping[str, float])
         f"bind = {_toml_str(cfg.bind)}   # the gateway's address",
         f"control-port = {cfg.control_port}   # the SuperLink (Control API): 127.0.0.1 only",
         f"hub-port = {cfg.hub_port}   # 127.0.0.1: signed app bundle, while `deploy submit` runs",
+        "# The ServerApp evaluates on FER2013 / LFW test sets in data-dir (on this host); each run's",
+        "# results.json, checkpoints and privacy ledger go to out-dir (relative: inside this kit).",
+        f"data-dir = {_toml_str(cfg.data_dir)}",
+        f"out-dir = {_toml_str(cfg.out_dir)}",
         "",
     ]
     for site in sorted(site_epsilons):

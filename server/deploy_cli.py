@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("facefed-kits"), help="output directory")
     p.add_argument("--max-epsilon", type=EPSILON, default=8.0, help="per-site privacy budget")
     p.add_argument(
-        "--data-dir", default="/srv/facefed/data", help="site data path written to site.toml"
+        "--data-dir",
+        default="/srv/facefed/data",
+        help="the face data folder: data-dir of every site.toml, and of coordinator.toml unless "
+        "--coordinator-data-dir is given (default: %(default)s)",
+    )
+    p.add_argument(
+        "--coordinator-data-dir",
+        help="the coordinator's evaluation data (FER2013 / LFW test sets) on the coordinator host "
+        "(default: the --data-dir path)",
     )
     p.add_argument(
         "--valid-days", type=VALID_DAYS, default=825, help="server certificate lifetime, days"
@@ -256,7 +265,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         bind=args.bind, control_port=args.control_port, hub_port=args.hub_port,
         publisher_pub=args.publisher_pub,
         extra_hosts=tuple(args.extra_host), max_epsilon=args.max_epsilon,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, coordinator_data_dir=args.coordinator_data_dir,
         server_valid_days=args.valid_days, force=args.force, partitions=args.demo_partitions,
     )  # fmt: skip
     kits = deploy_provision.provision(plan, ca_passphrase=ca_passphrase(args, new=True))
@@ -302,8 +311,13 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             print(shlex.join(cmd))
         return 0
     deploy_provision.refuse_revoked_server_cert(args.kit)
-    for sub in ("state", "logs"):
+    for sub in ("state", "logs", "runs"):
         (args.kit / sub).mkdir(parents=True, exist_ok=True)
+    if not cfg.data_dir or not Path(cfg.data_dir).is_dir():
+        logger.warning(
+            "data-dir %r in %s is not a folder: runs will fail until the evaluation data is there",
+            cfg.data_dir, args.kit / "coordinator.toml",
+        )  # fmt: skip
     deploy.secure_tree(args.kit)  # 0700 dirs, 0600 state/log files, whatever they were
     env = _coordinator_env(args.kit)
     logger.info(
@@ -311,8 +325,9 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         cfg.control_address, args.kit / "logs" / "superlink.log", cfg.bind, cfg.port,
     )  # fmt: skip
     # umask 077: superlink.db, its -wal/-shm and the log are created owner-only.
+    # cwd = the kit: a relative path a run is given lands in the kit, never in the shell's folder.
     procs = {
-        name: subprocess.Popen(cmd, env=penv, umask=deploy.PROCESS_UMASK)
+        name: subprocess.Popen(cmd, env=penv, umask=deploy.PROCESS_UMASK, cwd=args.kit.resolve())
         for name, (cmd, penv) in commands.items()
     }
 
@@ -443,6 +458,39 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kit_run_locations(
+    kit: Path, cfg: deploy.CoordinatorConfig, app: Path, run_config: list[str]
+) -> list[str]:
+    """The kit's ``data-dir`` / ``out-dir`` as one ``--run-config`` item, for the keys the app
+    declares and the operator's ``--run-config`` does not set (empty list: nothing to add).
+
+    Raises:
+        ConfigError: if the run's evaluation data folder does not exist on this host.
+    """
+    from flwr.common.config import parse_config_args
+
+    try:
+        with (app / "pyproject.toml").open("rb") as handle:
+            declared = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+        given = parse_config_args(run_config) if run_config else {}
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"--app {app} / --run-config cannot be read ({exc}); pass a Flower app folder and "
+            "'key=value' pairs or a .toml file"
+        ) from exc
+    wanted = {k: v for k, v in cfg.run_locations(kit).items() if k in declared and k not in given}
+    data = str(given.get("data-dir", wanted.get("data-dir", "")))
+    if "data-dir" in declared and not (data and Path(data).is_dir()):
+        raise ConfigError(
+            f"the coordinator's evaluation data folder {data or '(none)'} does not exist (data-dir "
+            f"in {kit / 'coordinator.toml'}); put the FER2013 / LFW archives there, or set "
+            "data-dir there or in --run-config"
+        )
+    if wanted:
+        logger.info("run locations from the kit: %s", wanted)
+    return [deploy.format_node_config(wanted)] if wanted else []
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     cfg = deploy.load_coordinator(args.kit)
     key_path = args.publisher_key or deploy_provision.publisher_dir(args.kit.resolve().parent) / (
@@ -455,9 +503,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             f"{key_path} is not the publisher the sites trust ({sorted(trusted)} in "
             f"{args.kit / deploy_publisher.TRUSTED_ENTITIES}); the sites would refuse the run"
         )
+    run_config = [*args.run_config, *_kit_run_locations(args.kit, cfg, args.app, args.run_config)]
     fab = deploy_publisher.build_signed_fab(args.app.resolve(), key)
     env = _coordinator_env(args.kit)
-    run_id = deploy_flwr.submit(env, fab, hub_port=cfg.hub_port, run_config=args.run_config)
+    run_id = deploy_flwr.submit(env, fab, hub_port=cfg.hub_port, run_config=run_config)
     print(f"run {run_id} submitted ({fab.app_spec}, signed by {fab.key_id})")
     if args.no_wait:
         return 0

@@ -49,6 +49,8 @@ class ProvisionPlan:
     extra_hosts: tuple[str, ...] = ()
     max_epsilon: float = 8.0
     data_dir: str = "/srv/facefed/data"
+    # the coordinator's evaluation data (FER2013 / LFW test sets); None: the same path as data_dir
+    coordinator_data_dir: str | None = None
     ca_valid_days: int = 3650
     server_valid_days: int = 825
     force: bool = False
@@ -70,6 +72,9 @@ class ProvisionPlan:
             control_port=self.control_port,
             hub_port=self.hub_port,
             sites=self.sites,
+            data_dir=self.data_dir
+            if self.coordinator_data_dir is None
+            else self.coordinator_data_dir,
         )
 
 
@@ -266,7 +271,8 @@ def add_site(
     plan = ProvisionPlan(
         out=out, coordinator_host=cfg.host, port=cfg.port, bind=cfg.bind,
         control_port=cfg.control_port, hub_port=cfg.hub_port, sites=sites,
-        max_epsilon=max_epsilon, data_dir=data_dir, force=force,
+        max_epsilon=max_epsilon, data_dir=data_dir, coordinator_data_dir=cfg.data_dir,
+        force=force,
     )  # fmt: skip
     old = _replaced_identities(coord, [site_id], server=False)
     with _staging(out / ".staging") as stage:
@@ -389,7 +395,7 @@ def _write_coordinator_kit(
         force=True,
         executable=True,
     )
-    for sub in ("state", "logs"):
+    for sub in ("state", "logs", "runs"):
         (coord / sub).mkdir(parents=True, exist_ok=True)
 
 

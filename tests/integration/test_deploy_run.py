@@ -76,9 +76,9 @@ def _bring_up(procs: Procs, out: Path, data_dir: Path) -> Federation:
         toml = fed.site(site) / "site.toml"
         text = toml.read_text().replace("runtime-port = 909", f"runtime-port = {free_port()} # ")
         toml.write_text(text)
-    # The app runs from its installed bundle under flwr-home, not from this checkout, so the
-    # ServerApp finds evaluation data through FACEFED_DATA, never through a repo-relative default.
-    env = {**deploy.flwr_env(), "FACEFED_DATA": str(data_dir)}
+    # No FACEFED_DATA: the ServerApp runs from its installed bundle under flwr-home, and finds its
+    # evaluation data through the kit (coordinator.toml data-dir, from `init --data-dir`).
+    env = {k: v for k, v in deploy.flwr_env().items() if k != "FACEFED_DATA"}
     procs.start("coordinator", [str(fed.coordinator / "start-coordinator.sh")], env)
     deadline = time.monotonic() + 180
     while not all((fed.coordinator / "sites" / f"{s}.node-id").exists() for s in fed.sites):
@@ -96,7 +96,14 @@ def submit(fed: Federation, app: Path, run_config: str) -> subprocess.CompletedP
     cmd += ["--app", str(app), "--timeout", str(RUN_TIMEOUT_S)]
     cmd += ["--run-config", run_config] if run_config else []
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 120)
+    return subprocess.run(  # from another folder: nothing may depend on the shell's cwd
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S + 120,
+        cwd=fed.out.parent,
+    )
 
 
 @pytest.mark.slow  # the minimal-app rehearsal; the facefed run below runs by default
@@ -168,8 +175,8 @@ def test_facefed_app_runs_two_rounds_on_deployed_sites(procs: Procs, tmp_path: P
 
     fed = bring_up(procs, tmp_path / "kits", data_dir())
 
-    out = tmp_path / "run"
-    result = submit(fed, REPO_ROOT, f'{FACEFED_TINY_RUN_CONFIG} out-dir="{out}"')
+    result = submit(fed, REPO_ROOT, FACEFED_TINY_RUN_CONFIG)  # no data-dir, no out-dir: the kit's
+    out = fed.coordinator / "runs" / "default"
 
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = int(result.stdout.split()[1])

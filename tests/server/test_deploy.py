@@ -16,7 +16,7 @@ from client.training.site_policy import SitePolicy
 from common.cli import main
 from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_provision, deploy_publisher
+from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
 
 SITES = ("site-1", "site-2")
 
@@ -426,3 +426,81 @@ def test_submit_without_the_publisher_key_is_one_clear_error(
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--publisher-key" in err[0]
+
+
+# --- where a run reads its evaluation data and writes its results --------------------------------
+
+
+def _fake_submit(
+    monkeypatch: pytest.MonkeyPatch, status: str = "finished:completed"
+) -> list[list[str]]:
+    """Stand-ins for the bundle build and the `flwr` calls; the run configs submitted."""
+    seen: list[list[str]] = []
+
+    class _Fab:
+        app_spec, key_id = "@facefed/facefed==0.0.0", "fpk_test"
+
+    def fake_submit(env: object, fab: object, *, hub_port: int, run_config: list[str]) -> int:
+        seen.append(list(run_config))
+        return 7
+
+    monkeypatch.setattr(deploy_publisher, "build_signed_fab", lambda app, key: _Fab())
+    monkeypatch.setattr(deploy_flwr, "submit", fake_submit)
+    monkeypatch.setattr(deploy_flwr, "wait_for_run", lambda env, run, timeout: {"status": status})
+    return seen
+
+
+def test_coordinator_kit_names_its_evaluation_data_and_an_out_dir_inside_the_kit(
+    kits: Path,
+) -> None:
+    cfg = deploy.load_coordinator(kits / "coordinator")
+
+    where = cfg.run_locations(kits / "coordinator")
+
+    assert cfg.data_dir == "/srv/facefed/data"  # init --data-dir, unless --coordinator-data-dir
+    assert where["out-dir"] == str((kits / "coordinator" / "runs" / "default").resolve())
+    assert (kits / "coordinator" / "runs").is_dir()
+
+
+def test_submit_passes_the_kit_data_and_out_dirs_whatever_the_shell_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "eval-data"
+    data.mkdir()
+    argv = ["deploy", "init", "--sites", "2", "--coordinator", "h", "--out", str(tmp_path / "k")]
+    assert main([*argv, "--data-dir", "/srv/site-data", "--coordinator-data-dir", str(data)]) == 0
+    seen = _fake_submit(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # the shell's folder must not matter
+
+    code = main(["deploy", "submit", "--kit", "k/coordinator", "--run-config", "num-rounds=2"])
+
+    assert code == 0
+    config = parse_config_args(seen[0])
+    assert config["num-rounds"] == 2 and config["data-dir"] == str(data)
+    assert config["out-dir"] == str(tmp_path / "k" / "coordinator" / "runs" / "default")
+
+
+def test_submit_keeps_the_operators_out_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["deploy", "init", "--sites", "1", "--coordinator", "h", "--out", str(tmp_path / "k")]
+    assert main([*argv, "--data-dir", str(tmp_path)]) == 0
+    seen = _fake_submit(monkeypatch)
+    run = ["--run-config", f'out-dir="{tmp_path / "run-9"}"']
+
+    assert main(["deploy", "submit", "--kit", str(tmp_path / "k" / "coordinator"), *run]) == 0
+
+    config = parse_config_args(seen[0])
+    assert config["out-dir"] == str(tmp_path / "run-9") and config["data-dir"] == str(tmp_path)
+
+
+def test_submit_without_the_coordinators_evaluation_data_is_one_line(
+    kits: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = _fake_submit(monkeypatch)
+
+    code = main(["deploy", "submit", "--kit", str(kits / "coordinator")])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "/srv/facefed/data does not exist" in err[0]
+    assert "coordinator.toml" in err[0] and seen == []
