@@ -26,7 +26,9 @@ from common.paths import data_dir as resolve_data_dir
 from common.serde import arrays_digest, from_arrays, to_arrays
 from server.central_dp import CentralDp
 from server.ledger_keeper import COORDINATOR, LedgerKeeper
+from server.progress import RoundProgress
 from server.run_dir import resume_point, server_state, start_run
+from server.run_report import split_round_time
 from server.strategy import BudgetExhausted, FacefedStrategy, make_strategy
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class RunRecorder:
         self.dropouts: dict[int, list[int]] = {}
         # coordinator phases of each round (seconds): what the round's time_s is spent on
         self.phases: dict[int, dict[str, float]] = {}
+        self.cohorts: dict[int, dict[str, int]] = {}  # round -> sites sampled, replies received
         self.state_fn: Callable[[ArrayRecord], dict[str, Any]] | None = None
         self.ledger: str | None = None
         self.checkpoint: str | None = None
@@ -81,6 +84,7 @@ class RunRecorder:
             f"site-{int(m.get('site-index', node))}": _client_record(node, m)
             for node, m in sorted(self.strategy.site_metrics.get(server_round, {}).items())
         }
+        self._add_budgets(clients)
         if not clients:
             failures = "; ".join(self.strategy.failures.get(server_round, [])) or "no replies"
             raise FacefedError(
@@ -105,6 +109,9 @@ class RunRecorder:
             "phases": {k: round(v, 3) for k, v in self.phases.pop(server_round, {}).items()},
             "checkpoint": str(ckpt_path),
         }
+        record["time_split"] = split_round_time(record)
+        if server_round in self.cohorts:
+            record["cohort"] = self.cohorts.pop(server_round)
         self.round_started = now
         self.rounds.append(record)
         saving = time.monotonic()
@@ -133,6 +140,20 @@ class RunRecorder:
             eps_text,
             record["time_s"],
         )
+
+    def _add_budgets(self, clients: dict[str, dict[str, Any]]) -> None:
+        """Each DP site's epsilon budget as its signed privacy record set it (the ledger's copy)."""
+        keeper = getattr(self.strategy, "keeper", None)
+        if keeper is None:
+            return
+        budgets = {  # one pass; the last entry of each site wins
+            entry.site_id: entry.budget_epsilon
+            for entry in keeper.ledger.entries()
+            if entry.guarantee == "example-level"
+        }
+        for site, record in clients.items():
+            if site in budgets:
+                record["budget_epsilon"] = budgets[site]
 
     def write(self, status: str, error: str | None = None) -> None:
         results = {
@@ -255,6 +276,7 @@ def _train_round(
             inner._refuse(
                 server_round, node, f"no reply within round-timeout {settings.round_timeout:g} s"
             )
+    recorder.cohorts[server_round] = {"sampled": len(messages), "replied": len(replies)}
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     recorder.phases[server_round] = {
         "configure_s": t1 - t0,  # sampling and building the messages
@@ -282,8 +304,8 @@ def _collect(
     Like Flower's ``Grid.send_and_receive``, but each reply is checked (its ledger record, its
     update) as soon as it arrives, while the other sites are still training, and at most
     ``dispatch-window`` messages are in flight at once (0: all). A message still unsent at the
-    timeout makes its site a dropout like an unanswered one. Returns the replies and the seconds
-    spent checking them.
+    timeout makes its site a dropout like an unanswered one. While it waits, it shows how many sites
+    have replied (:mod:`server.progress`). Returns the replies and the seconds spent checking them.
     """
     window = settings.dispatch_window or len(messages)
     unsent = list(messages)
@@ -292,24 +314,29 @@ def _collect(
     deadline = time.monotonic() + settings.round_timeout
     replies: list[Message] = []
     accept_s = 0.0
-    while True:
-        room = window - len(pending)
-        if unsent and room > 0:
-            pending.update(grid.push_messages(unsent[:room]))
-            del unsent[:room]
-        if not pending:
-            break
-        arrived = list(grid.pull_messages(pending))
-        started = time.monotonic()
-        for reply in arrived:
-            pending.discard(reply.metadata.reply_to_message_id)
-            inner.accept(server_round, reply)
-        accept_s += time.monotonic() - started
-        replies.extend(arrived)
-        if time.monotonic() >= deadline:
-            break
-        if not arrived:
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    progress = RoundProgress(server_round, len(messages))
+    try:
+        while True:
+            room = window - len(pending)
+            if unsent and room > 0:
+                pending.update(grid.push_messages(unsent[:room]))
+                del unsent[:room]
+            if not pending:
+                break
+            arrived = list(grid.pull_messages(pending))
+            started = time.monotonic()
+            for reply in arrived:
+                pending.discard(reply.metadata.reply_to_message_id)
+                inner.accept(server_round, reply)
+            accept_s += time.monotonic() - started
+            replies.extend(arrived)
+            progress.update(len(replies))
+            if time.monotonic() >= deadline:
+                break
+            if not arrived:
+                time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    finally:
+        progress.close()
     return replies, accept_s
 
 
