@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import re
-import shlex
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -438,6 +437,15 @@ def _flwr_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def write_connection(kit: Path, cfg: CoordinatorConfig) -> None:
+    """(Re)write the coordinator kit's ``flwr-home/config.toml`` for the kit's path on this host.
+
+    Not part of the signed kit: it names the kit's absolute path, known only where the kit runs.
+    """
+    home = connection_toml(cfg.control_address, kit / "certs" / "ca.crt")
+    write_text(kit / "flwr-home" / "config.toml", home, force=True)
+
+
 def connection_toml(address: str, ca_cert: Path) -> str:
     """``$FLWR_HOME/config.toml`` naming the SuperLink for ``flwr run/ls/supernode``."""
     return (
@@ -461,18 +469,64 @@ def repr_toml_basic(value: str) -> str:
     return json.dumps(value)
 
 
-def start_script(kit_kind: str, repo: Path) -> str:
-    """A POSIX shell script starting this kit's process (FACEFED_PYTHON, FACEFED_REPO override)."""
+KIT_ENV = "kit.env"
+PYTHON_ENV = "FACEFED_PYTHON"
+_SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]*")  # fullmatch: no spaces, quotes or `$`
+
+
+def check_python_path(path: str) -> str:
+    """``path`` if it is an absolute path safe in a shell script and a systemd unit, else raise."""
+    if not _SAFE_PATH_RE.fullmatch(path):
+        raise ConfigError(
+            f"--python {path!r} must be an absolute path of letters, digits and _ . / + -, e.g. "
+            "/opt/facefed/.venv/bin/python (the facefed installation on the kit's machine)"
+        )
+    return path
+
+
+def kit_env(python: str | None, values: Mapping[str, str] = {}) -> str:
+    """``kit.env``: KEY=VALUE lines read by the start script and by the systemd unit
+    (``EnvironmentFile=``). ``FACEFED_PYTHON`` names the facefed installation on the kit's machine;
+    without it the start script runs ``facefed`` from PATH."""
+    lines = [
+        "# facefed kit environment, written by `facefed deploy init`: read by start-*.sh and by the",
+        "# systemd unit (EnvironmentFile=). The environment of the start script wins over this file.",
+        f"# {PYTHON_ENV}: the Python of the facefed installation on THIS machine; unset: `facefed`",
+        "# from PATH. Choose it with `deploy init --python PATH`.",
+        f"{PYTHON_ENV}={check_python_path(python)}" if python else f"#{PYTHON_ENV}=",
+    ]
+    lines += [f"{key}={value}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_kit_env(kit: Path) -> dict[str, str]:
+    """The KEY=VALUE settings of a kit's ``kit.env`` (empty if it has none)."""
+    path = kit / KIT_ENV
+    if not path.exists():
+        return {}
+    pairs = (ln.split("=", 1) for ln in path.read_text(encoding="utf-8").splitlines())
+    return {p[0].strip(): p[1].strip() for p in pairs if len(p) == 2 and not p[0].startswith("#")}
+
+
+def start_script(kit_kind: str) -> str:
+    """A POSIX shell script starting this kit's process, on whatever machine the kit is copied to.
+
+    It names no path of the provisioning machine: facefed is ``$FACEFED_PYTHON -m common.cli`` (from
+    the environment, else ``kit.env``), or else ``facefed`` from PATH, resolved when it starts.
+    """
     return (
         "#!/bin/sh\n"
-        f"# Start this facefed {kit_kind}. Written by `facefed deploy init`; safe to edit.\n"
+        f"# Start this facefed {kit_kind}. Written by `facefed deploy init`; part of the signed kit.\n"
         "set -eu\n"
         "umask 077   # state, logs and keys this process creates: owner only\n"
         'KIT="$(cd "$(dirname "$0")" && pwd)"\n'
-        f'FACEFED_PYTHON="${{FACEFED_PYTHON:-{shlex.quote(sys.executable)}}}"\n'
-        f'FACEFED_REPO="${{FACEFED_REPO:-{shlex.quote(str(repo))}}}"\n'
-        'export PYTHONPATH="$FACEFED_REPO${PYTHONPATH:+:$PYTHONPATH}"\n'
-        f'exec "$FACEFED_PYTHON" -m common.cli deploy {kit_kind} --kit "$KIT" "$@"\n'
+        f'if [ -z "${{{PYTHON_ENV}:-}}" ] && [ -f "$KIT/{KIT_ENV}" ]; then\n'
+        f'  {PYTHON_ENV}="$(sed -n \'s/^{PYTHON_ENV}=//p\' "$KIT/{KIT_ENV}" | tail -n 1)"\n'
+        "fi\n"
+        f'if [ -n "${{{PYTHON_ENV}:-}}" ]; then\n'
+        f'  exec "${PYTHON_ENV}" -m common.cli deploy {kit_kind} --kit "$KIT" "$@"\n'
+        "fi\n"
+        f'exec facefed deploy {kit_kind} --kit "$KIT" "$@"\n'
     )
 
 

@@ -154,6 +154,12 @@ def register(subparsers: Any) -> None:
         "--valid-days", type=VALID_DAYS, default=825, help="server certificate lifetime, days"
     )
     p.add_argument(
+        "--python",
+        type=_python_path,
+        help="the facefed installation's Python on the kits' machines, written to each kit.env "
+        "(default: none; the start scripts run `facefed` from PATH)",
+    )
+    p.add_argument(
         "--demo-partitions",
         action="store_true",
         help="sites share one dataset: write partition-id/num-partitions into each site.toml",
@@ -242,11 +248,16 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_submit)
 
 
+def _python_path(value: str) -> str:
+    try:
+        return deploy.check_python_path(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _coordinator_env(kit: Path) -> dict[str, str]:
     """Env for `flwr` calls from a coordinator kit; (re)writes its connection file for this path."""
-    cfg = deploy.load_coordinator(kit)
-    home = deploy.connection_toml(cfg.control_address, kit / "certs" / "ca.crt")
-    deploy.write_text(kit / "flwr-home" / "config.toml", home, force=True)
+    deploy.write_connection(kit, deploy.load_coordinator(kit))
     return deploy.flwr_env(kit)
 
 
@@ -267,6 +278,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         extra_hosts=tuple(args.extra_host), max_epsilon=args.max_epsilon,
         data_dir=args.data_dir, coordinator_data_dir=args.coordinator_data_dir,
         server_valid_days=args.valid_days, force=args.force, partitions=args.demo_partitions,
+        python=args.python,
     )  # fmt: skip
     kits = deploy_provision.provision(plan, ca_passphrase=ca_passphrase(args, new=True))
     print(f"CA (keep offline):  {args.out / 'ca'}")

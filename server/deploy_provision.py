@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
-from common.paths import REPO_ROOT
 from server import deploy, deploy_publisher
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,8 @@ class ProvisionPlan:
     server_valid_days: int = 825
     force: bool = False
     partitions: bool = False
+    # the facefed installation's Python on the kits' machines (kit.env); None: `facefed` on PATH
+    python: str | None = None
     now: dt.datetime | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class ProvisionPlan:
         self.coordinator_config()
         for host in self.extra_hosts:
             pki.san_entry(host)
+        if self.python is not None:
+            deploy.check_python_path(self.python)
 
     def coordinator_config(self) -> deploy.CoordinatorConfig:
         """The coordinator's settings (validated)."""
@@ -171,7 +174,7 @@ def provision(plan: ProvisionPlan, *, ca_passphrase: bytes | None = None) -> lis
         pki.write_public(stage / "ca" / "ca.crt", ca.cert_pem())
         trusted = _write_publisher(publisher_dir(stage), publisher, force=False)
         cfg = plan.coordinator_config()
-        _write_coordinator_kit(staged, ca, cfg, trusted, final_out=out)
+        _write_coordinator_kit(staged, ca, cfg, trusted)
         for index, site in enumerate(plan.sites):
             _write_site_kit(staged, ca, cfg, site, index, trusted)
         if (coord / REVOKED).exists():
@@ -272,7 +275,7 @@ def add_site(
         out=out, coordinator_host=cfg.host, port=cfg.port, bind=cfg.bind,
         control_port=cfg.control_port, hub_port=cfg.hub_port, sites=sites,
         max_epsilon=max_epsilon, data_dir=data_dir, coordinator_data_dir=cfg.data_dir,
-        force=force,
+        force=force, python=deploy.read_kit_env(coord).get(deploy.PYTHON_ENV) or None,
     )  # fmt: skip
     old = _replaced_identities(coord, [site_id], server=False)
     with _staging(out / ".staging") as stage:
@@ -365,8 +368,6 @@ def _write_coordinator_kit(
     ca: pki.Issued,
     cfg: deploy.CoordinatorConfig,
     trusted: str,
-    *,
-    final_out: Path,
 ) -> None:
     coord, force = coordinator_dir(plan.out), plan.force
     server = pki.issue_server_cert(
@@ -382,19 +383,13 @@ def _write_coordinator_kit(
     deploy.write_text(
         coord / "coordinator.toml", deploy.coordinator_toml(cfg, epsilons), force=force
     )
-    # The flwr CLI dials the SuperLink on loopback (in the certificate); the public port is Fleet only.
-    home = deploy.connection_toml(
-        cfg.control_address, coordinator_dir(final_out) / "certs" / "ca.crt"
-    )
-    deploy.write_text(coord / "flwr-home" / "config.toml", home, force=True)
     # Public: `deploy submit` checks that it signs with the key the sites trust.
     deploy.write_text(coord / deploy_publisher.TRUSTED_ENTITIES, trusted, force=True)
     deploy.write_text(
-        coord / "start-coordinator.sh",
-        deploy.start_script("coordinator", REPO_ROOT),
-        force=True,
+        coord / "start-coordinator.sh", deploy.start_script("coordinator"), force=True,
         executable=True,
-    )
+    )  # fmt: skip
+    deploy.write_text(coord / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
     for sub in ("state", "logs", "runs"):
         (coord / sub).mkdir(parents=True, exist_ok=True)
 
@@ -427,7 +422,7 @@ def _write_site_kit(
     )
     deploy.write_text(kit / "site.toml", deploy.site_toml(site_cfg), force=force)
     deploy.write_text(
-        kit / "start-site.sh", deploy.start_script("site", REPO_ROOT), force=True, executable=True
+        kit / "start-site.sh", deploy.start_script("site"), force=True, executable=True
     )
-    (kit / "logs").mkdir(parents=True, exist_ok=True)
+    deploy.write_text(kit / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
     return kit

@@ -183,6 +183,8 @@ def provision_loopback(out: Path, sites: Sequence[str], **plan_kwargs: object) -
         }
     )
     deploy_provision.provision(plan)
+    coordinator = deploy_provision.coordinator_dir(out)
+    deploy.write_connection(coordinator, deploy.load_coordinator(coordinator))
     (out / "data").mkdir(exist_ok=True)
     return Federation(out=out, port=port, sites=tuple(sites))
 

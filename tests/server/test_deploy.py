@@ -199,6 +199,7 @@ def test_flwr_cli_reads_the_kit_connection(kits: Path, monkeypatch: pytest.Monke
     from flwr.cli.flower_config import read_superlink_connection
 
     coord = kits / "coordinator"
+    deploy.write_connection(coord, deploy.load_coordinator(coord))  # every `deploy` command does
     monkeypatch.setenv("FLWR_HOME", deploy.flwr_env(coord)["FLWR_HOME"])
 
     conn = read_superlink_connection(None)

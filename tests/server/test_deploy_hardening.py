@@ -105,7 +105,7 @@ def test_start_script_sets_umask_077_for_what_it_starts(tmp_path: Path) -> None:
     fake_python.write_text('#!/bin/sh\n: > "$CREATED"\n')
     fake_python.chmod(0o700)
     script = tmp_path / "start-site.sh"
-    script.write_text(deploy.start_script("site", tmp_path))
+    script.write_text(deploy.start_script("site"))
     env = {**os.environ, "FACEFED_PYTHON": str(fake_python), "CREATED": str(tmp_path / "db")}
 
     subprocess.run(["sh", str(script)], env=env, check=True, umask=0)
