@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("server.audit_cli", "verify a privacy ledger and render its report"),
     "deploy": ("server.deploy_cli", "provision and start a real SuperLink / SuperNode federation"),
     "report": ("server.run_report_cli", "render runs' accuracy, privacy and timing as HTML"),
+    "data": ("common.data.check_cli", "check a data folder before a run; clear the face cache"),
     "convert-dlib": (
         "common.facenet.convert_cli",
         "convert dlib's pretrained face network into a facefed weights file",
