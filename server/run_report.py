@@ -185,10 +185,11 @@ def load_run(path: str | Path, name: str | None = None) -> RunSummary:
 def load_runs(paths: list[str | Path]) -> list[RunSummary]:
     """Read every run; each is named by its folder (with its parent's name where two clash)."""
     folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
-    names = [f.resolve().name or str(f) for f in folders]
-    for i, folder in enumerate(folders):
-        if names.count(names[i]) > 1:
-            names[i] = f"{folder.resolve().parent.name}/{names[i]}"
+    plain = [f.resolve().name or str(f) for f in folders]
+    names = [
+        f"{f.resolve().parent.name}/{name}" if plain.count(name) > 1 else name
+        for f, name in zip(folders, plain, strict=True)
+    ]
     for i in range(len(names)):
         if names.count(names[i]) > 1:
             names[i] = f"{names[i]} #{i + 1}"
