@@ -508,7 +508,7 @@ def read_kit_env(kit: Path) -> dict[str, str]:
     return {p[0].strip(): p[1].strip() for p in pairs if len(p) == 2 and not p[0].startswith("#")}
 
 
-def start_script(kit_kind: str) -> str:
+def start_script(kit_kind: str, kit_key: str | None = None) -> str:
     """A POSIX shell script starting this kit's process, on whatever machine the kit is copied to.
 
     It names no path of the provisioning machine: facefed is ``$FACEFED_PYTHON -m common.cli`` (from
@@ -520,7 +520,13 @@ def start_script(kit_kind: str) -> str:
         "set -eu\n"
         "umask 077   # state, logs and keys this process creates: owner only\n"
         'KIT="$(cd "$(dirname "$0")" && pwd)"\n'
-        f'if [ -z "${{{PYTHON_ENV}:-}}" ] && [ -f "$KIT/{KIT_ENV}" ]; then\n'
+        + (
+            "# The provisioning key that signed this kit (deploy site/coordinator check it first).\n"
+            f'FACEFED_KIT_KEY="${{FACEFED_KIT_KEY:-{kit_key}}}"\nexport FACEFED_KIT_KEY\n'
+            if kit_key
+            else ""
+        )
+        + f'if [ -z "${{{PYTHON_ENV}:-}}" ] && [ -f "$KIT/{KIT_ENV}" ]; then\n'
         f'  {PYTHON_ENV}="$(sed -n \'s/^{PYTHON_ENV}=//p\' "$KIT/{KIT_ENV}" | tail -n 1)"\n'
         "fi\n"
         f'if [ -n "${{{PYTHON_ENV}:-}}" ]; then\n'

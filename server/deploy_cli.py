@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import getpass
 import json
 import logging
@@ -36,7 +37,7 @@ from common.cli import bounded_float, bounded_int, positive_int
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
+from server import deploy, deploy_flwr, deploy_kitsign, deploy_provision, deploy_publisher
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="replace existing files; replaced keys are deleted and put on the deny list",
     )
+    _provisioning_key_arg(p, new=True)
     _ca_passphrase_args(p, new=True)
     p.set_defaults(func=_cmd_init)
 
@@ -180,6 +182,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-epsilon", type=EPSILON, default=8.0)
     p.add_argument("--data-dir", default="/srv/facefed/data")
     p.add_argument("--force", action="store_true", help="re-key the site (old key denied)")
+    _provisioning_key_arg(p, new=False)
     _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_add_site)
 
@@ -191,11 +194,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
     p.add_argument("--extra-host", action="append", default=[])
     p.add_argument("--valid-days", type=VALID_DAYS, default=825)
+    _provisioning_key_arg(p, new=False)
     _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_rotate)
 
     p = sub.add_parser("coordinator", help="start flower-superlink and register the kit's sites")
     _kit_arg(p)
+    _kit_key_arg(p)
     p.add_argument("--no-register", action="store_true", help="do not register site keys on start")
     p.add_argument("--print-command", action="store_true", help="print the commands and exit")
     p.set_defaults(func=_cmd_coordinator)
@@ -220,7 +225,13 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("site", help="start flower-supernode from a site kit")
     _kit_arg(p)
+    _kit_key_arg(p)
     p.add_argument("--data-dir", help="override data-dir from site.toml")
+    p.add_argument(
+        "--runtime-port",
+        type=positive_int,
+        help="override runtime-port from site.toml (the signed kit stays as it was sent)",
+    )
     p.add_argument("--print-command", action="store_true", help="print the command and exit")
     p.set_defaults(func=_cmd_site)
 
@@ -261,6 +272,23 @@ def _coordinator_env(kit: Path) -> dict[str, str]:
     return deploy.flwr_env(kit)
 
 
+def _provisioning_key_arg(parser: argparse.ArgumentParser, *, new: bool) -> None:
+    parser.add_argument(
+        "--provisioning-key",
+        type=Path,
+        help="the Ed25519 key that signs the kits (default: OUT/provisioning/provisioning.key"
+        + (", created if absent)" if new else ")"),
+    )
+
+
+def _kit_key_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kit-key",
+        help=f"SHA256:… fingerprint of the provisioning key that must have signed the kit "
+        f"(default: ${deploy_kitsign.KEY_ENV}, which the start script and systemd unit set)",
+    )
+
+
 def _kit_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kit", type=Path, required=True, help="kit directory made by `deploy init`"
@@ -278,11 +306,14 @@ def _cmd_init(args: argparse.Namespace) -> int:
         extra_hosts=tuple(args.extra_host), max_epsilon=args.max_epsilon,
         data_dir=args.data_dir, coordinator_data_dir=args.coordinator_data_dir,
         server_valid_days=args.valid_days, force=args.force, partitions=args.demo_partitions,
-        python=args.python,
+        python=args.python, provisioning_key=args.provisioning_key,
     )  # fmt: skip
     kits = deploy_provision.provision(plan, ca_passphrase=ca_passphrase(args, new=True))
+    key = args.provisioning_key or deploy_kitsign.default_key_path(args.out)
+    pin = deploy_kitsign.key_fingerprint(deploy_publisher.load_signing_key(key).public_key())
     print(f"CA (keep offline):  {args.out / 'ca'}")
     print(f"app publisher:      {deploy_provision.publisher_dir(args.out)}   (signs every run)")
+    print(f"kits signed by:     {pin}   ({key}; keep it with the CA key)")
     print(f"coordinator kit:    {kits[0]}")
     for kit in kits[1:]:
         print(f"site kit:           {kit}   (edit data-dir in site.toml, then ship it to the site)")
@@ -293,6 +324,7 @@ def _cmd_add_site(args: argparse.Namespace) -> int:
     kit = deploy_provision.add_site(
         args.out, args.site, max_epsilon=args.max_epsilon, data_dir=args.data_dir,
         force=args.force, ca_passphrase=ca_passphrase(args, new=False, key_path=_ca_key(args.out)),
+        provisioning_key=args.provisioning_key,
     )  # fmt: skip
     coord = deploy_provision.coordinator_dir(args.out)
     print(f"site kit: {kit}; now run `facefed deploy register --kit {coord}`")
@@ -303,6 +335,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
     cert = deploy_provision.rotate_server_cert(
         args.out, extra_hosts=args.extra_host, valid_days=args.valid_days,
         ca_passphrase=ca_passphrase(args, new=False, key_path=_ca_key(args.out)),
+        provisioning_key=args.provisioning_key,
     )  # fmt: skip
     print(f"new server certificate: {cert}; restart the coordinator to use it")
     return 0
@@ -322,6 +355,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         for cmd, _env in commands.values():
             print(shlex.join(cmd))
         return 0
+    deploy_kitsign.verify_kit(args.kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
     deploy_provision.refuse_revoked_server_cert(args.kit)
     for sub in ("state", "logs", "runs"):
         (args.kit / sub).mkdir(parents=True, exist_ok=True)
@@ -446,11 +480,14 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 def _cmd_site(args: argparse.Namespace) -> int:
     cfg = deploy.load_site(args.kit)
     if args.data_dir:
-        cfg = deploy.SiteConfig(**{**cfg.__dict__, "data_dir": str(Path(args.data_dir).resolve())})
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(args.data_dir).resolve()))
+    if args.runtime_port:
+        cfg = dataclasses.replace(cfg, runtime_port=args.runtime_port)
     cmd = deploy.supernode_command(args.kit, cfg)
     if args.print_command:
         print(shlex.join(cmd))
         return 0
+    deploy_kitsign.verify_kit(args.kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
     # Fail closed: without a trusted publisher, Flower runs whatever bundle a run brings.
     deploy_publisher.load_trusted_entities(args.kit / deploy_publisher.TRUSTED_ENTITIES)
     if not Path(cfg.data_dir).is_dir():

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_publisher
+from server import deploy, deploy_kitsign, deploy_publisher
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class ProvisionPlan:
     partitions: bool = False
     # the facefed installation's Python on the kits' machines (kit.env); None: `facefed` on PATH
     python: str | None = None
+    # the Ed25519 key that signs every kit (kitsign); None: OUT/provisioning/provisioning.key,
+    # created if absent. A given key must exist.
+    provisioning_key: Path | None = None
     now: dt.datetime | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -166,21 +169,30 @@ def provision(plan: ProvisionPlan, *, ca_passphrase: bytes | None = None) -> lis
         _refuse_existing(targets)
     publisher = deploy_publisher.load_public_key(plan.publisher_pub) if plan.publisher_pub else None
     replaced = _replaced_identities(coord, plan.sites) if plan.force else []
+    key_path = plan.provisioning_key or deploy_kitsign.default_key_path(out)
+    reuse = plan.provisioning_key is not None or key_path.exists()
 
     with _staging(out) as stage:
+        signer = deploy_kitsign.load_or_create_key(
+            key_path if reuse else deploy_kitsign.default_key_path(stage), create=not reuse
+        )
         staged = replace(plan, out=stage, force=False)
         ca = pki.create_ca(valid_days=plan.ca_valid_days, now=plan.now)
         pki.write_secret(stage / "ca" / "ca.key", ca.key_pem(ca_passphrase))
         pki.write_public(stage / "ca" / "ca.crt", ca.cert_pem())
         trusted = _write_publisher(publisher_dir(stage), publisher, force=False)
         cfg = plan.coordinator_config()
-        _write_coordinator_kit(staged, ca, cfg, trusted)
+        pin = deploy_kitsign.key_fingerprint(signer.public_key())
+        _write_coordinator_kit(staged, ca, cfg, trusted, pin)
         for index, site in enumerate(plan.sites):
-            _write_site_kit(staged, ca, cfg, site, index, trusted)
+            _write_site_kit(staged, ca, cfg, site, index, trusted, pin)
         if (coord / REVOKED).exists():
             shutil.copy2(coord / REVOKED, coordinator_dir(stage) / REVOKED)
         for kind, ident, note in replaced:
             record_revoked(coordinator_dir(stage), kind, ident, note)
+        deploy_kitsign.sign_kit(coordinator_dir(stage), signer, name="coordinator")
+        for site in plan.sites:
+            deploy_kitsign.sign_kit(site_dir(stage, site), signer, name=site)
         _commit(stage, out)
     kits = [coord, *(site_dir(out, site) for site in plan.sites)]
     logger.info("provisioned %d site kit(s) and the coordinator kit under %s", len(plan.sites), out)
@@ -245,6 +257,7 @@ def add_site(
     data_dir: str,
     force: bool = False,
     ca_passphrase: bytes | None = None,
+    provisioning_key: Path | None = None,
 ) -> Path:
     """Add one site to an existing provisioning directory (new key pair, kit, coordinator entry).
 
@@ -268,6 +281,10 @@ def add_site(
     if not force:
         _refuse_existing(_site_targets(out, site_id))
     ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key", ca_passphrase)
+    signer = deploy_kitsign.load_or_create_key(
+        provisioning_key or deploy_kitsign.default_key_path(out), create=False
+    )
+    pin = deploy_kitsign.key_fingerprint(signer.public_key())
     sites = cfg.sites if site_id in cfg.sites else (*cfg.sites, site_id)
     trusted_file = publisher_dir(out) / deploy_publisher.TRUSTED_ENTITIES
     deploy_publisher.load_trusted_entities(trusted_file)  # refuses a missing or empty file
@@ -280,7 +297,10 @@ def add_site(
     old = _replaced_identities(coord, [site_id], server=False)
     with _staging(out / ".staging") as stage:
         staged = replace(plan, out=stage, force=False)
-        _write_site_kit(staged, ca, cfg, site_id, sites.index(site_id), trusted_file.read_text())
+        _write_site_kit(
+            staged, ca, cfg, site_id, sites.index(site_id), trusted_file.read_text(), pin
+        )
+        deploy_kitsign.sign_kit(site_dir(stage, site_id), signer, name=site_id)
         _commit(stage, out)
     for kind, ident, note in old:
         record_revoked(coord, kind, ident, note)
@@ -291,6 +311,7 @@ def add_site(
     deploy.write_text(
         coord / "coordinator.toml", deploy.coordinator_toml(new_cfg, epsilons), force=True
     )
+    deploy_kitsign.sign_kit(coord, signer, name="coordinator")  # new .pub, coordinator.toml
     return site_dir(out, site_id)
 
 
@@ -300,6 +321,7 @@ def rotate_server_cert(
     extra_hosts: Sequence[str] = (),
     valid_days: int = 825,
     ca_passphrase: bytes | None = None,
+    provisioning_key: Path | None = None,
 ) -> Path:
     """Issue a fresh SuperLink certificate from the existing CA.
 
@@ -310,12 +332,18 @@ def rotate_server_cert(
     coord = coordinator_dir(out)
     cfg = deploy.load_coordinator(coord)
     ca = pki.load_ca(out / "ca" / "ca.crt", out / "ca" / "ca.key", ca_passphrase)
+    signer = deploy_kitsign.load_or_create_key(
+        provisioning_key or deploy_kitsign.default_key_path(out), create=False
+    )
     server = pki.issue_server_cert(ca, [cfg.host, *extra_hosts], valid_days=valid_days)
     old = coord / "certs" / "server.crt"
     if old.exists():
         record_revoked(coord, "cert", pki.cert_serial(old.read_bytes()), "server rotated")
     pki.write_secret(coord / "certs" / "server.key", server.key_pem(), force=True)
     pki.write_public(coord / "certs" / "server.crt", server.cert_pem(), force=True)
+    for backup in (coord / "certs").glob("server.crt.*"):  # the old public certificate, kept
+        backup.unlink()  # outside the signed kit: its serial is on the deny list
+    deploy_kitsign.sign_kit(coord, signer, name="coordinator")
     return coord / "certs" / "server.crt"
 
 
@@ -368,6 +396,7 @@ def _write_coordinator_kit(
     ca: pki.Issued,
     cfg: deploy.CoordinatorConfig,
     trusted: str,
+    kit_key: str,
 ) -> None:
     coord, force = coordinator_dir(plan.out), plan.force
     server = pki.issue_server_cert(
@@ -386,7 +415,7 @@ def _write_coordinator_kit(
     # Public: `deploy submit` checks that it signs with the key the sites trust.
     deploy.write_text(coord / deploy_publisher.TRUSTED_ENTITIES, trusted, force=True)
     deploy.write_text(
-        coord / "start-coordinator.sh", deploy.start_script("coordinator"), force=True,
+        coord / "start-coordinator.sh", deploy.start_script("coordinator", kit_key), force=True,
         executable=True,
     )  # fmt: skip
     deploy.write_text(coord / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
@@ -401,6 +430,7 @@ def _write_site_kit(
     site: str,
     index: int,
     trusted: str,
+    kit_key: str,
 ) -> Path:
     kit, force = site_dir(plan.out, site), plan.force
     keys = pki.create_node_keypair(comment=site)
@@ -422,7 +452,7 @@ def _write_site_kit(
     )
     deploy.write_text(kit / "site.toml", deploy.site_toml(site_cfg), force=force)
     deploy.write_text(
-        kit / "start-site.sh", deploy.start_script("site"), force=True, executable=True
+        kit / "start-site.sh", deploy.start_script("site", kit_key), force=True, executable=True
     )
     deploy.write_text(kit / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
     return kit

@@ -16,7 +16,7 @@ from client.training.site_policy import SitePolicy
 from common.cli import main
 from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_flwr, deploy_provision, deploy_publisher
+from server import deploy, deploy_flwr, deploy_kitsign, deploy_provision, deploy_publisher
 
 SITES = ("site-1", "site-2")
 
@@ -30,6 +30,13 @@ def kits(tmp_path: Path) -> Path:
     return tmp_path / "kits"
 
 
+def _resign(kits: Path, kit: str) -> None:
+    """Sign a kit again with its provisioning key (as `init`, `add-site`, `rotate-cert` do)."""
+    key = deploy_publisher.load_signing_key(deploy_kitsign.default_key_path(kits))
+    path = kits / "coordinator" if kit == "coordinator" else kits / "sites" / kit
+    deploy_kitsign.sign_kit(path, key, name=kit)
+
+
 def _all_files(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -37,7 +44,7 @@ def _all_files(root: Path) -> dict[Path, bytes]:
 def test_every_private_key_in_every_kit_is_0600(kits: Path) -> None:
     keys = [p for p in kits.rglob("*.key")]
 
-    assert len(keys) == 3 + len(SITES)  # CA, server, app publisher, one per site
+    assert len(keys) == 4 + len(SITES)  # CA, server, app publisher, kit signer, one per site
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keys)
 
 
@@ -374,6 +381,7 @@ def test_site_without_a_trusted_publisher_refuses_to_start(
     trusted.unlink()
     if content is not None:
         trusted.write_text(content)
+    _resign(kits, "site-1")  # a kit signed so by its provisioner: the site check still refuses it
 
     code = main(["deploy", "site", "--kit", str(site), "--data-dir", str(tmp_path)])
 

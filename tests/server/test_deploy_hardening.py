@@ -17,7 +17,14 @@ import pytest
 from common.cli import main
 from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_cli, deploy_flwr, deploy_provision
+from server import (
+    deploy,
+    deploy_cli,
+    deploy_flwr,
+    deploy_kitsign,
+    deploy_provision,
+    deploy_publisher,
+)
 
 SITES = ("site-1", "site-2")
 
@@ -197,6 +204,8 @@ def test_rotated_server_certificate_is_refused_by_coordinator_and_gateway(
     deploy_provision.rotate_server_cert(out)
     for name, data in stolen.items():  # someone puts the old pair back
         (certs / name).write_bytes(data)
+    key = deploy_publisher.load_signing_key(deploy_kitsign.default_key_path(out))
+    deploy_kitsign.sign_kit(out / "coordinator", key, name="coordinator")  # signed, yet denied
 
     for command in ("gateway", "coordinator"):
         code = main(["deploy", command, "--kit", str(out / "coordinator")])

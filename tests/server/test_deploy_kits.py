@@ -3,17 +3,30 @@ facefed installation found on the target (``kit.env`` or PATH)."""
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from common.cli import main
+from common.errors import IntegrityError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_provision
+from server import deploy, deploy_kitsign, deploy_provision, deploy_publisher
 
 SITES = ("site-1", "site-2")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """``main`` points logging at the stderr of its call; a later test's stderr is another one."""
+    saved = logging.root.handlers[:]
+    logging.root.handlers = []
+    yield
+    logging.root.handlers = saved
 
 
 @pytest.fixture
@@ -96,3 +109,169 @@ def test_init_python_must_be_a_plain_absolute_path(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--python" in err[0]
     assert not (tmp_path / "k").exists()
+
+
+# --- signed kits ----------------------------------------------------------------------------------
+
+
+def _pin(kits: Path) -> str:
+    key = deploy_publisher.load_signing_key(deploy_kitsign.default_key_path(kits))
+    return deploy_kitsign.key_fingerprint(key.public_key())
+
+
+def _start_site(
+    kits: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    pin: str | None,
+) -> tuple[int, list[str], list[str]]:
+    """``deploy site`` up to the point where it would exec the SuperNode: (code, stderr, exec'd)."""
+    started: list[str] = []
+    monkeypatch.setattr(os, "execvpe", lambda path, cmd, env: started.append(path))
+    if pin is None:
+        monkeypatch.delenv(deploy_kitsign.KEY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(deploy_kitsign.KEY_ENV, pin)
+    site = kits / "sites" / "site-1"
+    code = main(["deploy", "site", "--kit", str(site), "--data-dir", str(tmp_path)])
+    return code, capsys.readouterr().err.strip().splitlines(), started
+
+
+def test_a_valid_signed_kit_passes_its_pre_start_checks(
+    kits: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, err, started = _start_site(kits, tmp_path, monkeypatch, capsys, _pin(kits))
+
+    assert code == 0 and len(started) == 1, err
+    for kit in [kits / "coordinator", *(kits / "sites" / s for s in SITES)]:
+        assert deploy_kitsign.verify_kit(kit, pinned=_pin(kits)) == _pin(kits)
+
+
+def test_one_changed_byte_in_site_toml_is_refused_in_one_line(
+    kits: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    toml = kits / "sites" / "site-1" / "site.toml"
+    data = bytearray(toml.read_bytes())
+    data[data.index(b"max-epsilon = 8.0") + len("max-epsilon = ")] = ord("9")
+    toml.write_bytes(bytes(data))
+
+    code, err, started = _start_site(kits, tmp_path, monkeypatch, capsys, _pin(kits))
+
+    assert code == 4 and len(err) == 1 and started == []
+    assert f"{toml} was changed after the kit was signed" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "verb"),
+    [
+        (lambda kit: (kit / "keys" / "extra.key").write_text("x"), "added"),
+        (lambda kit: (kit / "trusted-entities.yaml").unlink(), "removed"),
+        (lambda kit: (kit / "start-site.sh").write_text("#!/bin/sh\nexec evil\n"), "changed"),
+        (lambda kit: (kit / "kit.env").write_text("FACEFED_PYTHON=/tmp/evil\n"), "changed"),
+    ],
+)
+def test_a_file_added_removed_or_changed_in_a_signed_kit_is_refused(
+    kits: Path, change: Callable[[Path], object], verb: str
+) -> None:
+    change(kits / "sites" / "site-1")
+
+    with pytest.raises(IntegrityError, match=f"was {verb} after the kit was signed"):
+        deploy_kitsign.verify_kit(kits / "sites" / "site-1", pinned=_pin(kits))
+
+
+def test_a_kit_signed_by_another_key_is_refused(
+    kits: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    site = kits / "sites" / "site-1"
+    (site / "site.toml").write_text((site / "site.toml").read_text() + "# edited\n")
+    rogue = deploy_kitsign.load_or_create_key(tmp_path / "rogue" / "k.key", create=True)
+    deploy_kitsign.sign_kit(site, rogue, name="site-1")  # a complete, valid manifest, other key
+
+    code, err, started = _start_site(kits, tmp_path, monkeypatch, capsys, _pin(kits))
+
+    assert code == 4 and len(err) == 1 and started == []
+    assert "not by the provisioning key" in err[0] and _pin(kits) in err[0]
+
+
+def test_a_signature_by_another_key_under_the_provisioners_name_is_refused(
+    kits: Path, tmp_path: Path
+) -> None:
+    site = kits / "sites" / "site-1"
+    rogue = deploy_kitsign.load_or_create_key(tmp_path / "rogue" / "k.key", create=True)
+    manifest = (site / deploy_kitsign.MANIFEST).read_bytes()
+    (site / deploy_kitsign.SIGNATURE).write_bytes(base64.b64encode(rogue.sign(manifest)))
+
+    for pinned in (_pin(kits), None):  # pinned or not: the manifest names the provisioner
+        with pytest.raises(IntegrityError, match="does not match"):
+            deploy_kitsign.verify_kit(site, pinned=pinned)
+
+
+def test_an_unsigned_kit_is_refused(kits: Path) -> None:
+    (kits / "sites" / "site-2" / deploy_kitsign.SIGNATURE).unlink()
+
+    with pytest.raises(IntegrityError, match="not signed"):
+        deploy_kitsign.verify_kit(kits / "sites" / "site-2", pinned=None)
+
+
+def test_what_a_running_kit_writes_lies_outside_the_signed_set(kits: Path) -> None:
+    coord, site = kits / "coordinator", kits / "sites" / "site-1"
+    deploy.write_connection(coord, deploy.load_coordinator(coord))
+    for path in [
+        coord / "state" / "superlink.db", coord / "logs" / "superlink.log",
+        coord / "runs" / "default" / "ledger.db", coord / "sites" / "site-1.node-id",
+        coord / "sites" / "site-1.revoked", coord / "revoked.txt",
+        site / "state" / "history.json", site / "flwr-home" / "apps" / "x.fab",
+    ]:  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("run-time\n")
+
+    assert deploy_kitsign.verify_kit(coord, pinned=_pin(kits)) == _pin(kits)
+    assert deploy_kitsign.verify_kit(site, pinned=_pin(kits)) == _pin(kits)
+
+
+def test_add_site_and_rotate_cert_sign_what_they_change(kits: Path) -> None:
+    deploy_provision.add_site(kits, "clinic-3", max_epsilon=2.0, data_dir="/d")
+    deploy_provision.rotate_server_cert(kits)
+
+    for kit in (kits / "coordinator", kits / "sites" / "clinic-3"):
+        deploy_kitsign.verify_kit(kit, pinned=_pin(kits))
+
+
+def test_reprovisioning_reuses_the_provisioning_key_and_init_can_take_one(tmp_path: Path) -> None:
+    key = tmp_path / "hsm-export" / "prov.key"
+    deploy_kitsign.load_or_create_key(key, create=True)
+    argv = ["deploy", "init", "--sites", "1", "--coordinator", "h", "--out", str(tmp_path / "k")]
+
+    assert main([*argv, "--provisioning-key", str(key)]) == 0
+    assert main([*argv, "--provisioning-key", str(key), "--force"]) == 0
+
+    pin = deploy_kitsign.key_fingerprint(deploy_publisher.load_signing_key(key).public_key())
+    assert deploy_kitsign.verify_kit(tmp_path / "k" / "sites" / "site-1", pinned=pin) == pin
+    assert not (tmp_path / "k" / "provisioning").exists()  # a given key is never copied
+    assert (
+        f"FACEFED_KIT_KEY:-{pin}"
+        in (tmp_path / "k" / "sites" / "site-1" / "start-site.sh").read_text()
+    )
+
+
+def test_the_coordinator_refuses_to_start_from_a_changed_kit(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = kits / "coordinator"
+    toml = coord / "coordinator.toml"
+    toml.write_text(toml.read_text().replace("bind = '0.0.0.0'", "bind = '127.0.0.2'"))
+
+    code = main(["deploy", "coordinator", "--kit", str(coord), "--kit-key", _pin(kits)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and f"{toml} was changed" in err[0]
