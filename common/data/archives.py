@@ -26,7 +26,7 @@ import numpy as np
 
 from common.atomic import atomic_write_bytes
 from common.errors import DataError
-from common.paths import CACHE_ENV, DATA_ENV, cache_dir
+from common.paths import CACHE_DIR_MODE, CACHE_ENV, CACHE_FILE_MODE, DATA_ENV, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +141,11 @@ def extract_archive(archive: Path) -> Path:
         ) from exc
     try:
         logger.info("extracting %s into %s", archive, target)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared like the data
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter="data")
+            tar.extractall(tmp, filter=_private_data_filter)
             _drain(tar)
+        for folder, _, _ in os.walk(tmp):  # also the parents that tarfile made with the umask
+            os.chmod(folder, CACHE_DIR_MODE)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -161,6 +162,16 @@ def extract_archive(archive: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _private_data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's ``"data"`` filter, with owner-only modes: the cache holds faces (0600 / 0700)."""
+    member = tarfile.data_filter(member, dest)
+    if member.isdir():
+        return member.replace(mode=CACHE_DIR_MODE, deep=False)
+    if member.isfile():
+        return member.replace(mode=CACHE_FILE_MODE, deep=False)
+    return member
 
 
 def _drain(tar: tarfile.TarFile) -> None:
@@ -193,5 +204,5 @@ def load_or_build(
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
     with contextlib.suppress(OSError):  # a read-only cache only costs speed
-        atomic_write_bytes(cache_file, buffer.getvalue())
+        atomic_write_bytes(cache_file, buffer.getvalue(), mode=CACHE_FILE_MODE)
     return arrays
