@@ -162,6 +162,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunSummary:
         DataError: no results.json there, or it is not a facefed run's results.
     """
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; name a run's output folder or its {RESULTS}")
     results_path = path / RESULTS if path.is_dir() else path
     try:
         text = results_path.read_text(encoding="utf-8")
@@ -203,14 +205,14 @@ def _summary(data: object, results_path: Path, name: str | None) -> RunSummary:
     if not isinstance(config, dict):
         raise _Malformed("no config")
     rounds = [_round(r) for r in data["rounds"]]
-    notes = []
+    notes = []  # what the page shows as "not recorded", said once per run
     if rounds and all(r.time_split is None for r in rounds):
-        notes.append("round time split not recorded (a run older than the round phases)")
+        notes.append("each round's time split (a run older than the round phases)")
     dp = bool(config.get("dp", True))
     if dp and rounds and all(s.budget is None for r in rounds for s in r.sites.values()):
-        notes.append("site budgets not recorded in results.json")
+        notes.append("each site's budget")
     if rounds and all(r.sampled is None for r in rounds):
-        notes.append("sites sampled and replies received per round not recorded")
+        notes.append("the sites sampled and the replies received in each round")
     error = data.get("error")
     return RunSummary(
         name=name or results_path.resolve().parent.name,
@@ -220,7 +222,7 @@ def _summary(data: object, results_path: Path, name: str | None) -> RunSummary:
         config=config,
         rounds=rounds,
         wall_time_s=_number(data.get("wall_time_s")),
-        resumes=len(data.get("resumes") or []),
+        resumes=len(_list(data.get("resumes"))),
         notes=notes,
     )
 

@@ -187,7 +187,9 @@ def test_a_run_without_dp_shows_infinite_epsilon_and_no_budget(tmp_path: Path) -
     assert {cell for row in rounds for cell in row[1:]} == {"∞"}
     assert set(budgets[1:]) == {"none (no DP)"}
     assert "privacy-utility" not in Tables(page).tables  # one run: no comparison
-    assert data["runs"][0]["notes"] == ["sites sampled and replies received per round not recorded"]
+    assert data["runs"][0]["notes"] == [  # no budget to record without DP
+        "the sites sampled and the replies received in each round"
+    ]
 
 
 def test_what_an_older_run_did_not_record_is_shown_as_not_recorded(tmp_path: Path) -> None:
@@ -201,7 +203,24 @@ def test_what_an_older_run_did_not_record_is_shown_as_not_recorded(tmp_path: Pat
 
     for row in Tables(page).tables["time-0"]:
         assert row[2:] == ["not recorded"] * 3
-    assert "round time split not recorded" in " ".join(data["runs"][0]["notes"])
+    assert "each round's time split" in " ".join(data["runs"][0]["notes"])
+
+
+def test_a_run_that_failed_before_its_first_round_still_renders(tmp_path: Path) -> None:
+    (run,) = copy_runs(tmp_path, ("eps-1",))
+    results = json.loads((run / "results.json").read_text())
+    results |= {
+        "status": "failed",
+        "error": "FacefedError: only 1 of 4 sites connected",
+        "rounds": [],
+    }
+    (run / "results.json").write_text(json.dumps(results))
+
+    page, data = render(tmp_path, [run, *copy_runs(tmp_path, ("eps-8",))])
+
+    assert "failed after 0 of 3 rounds: FacefedError: only 1 of 4 sites connected" in page
+    assert Tables(page).tables["accuracy-0"] == []
+    assert data["runs"][0]["final"]["lfw_accuracy"] is None
 
 
 def test_two_runs_from_folders_of_the_same_name_get_distinct_labels(tmp_path: Path) -> None:
@@ -231,6 +250,8 @@ def test_a_folder_without_results_json_is_one_error_line(
     (tmp_path / "empty").mkdir()
     err = one_error_line(capsys, str(tmp_path / "empty"), "--html", str(tmp_path / "r.html"))
     assert "holds no results.json" in err
+    err = one_error_line(capsys, str(tmp_path / "nowhere"), "--html", str(tmp_path / "r.html"))
+    assert "does not exist" in err
     assert not (tmp_path / "r.html").exists()
 
 
@@ -244,6 +265,7 @@ def test_a_folder_without_results_json_is_one_error_line(
         '{"config": {}, "rounds": [{"round": 1, "face": {"lfw_accuracy": "high"}}]}',
         '{"config": {}, "rounds": [{"round": 1, "clients": {"site-0": {"epsilon": null}}}]}',
         '{"config": {}, "rounds": [{"round": 1, "dropouts": ["x"]}]}',
+        '{"config": {}, "rounds": [], "resumes": 3}',
         "\xff\xfe",
     ],
 )
