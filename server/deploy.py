@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -558,10 +559,16 @@ def secure_tree(root: Path, *, state_dirs: Sequence[str] = ("state", "logs")) ->
     for path in [root, *root.rglob("*")]:
         if path.is_symlink():
             continue
-        if path.is_dir():
-            path.chmod(DIR_MODE)
-        elif path.relative_to(root).parts[0] in state_dirs:
-            path.chmod(STATE_FILE_MODE)
+        # chmod only what differs: under systemd's ProtectSystem=strict most of the kit is read-only
+        want = (
+            DIR_MODE
+            if path.is_dir()
+            else STATE_FILE_MODE
+            if path.relative_to(root).parts[0] in state_dirs
+            else None
+        )
+        if want is not None and stat.S_IMODE(path.stat().st_mode) != want:
+            path.chmod(want)
 
 
 def site_toml(cfg: SiteConfig) -> str:

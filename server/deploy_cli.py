@@ -37,7 +37,14 @@ from common.cli import bounded_float, bounded_int, positive_int
 from common.crypto import pki
 from common.errors import ConfigError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_flwr, deploy_kitsign, deploy_provision, deploy_publisher
+from server import (
+    deploy,
+    deploy_flwr,
+    deploy_kitsign,
+    deploy_provision,
+    deploy_publisher,
+    deploy_units,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +241,21 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--print-command", action="store_true", help="print the command and exit")
     p.set_defaults(func=_cmd_site)
+
+    p = sub.add_parser(
+        "unit", help="print the systemd unit for a kit installed at --kit on this machine"
+    )
+    _kit_arg(p)
+    _kit_key_arg(p)
+    p.add_argument(
+        "--python",
+        type=_python_path,
+        default=deploy_units.DEFAULT_PYTHON,
+        help="the facefed installation's Python (default: %(default)s)",
+    )
+    p.add_argument("--user", default=deploy_units.DEFAULT_USER, help="service account")
+    p.add_argument("--group", help="service group (default: the --user name)")
+    p.set_defaults(func=_cmd_unit)
 
     p = sub.add_parser("nodes", help="list SuperNodes and their status (JSON)")
     _kit_arg(p)
@@ -500,6 +522,22 @@ def _cmd_site(args: argparse.Namespace) -> int:
     deploy.secure_tree(args.kit)
     os.execvpe(cmd[0], cmd, deploy.flwr_env(args.kit))  # replaces this process (systemd-friendly)
     return 0  # pragma: no cover
+
+
+def _cmd_unit(args: argparse.Namespace) -> int:
+    kit = args.kit.resolve()
+    kind: deploy_units.KitKind = "coordinator" if (kit / "coordinator.toml").exists() else "site"
+    if kind == "site" and not (kit / "site.toml").exists():
+        raise ConfigError(f"{kit} holds neither coordinator.toml nor site.toml; pass a kit folder")
+    signer = deploy_kitsign.verify_kit(kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
+    print(
+        deploy_units.unit_text(
+            kind, kit=str(kit), python=args.python, user=args.user, group=args.group,
+            kit_key=signer,
+        ),
+        end="",
+    )  # fmt: skip
+    return 0
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:

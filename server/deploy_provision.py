@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.atomic import atomic_write_text
 from common.crypto import pki
 from common.errors import ConfigError
-from server import deploy, deploy_kitsign, deploy_publisher
+from server import deploy, deploy_kitsign, deploy_publisher, deploy_units
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,8 @@ def _write_coordinator_kit(
         executable=True,
     )  # fmt: skip
     deploy.write_text(coord / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
-    for sub in ("state", "logs", "runs"):
+    deploy_units.write_kit_unit(coord, "coordinator", python=plan.python, kit_key=kit_key)
+    for sub in deploy_units.WRITABLE["coordinator"]:  # a unit's ReadWritePaths must exist
         (coord / sub).mkdir(parents=True, exist_ok=True)
 
 
@@ -455,4 +456,7 @@ def _write_site_kit(
         kit / "start-site.sh", deploy.start_script("site", kit_key), force=True, executable=True
     )
     deploy.write_text(kit / deploy.KIT_ENV, deploy.kit_env(plan.python), force=True)
+    deploy_units.write_kit_unit(kit, "site", python=plan.python, kit_key=kit_key)
+    for sub in deploy_units.WRITABLE["site"]:  # a unit's ReadWritePaths must exist
+        (kit / sub).mkdir(parents=True, exist_ok=True)
     return kit

@@ -6,16 +6,18 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from common.cli import main
-from common.errors import IntegrityError
+from common.errors import ConfigError, IntegrityError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_kitsign, deploy_provision, deploy_publisher
+from server import deploy, deploy_kitsign, deploy_provision, deploy_publisher, deploy_units
 
 SITES = ("site-1", "site-2")
 
@@ -275,3 +277,70 @@ def test_the_coordinator_refuses_to_start_from_a_changed_kit(
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 4 and len(err) == 1 and f"{toml} was changed" in err[0]
+
+
+# --- systemd units --------------------------------------------------------------------------------
+
+UNITS = {"coordinator": Path("coordinator"), "site": Path("sites") / "site-1"}
+
+
+def _parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """``{section: {key: [values]}}`` of a unit file (repeated keys keep every value)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        elif line and not line.startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+@pytest.mark.parametrize("kind", ["coordinator", "site"])
+def test_every_kit_carries_a_hardened_unit_that_pins_the_provisioning_key(
+    kits: Path, kind: deploy_units.KitKind
+) -> None:
+    kit = kits / UNITS[kind]
+    unit = _parse_unit((kit / "systemd" / deploy_units.unit_name(kind)).read_text())
+    service = {key: values[-1] for key, values in unit["Service"].items()}
+    install = deploy_units.DEFAULT_INSTALL[kind]
+
+    for key, value in deploy_units.HARDENING:
+        assert service[key] == value, key
+    assert service["User"] == service["Group"] == "facefed"
+    assert service["WorkingDirectory"] == install and service["Restart"] == "on-failure"
+    assert service["ExecStart"].endswith(f"deploy {kind} --kit {install}")
+    assert "EnvironmentFile" not in service  # a file in the kit would override the pin below
+    assert f"FACEFED_KIT_KEY={_pin(kits)}" in unit["Service"]["Environment"]
+    writable = service["ReadWritePaths"].split()
+    assert f"{install}/state" in writable and f"{install}/keys" not in writable
+    for path in writable:  # systemd refuses to start when a ReadWritePaths folder is missing
+        assert (kit / Path(path).relative_to(install)).is_dir()
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+@pytest.mark.parametrize("kind", ["coordinator", "site"])
+def test_units_pass_systemd_analyze_verify(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: deploy_units.KitKind
+) -> None:
+    kit = kits / UNITS[kind]
+    python = str(Path(sys.executable).absolute())
+    try:
+        deploy.check_python_path(python)
+    except ConfigError:  # pragma: no cover - an unusual venv path
+        pytest.skip("this interpreter's path has characters a unit cannot carry")
+    argv = ["deploy", "unit", "--kit", str(kit), "--python", python, "--kit-key", _pin(kits)]
+    assert main(argv) == 0
+    unit = tmp_path / deploy_units.unit_name(kind)
+    unit.write_text(capsys.readouterr().out)
+
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+
+    ours = [ln for ln in (result.stdout + result.stderr).splitlines() if unit.name in ln]
+    assert result.returncode == 0 and ours == [], result.stdout + result.stderr
+    assert f"WorkingDirectory={kit.resolve()}" in unit.read_text()
