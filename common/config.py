@@ -21,9 +21,15 @@ Scalar = bool | int | float | str
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacySettings:
-    """Everything that determines the per-site (example-level) DP guarantee."""
+    """Everything that determines the per-site DP guarantee."""
 
     dp: bool = True
+    # The unit the face model's guarantee protects: one image ("example") or all of one person's
+    # images ("person": people are Poisson-sampled and each person's summed gradient is clipped,
+    # client/training/fast_dp.py). FER2013 has no person ids: the emotion model is always example-level.
+    dp_unit: Literal["example", "person"] = "example"
+    # person-level: at most this many of a sampled person's images in one step
+    person_max_images: int = 8
     max_epsilon: float = 8.0
     delta: float = 1e-5
     accountant: Literal["prv", "rdp"] = "prv"
@@ -61,6 +67,11 @@ class PrivacySettings:
         for name in ("face_clip", "emotion_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+        if self.person_max_images < 1:
+            raise ConfigError(
+                f"person-max-images must be >= 1, got {self.person_max_images}; it caps how many "
+                "of a sampled person's images one step uses (e.g. 8)"
+            )
 
     def budget_for(self, site_index: int) -> float:
         """The epsilon budget of one site: its ``site-budgets`` entry, else ``max-epsilon``."""
@@ -196,6 +207,17 @@ class RunSettings:
             raise ConfigError(
                 'face-augment works on images; with face-model = "pretrained" the sites train on '
                 'frozen features: set face-augment = false or face-model = "scratch"'
+            )
+        if self.privacy.dp and self.privacy.dp_unit == "person" and self.dp_path != "fast":
+            raise ConfigError(
+                'dp-unit = "person" runs on the fast DP path only (Opacus clips per example); '
+                'set dp-path = "fast"'
+            )
+        if self.privacy.dp and self.privacy.dp_unit == "person" and self.face_steps == 0:
+            raise ConfigError(
+                'dp-unit = "person" protects the people of the face data, but face-steps = 0; the '
+                "emotion data (FER2013) has no person ids, so the emotion model is example-level "
+                'only: set dp-unit = "example" or train the face model'
             )
         if self.face_steps == 0 and self.emotion_steps == 0:
             raise ConfigError("face-steps and emotion-steps are both 0: nothing would be trained")

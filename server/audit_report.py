@@ -22,10 +22,14 @@ from common.privacy.accounting import accountant_version, available_accountants
 from common.privacy.verify import SiteSummary, VerificationResult
 
 UNIT_NOTE = (
-    "Privacy unit for site entries: one <b>example</b> (one face image). "
-    "A person who contributed k images is protected at roughly k&times;&epsilon; "
-    "(group privacy), not &epsilon;. Client-level entries (unit: <b>site</b>) bound what the "
-    "released model reveals about a whole site's data."
+    "Privacy unit, per model (the <i>unit</i> column): <b>example</b> means one face image; a "
+    "person who contributed k images is protected at roughly k&times;&epsilon; (group privacy), "
+    "not &epsilon;. <b>person</b> means all of one person's images: people were sampled and each "
+    "person's total gradient clipped, so &epsilon; is per person. The emotion data (FER2013) has "
+    "no person ids, so the emotion model is always example-level. A site's &epsilon; composes both "
+    "models: it holds at once for one person's face images (or one face image) and one emotion "
+    "image. Client-level entries (unit: <b>site</b>) bound what the released model reveals about a "
+    "whole site's data. See docs/audit.md."
 )
 LIFETIME_NOTE = (
     "<b>Lifetime &epsilon;</b> is each site's own total over every run it took part in (a new run "
@@ -61,6 +65,7 @@ def summary(result: VerificationResult) -> dict[str, Any]:
                 "site_id": s.site_id,
                 "guarantee": s.guarantee,
                 "privacy_unit": s.privacy_unit,
+                "units": s.units,
                 "delta": s.delta,
                 "budget_epsilon": s.budget,
                 "cumulative_epsilon": s.cumulative,
@@ -211,6 +216,7 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
                         html.escape(s.site_id) if first else "",
                         str(r.body.round) if first else "",
                         html.escape(m.name or "–"),
+                        html.escape(m.unit),
                         f"{m.noise_multiplier:g}",
                         f"{m.sample_rate:g}",
                         str(m.steps),
@@ -230,6 +236,7 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
         "site",
         "round",
         "model",
+        "unit",
         "σ",
         "q",
         "steps",
@@ -243,7 +250,7 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
         "model hash",
         "finished (UTC)",
     ]
-    return _table(headers, rows, numeric_from=4)
+    return _table(headers, rows, numeric_from=5)
 
 
 _CSS = """

@@ -86,6 +86,7 @@ class CentralDp(DifferentialPrivacyClientSideFixedClipping):
             steps=1,
             clip_norm=self.clipping_norm,
             name="client-level",
+            unit="site",
         )
 
     def configure_train(

@@ -21,6 +21,14 @@ Only the way per-sample gradients are obtained differs, which is why it is faste
 
 Anything the step cannot clip per example (an unknown parametrised layer, BatchNorm, a layer called
 twice) is refused at construction: the fast path fails closed and names ``dp-path = "opacus"`` as the fix.
+
+**Person-level DP** (``unit = "person"``) changes the unit that is sampled and clipped, nothing else:
+each step Poisson-samples *people* at rate q (:func:`person_batch`), takes up to a cap of each sampled
+person's images, and clips each person's **summed** gradient to ``C`` (every example of a person gets
+its person's factor). Adding or removing all of one person's images then changes the clipped sum by at
+most ``C``, which is what the accountant's ``(sigma, q, steps)`` assumes of one unit. The ghost norms
+extend to groups with Gram matrices: ``||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j)`` over a
+person's examples.
 """
 
 from __future__ import annotations
@@ -48,6 +56,31 @@ _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, CosineHead)
 
 
 @dataclass(frozen=True)
+class Units:
+    """Which privacy unit each example of a batch belongs to (person-level DP).
+
+    Attributes:
+        index: ``(n,)`` int64, the unit of each example, dense in ``0..count-1``.
+        count: the number of units in the batch.
+    """
+
+    index: torch.Tensor
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.index.dim() != 1 or (len(self.index) and int(self.index.max()) >= self.count):
+            raise ValueError(f"Expected a (n,) unit index below {self.count=}")
+
+    def total(self, per_example: torch.Tensor) -> torch.Tensor:
+        """Per-unit sums of a ``(n,)`` per-example tensor."""
+        return per_example.new_zeros(self.count).index_add_(0, self.index, per_example)
+
+    def same(self) -> torch.Tensor:
+        """``(n, n)`` float mask: 1 where two examples belong to the same unit."""
+        return (self.index[:, None] == self.index[None, :]).to(torch.float32)
+
+
+@dataclass(frozen=True)
 class ClippedBatch:
     """One batch's clipped, summed gradient (before noise), aligned with ``FastDpSgd.params``."""
 
@@ -63,6 +96,43 @@ def poisson_indices(n: int, sample_rate: float, randomness: DpRandomness) -> tor
     release's randomness (the OS CSPRNG unless a research run opted into seeded noise).
     """
     return (randomness.uniform(n) < sample_rate).nonzero().reshape(-1)
+
+
+def person_batch(
+    people: torch.Tensor,
+    num_people: int,
+    sample_rate: float,
+    max_images: int,
+    randomness: DpRandomness,
+) -> tuple[torch.Tensor, Units]:
+    """Poisson sampling of people: each of ``num_people`` is included independently with
+    ``sample_rate``; of each included person, at most ``max_images`` of their examples, chosen at
+    random (all of them if they have fewer).
+
+    Args:
+        people: ``(n,)`` int64, the person of each example, in ``0..num_people-1``.
+
+    Returns:
+        The indices of the chosen examples, and the person (as a dense unit index) of each.
+    """
+    if max_images < 1:
+        raise ValueError(f"Expected {max_images=} >= 1")
+    chosen = randomness.uniform(num_people) < sample_rate
+    rows = chosen[people].nonzero().reshape(-1)
+    if len(rows) == 0:
+        return rows, Units(rows, 0)
+    # a random order within each person (secondary key), grouped by person (primary key)
+    order = torch.argsort(randomness.uniform(len(rows)))
+    rows = rows[order]
+    rows = rows[torch.argsort(people[rows], stable=True)]
+    person = people[rows]
+    starts = torch.ones_like(person, dtype=torch.bool)
+    starts[1:] = person[1:] != person[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(len(rows)), 0), 0).values
+    keep = (torch.arange(len(rows)) - first) < max_images
+    rows, person = rows[keep], person[keep]
+    _, dense = torch.unique_consecutive(person, return_inverse=True)
+    return rows, Units(dense, int(dense.max()) + 1)
 
 
 def _check_supported(module: nn.Module, params: list[nn.Parameter]) -> list[nn.Module]:
@@ -145,11 +215,21 @@ class _LayerGrads:
         self.clipped = clipped
 
 
-def _instantiated(per_sample: dict[torch.Tensor, torch.Tensor]) -> _LayerGrads:
-    # vector_norm and a matrix-vector product: no (n, |W|) temporaries.
-    norm_sq = sum(
-        torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in per_sample.values()
-    )
+def _instantiated(
+    per_sample: dict[torch.Tensor, torch.Tensor], units: Units | None = None
+) -> _LayerGrads:
+    if units is None:  # vector_norm and a matrix-vector product: no (n, |W|) temporaries.
+        norm_sq = sum(
+            torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in per_sample.values()
+        )
+    else:  # each unit's summed gradient, then its norm
+        norm_sq = sum(
+            torch.linalg.vector_norm(
+                g.new_zeros(units.count, g[0].numel()).index_add_(0, units.index, g.flatten(1)),
+                dim=1,
+            ).square()
+            for g in per_sample.values()
+        )
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         return {p: (factors @ g.flatten(1)).view(p.shape) for p, g in per_sample.items()}
@@ -157,19 +237,28 @@ def _instantiated(per_sample: dict[torch.Tensor, torch.Tensor]) -> _LayerGrads:
     return _LayerGrads(norm_sq, clipped)
 
 
-def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> _LayerGrads:
+def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, units: Units | None) -> _LayerGrads:
     if a.dim() != 2:  # a sequence dimension: instantiate
         per_sample = {layer.weight: torch.einsum("n...o,n...i->noi", g, a)}
         if layer.bias is not None:
             per_sample[layer.bias] = g.flatten(1, -2).sum(1)
-        return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad})
-    g_sq = g.pow(2).sum(1)
-    norm_sq = torch.zeros_like(g_sq)
-    if layer.weight.requires_grad:
-        norm_sq = norm_sq + g_sq * a.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+        return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad}, units)
     bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
-    if bias is not None:
-        norm_sq = norm_sq + g_sq
+    if units is None:
+        g_sq = g.pow(2).sum(1)
+        norm_sq = torch.zeros_like(g_sq)
+        if layer.weight.requires_grad:
+            norm_sq = norm_sq + g_sq * a.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+        if bias is not None:
+            norm_sq = norm_sq + g_sq
+    else:  # ||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j) over one unit's examples
+        gram = (g @ g.T) * units.same().to(g.dtype)
+        pair = torch.zeros_like(gram)
+        if layer.weight.requires_grad:
+            pair = pair + gram * (a @ a.T)
+        if bias is not None:
+            pair = pair + gram
+        norm_sq = units.total(pair.sum(1))
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         h = g * factors[:, None]
@@ -182,16 +271,22 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> _LayerGrads:
 
 
 def _cosine_head(
-    layer: CosineHead, e: torch.Tensor, g: torch.Tensor, cos: torch.Tensor
+    layer: CosineHead, e: torch.Tensor, g: torch.Tensor, cos: torch.Tensor, units: Units | None
 ) -> _LayerGrads:
     # out = e @ Wn^T with Wn = W / r row-wise. Example n's gradient w.r.t. row c of W is
     # (g_nc / r_c) (e_n - wn_c cos_nc), of squared norm (g_nc / r_c)^2 (||e_n||^2 - cos_nc^2).
+    # For a unit's sum, the cross terms are sum_c h_nc h_mc (e_n . e_m - cos_nc cos_mc).
     w = layer.weight
     r = w.detach().norm(dim=1).clamp_min(1e-12)
     wn = w.detach() / r[:, None]
     cos = cos.detach()
     gr = g / r
-    norm_sq = (gr.pow(2) * (e.pow(2).sum(1, keepdim=True) - cos.pow(2)).clamp_min(0)).sum(1)
+    if units is None:
+        norm_sq = (gr.pow(2) * (e.pow(2).sum(1, keepdim=True) - cos.pow(2)).clamp_min(0)).sum(1)
+    else:
+        hc = gr * cos
+        pair = ((gr @ gr.T) * (e @ e.T) - hc @ hc.T) * units.same().to(g.dtype)
+        norm_sq = units.total(pair.sum(1)).clamp_min(0)
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         h = gr * factors[:, None]
@@ -283,24 +378,30 @@ def _conv_weight(
 
 
 def _conv(
-    layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, method: ConvMethod | None
+    layer: nn.Conv2d,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    method: ConvMethod | None,
+    units: Units | None,
 ) -> _LayerGrads:
     per_sample: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight.requires_grad:
         per_sample[layer.weight] = _conv_weight(layer, a, g, method)
     if layer.bias is not None and layer.bias.requires_grad:
         per_sample[layer.bias] = g.flatten(2).sum(2)
-    return _instantiated(per_sample)
+    return _instantiated(per_sample, units)
 
 
-def _group_norm(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> _LayerGrads:
+def _group_norm(
+    layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, units: Units | None
+) -> _LayerGrads:
     per_sample: dict[torch.Tensor, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
         xhat = F.group_norm(a, layer.num_groups, eps=layer.eps)
         per_sample[layer.weight] = (xhat * g).flatten(2).sum(2)
     if layer.bias is not None and layer.bias.requires_grad:
         per_sample[layer.bias] = g.flatten(2).sum(2)
-    return _instantiated(per_sample)
+    return _instantiated(per_sample, units)
 
 
 def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -314,14 +415,15 @@ def _layer_grads(
     out: torch.Tensor,
     g: torch.Tensor,
     conv_method: ConvMethod | None,
+    units: Units | None,
 ) -> _LayerGrads:
     if isinstance(layer, nn.Conv2d):
-        return _conv(layer, a, g, conv_method)
+        return _conv(layer, a, g, conv_method, units)
     if isinstance(layer, nn.Linear):
-        return _linear(layer, a, g)
+        return _linear(layer, a, g, units)
     if isinstance(layer, nn.GroupNorm):
-        return _group_norm(layer, a, g)
-    return _cosine_head(layer, a, g, out)  # type: ignore[arg-type]
+        return _group_norm(layer, a, g, units)
+    return _cosine_head(layer, a, g, out, units)  # type: ignore[arg-type]
 
 
 class FastDpSgd:
@@ -383,11 +485,19 @@ class FastDpSgd:
         self.randomness = randomness
         self.conv_method = conv_method
 
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> ClippedBatch:
-        """The sum over the batch of each example's gradient clipped to ``max_grad_norm``."""
+    def clipped_sum(
+        self, x: torch.Tensor, y: torch.Tensor, units: Units | None = None
+    ) -> ClippedBatch:
+        """The sum over the batch of each unit's gradient clipped to ``max_grad_norm``.
+
+        A unit is one example, or with ``units`` one person: the sum of a person's examples'
+        gradients is clipped as one (``per_sample_norms`` then holds one norm per person).
+        """
         zeros = [torch.zeros_like(p) for p in self.params]
         if len(y) == 0:  # Poisson sampling drew nobody: the sum is zero, the step still happens
             return ClippedBatch(zeros, torch.zeros(0, device=x.device), float("nan"))
+        if units is not None and len(units.index) != len(y):
+            raise ValueError(f"Expected one unit per example, got {len(units.index)} for {len(y)}")
         capture = _Capture(self._layers)
         try:
             loss = self.loss_fn(self.module(x), y)
@@ -401,26 +511,30 @@ class FastDpSgd:
         used = [(layer, a, out, g) for (layer, (a, out)), g in zip(calls, outputs, strict=True)]
         used = [(layer, a, out, g) for layer, a, out, g in used if g is not None]
         layer_grads = [
-            _layer_grads(layer, a, out, g, self.conv_method) for layer, a, out, g in used
+            _layer_grads(layer, a, out, g, self.conv_method, units) for layer, a, out, g in used
         ]
         norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
         broken = ~torch.isfinite(norms)
         if bool(broken.any()):
-            # An example whose gradient is not finite (a model that overflows on it) contributes
-            # nothing, like any other example's clipped share it is bounded by C; raising instead
-            # would tell the coordinator whether the batch held such an example, outside DP.
+            # A unit whose gradient is not finite (a model that overflows on one of its examples)
+            # contributes nothing; like any other unit's clipped share it is bounded by C. Raising
+            # instead would tell the coordinator whether the batch held such an example, outside DP.
+            rows = broken if units is None else broken[units.index]
             layer_grads = [
                 _layer_grads(
                     layer,
-                    _zero_rows(a, broken),
-                    _zero_rows(out, broken),
-                    _zero_rows(g, broken),
+                    _zero_rows(a, rows),
+                    _zero_rows(out, rows),
+                    _zero_rows(g, rows),
                     self.conv_method,
+                    units,
                 )
                 for layer, a, out, g in used
             ]
             norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if units is not None:  # every example carries its person's factor
+            factors = factors[units.index]
         summed = {id(p): z for p, z in zip(self.params, zeros, strict=True)}
         for lg in layer_grads:
             for p, value in lg.clipped(factors).items():
@@ -437,9 +551,10 @@ class FastDpSgd:
             self.randomness.normal(tuple(p.shape), std, p.dtype).to(p.device) for p in self.params
         ]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One DP-SGD step on the Poisson-sampled batch ``(x, y)``; returns its mean loss."""
-        batch = self.clipped_sum(x, y)
+    def step(self, x: torch.Tensor, y: torch.Tensor, units: Units | None = None) -> float:
+        """One DP-SGD step on the Poisson-sampled batch ``(x, y)`` (of people, with ``units``);
+        returns its mean loss."""
+        batch = self.clipped_sum(x, y, units)
         for p, grad, noise in zip(self.params, batch.grads, self.noise(), strict=True):
             p.grad = (grad + noise) / self.expected_batch_size
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -12,6 +12,7 @@ cannot prove how much budget it has spent, so it refuses to train (fail closed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
@@ -43,6 +44,7 @@ class SitePrivacyState:
                 "steps": [e.steps for e in self.history],
                 "clips": [e.clip_norm for e in self.history],
                 "names": [e.name for e in self.history],
+                "units": [e.unit for e in self.history],
                 "rounds": list(self.rounds),
             }
         )
@@ -54,16 +56,28 @@ class SitePrivacyState:
             return cls(accountant=accountant)
         rec = state.config_records[STATE_KEY]
         try:
-            columns = [rec[k] for k in ("sigmas", "sample-rates", "steps", "clips", "names")]
-            if not all(isinstance(c, list) for c in columns):
-                raise TypeError("history fields are not lists")
-            if len({len(c) for c in columns}) != 1:  # type: ignore[arg-type]
+            columns: list[list[Any]] = []
+            for key in ("sigmas", "sample-rates", "steps", "clips", "names"):
+                column = rec[key]
+                if not isinstance(column, list):
+                    raise TypeError("history fields are not lists")
+                columns.append(column)
+            # a state saved before units existed holds example-level events only
+            units = rec["units"] if "units" in rec else ["example"] * len(columns[0])
+            if not isinstance(units, list):
+                raise TypeError("history units are not a list")
+            if len({len(c) for c in [*columns, units]}) != 1:
                 raise ValueError("history fields differ in length")
             history = [
                 DpSgdEvent(
-                    noise_multiplier=s, sample_rate=q, steps=int(n), clip_norm=c, name=str(nm)
+                    noise_multiplier=s,
+                    sample_rate=q,
+                    steps=int(n),
+                    clip_norm=c,
+                    name=str(nm),
+                    unit=str(u),
                 )
-                for s, q, n, c, nm in zip(*columns, strict=True)
+                for s, q, n, c, nm, u in zip(*columns, units, strict=True)
             ]
             stored_accountant = str(rec["accountant"])
             sigma = float(rec["noise-multiplier"])  # type: ignore[arg-type]

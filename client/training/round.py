@@ -72,6 +72,27 @@ def _calibrated_noise(
     return max(sigma, floor)
 
 
+def _check_units(
+    site_index: int, planned: Sequence[DpSgdEvent], released: Sequence[DpSgdEvent]
+) -> None:
+    """Refuse a round whose models change privacy unit against what the site released before.
+
+    Composing an example-level release into a person-level history (or back) would state a guarantee
+    per person that the example-level rounds never gave (a person with k images has about k times
+    their epsilon), so a site keeps one unit per model for its lifetime.
+    """
+    for event in planned:
+        before = sorted({e.unit for e in released if e.name == event.name} - {event.unit})
+        if before:
+            raise PolicyRefusal(
+                site_index,
+                "dp-unit",
+                f"this round trains the {event.name} model at the {event.unit} level, but the site "
+                f"released it at the {before[0]} level before; one site's budget cannot mix units: "
+                f'set dp-unit = "{before[0]}", or start the site afresh with a new state-dir and key',
+            )
+
+
 class RoundFailed(PrivacyBudgetError):
     """Training failed after the site's data was read. Its planned spend is charged (the failure
     itself may depend on the data) and the round is never trained again."""
@@ -164,6 +185,7 @@ def run_round(
                 f"policy's floor {policy.min_noise_multiplier:g}",
             )
         planned = planned_events(settings, data, privacy.noise_multiplier)
+        _check_units(site_index, planned, [*other_runs, *privacy.history])
         projected = privacy.epsilon(p.delta, extra=planned)
         if projected > budget:
             spent = privacy.epsilon(p.delta)

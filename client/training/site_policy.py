@@ -41,6 +41,9 @@ class SitePolicy:
         min_batch: the smallest expected batch a run may ask for. The sampling rate is
             ``1 / ceil(N / batch)``, and every signed record carries it: a batch of 1 would tell the
             coordinator the site's example count N exactly; this floor keeps it to within a batch.
+        dp_unit: ``"person"``: refuse runs whose face model is not person-level DP (a person with k
+            images is protected only at about k times epsilon at example level); ``"any"``: the
+            run's choice. The emotion model has no person ids and stays example-level either way.
     """
 
     require_dp: bool = True
@@ -51,6 +54,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     allow_seeded_noise: bool = False
     min_batch: int = 16
+    dp_unit: Literal["any", "person"] = "any"
 
     def __post_init__(self) -> None:
         for name in ("max_epsilon_run", "max_epsilon_lifetime"):
@@ -69,6 +73,8 @@ class SitePolicy:
             raise ConfigError(
                 f"policy min-noise-multiplier must be a finite number >= 0, got {floor!r}"
             )
+        if self.dp_unit not in ("any", "person"):
+            raise ConfigError(f"policy dp-unit must be any or person, got {self.dp_unit!r}")
         if self.accountant not in _ACCOUNTANTS:
             raise ConfigError(
                 f"policy accountant must be one of {', '.join(_ACCOUNTANTS)}, got {self.accountant!r}"
@@ -182,6 +188,12 @@ def check_run(
                 f"the run's {key} {batch} is below {policy.min_batch}; the sampling rate it gives "
                 "would tell the site's example count",
             )
+    if policy.dp_unit == "person" and settings.face_steps > 0 and p.dp_unit != "person":
+        raise refuse(
+            "dp-unit",
+            f'the run trains the face model at dp-unit = "{p.dp_unit}", but this site protects '
+            "whole people only",
+        )
     if 0 < p.noise_multiplier < policy.min_noise_multiplier:
         raise refuse(
             "min-noise-multiplier",

@@ -1,7 +1,9 @@
 """Local DP-SGD for both models (Abadi et al., 2016, "Deep Learning with Differential Privacy").
 
 Each model is trained for a fixed number of steps: Poisson sampling at rate q = B/N, per-sample clipping
-to C, and Gaussian noise of standard deviation sigma*C on the clipped sum. ``dp-path`` chooses who computes
+to C, and Gaussian noise of standard deviation sigma*C on the clipped sum. With ``dp-unit = "person"`` the
+face model samples and clips people instead of images (q = B/P over the site's P people, at most
+``person-max-images`` images of a sampled person a step, each person's summed gradient clipped to C). ``dp-path`` chooses who computes
 the per-sample gradients: Opacus (``"opacus"``) or :class:`client.training.fast_dp.FastDpSgd` (``"fast"``), which
 implements the same mechanism faster on a CPU. Either way one accountant records both models' steps, and
 the recorded ``(sigma, q, steps)`` must equal the planned events before anything is reported.
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from client.training.augment import augment
 from client.training.dp_random import DpRandomness
-from client.training.fast_dp import FastDpSgd, poisson_indices
+from client.training.fast_dp import FastDpSgd, person_batch, poisson_indices
 from client.training.privacy_state import SitePrivacyState
 from common.config import RunSettings
 from common.errors import DataError
@@ -70,18 +72,32 @@ def sample_rate(batch: int, n: int) -> float:
     return 1.0 / math.ceil(n / expected_batch(batch, n))
 
 
+def face_units(settings: RunSettings, data: SiteTensors) -> int:
+    """How many units the face model samples from: images, or with ``dp-unit = "person"`` people."""
+    person = settings.privacy.dp_unit == "person"
+    return data.num_identities if person else len(data.face_y)
+
+
 def planned_events(settings: RunSettings, data: SiteTensors, sigma: float) -> list[DpSgdEvent]:
     """The DP-SGD events this round will add to the history, known before any step is taken."""
     p = settings.privacy
     events: list[DpSgdEvent] = []
-    for name, batch, n, steps, clip in (
-        ("face", settings.face_batch, len(data.face_y), settings.face_steps, p.face_clip),
+    for name, batch, n, steps, clip, unit in (
+        (
+            "face",
+            settings.face_batch,
+            face_units(settings, data),
+            settings.face_steps,
+            p.face_clip,
+            p.dp_unit,
+        ),
         (
             "emotion",
             settings.emotion_batch,
             len(data.emotion_y),
             settings.emotion_steps,
             p.emotion_clip,
+            "example",  # FER2013 has no person ids
         ),
     ):
         if steps > 0:
@@ -92,6 +108,7 @@ def planned_events(settings: RunSettings, data: SiteTensors, sigma: float) -> li
                     steps=steps,
                     clip_norm=clip,
                     name=name,
+                    unit=unit,
                 )
             )
     return events
@@ -190,6 +207,27 @@ def _run_fast_steps(
     for _ in range(steps):
         idx = poisson_indices(len(y), dp.sample_rate, dp.randomness)
         losses.append(dp.step(_augmented(x[idx], generator, geometric), y[idx]))
+    finite = [v for v in losses if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def _run_person_steps(
+    dp: FastDpSgd,
+    x: torch.Tensor,
+    people: torch.Tensor,
+    steps: int,
+    max_images: int,
+    generator: torch.Generator,
+    geometric: bool | None,
+) -> float:
+    """Take exactly ``steps`` person-level DP-SGD steps: Poisson batches of people (at
+    ``dp.sample_rate``), at most ``max_images`` images each, each person's gradient clipped as one."""
+    dp.module.train()
+    num_people = int(people.max()) + 1
+    losses: list[float] = []
+    for _ in range(steps):
+        idx, units = person_batch(people, num_people, dp.sample_rate, max_images, dp.randomness)
+        losses.append(dp.step(_augmented(x[idx], generator, geometric), people[idx], units))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
@@ -359,19 +397,24 @@ def train_round(
             continue
         optimizer = make_optimizer(module, settings.local_optimizer, lr, settings.momentum)
         if fast and accountant is not None:
-            q = sample_rate(batch, len(y))
+            person = name == "face" and p.dp_unit == "person"
+            units = face_units(settings, data) if name == "face" else len(y)
+            q = sample_rate(batch, units)
             dp = FastDpSgd(
                 module,
                 optimizer,
                 loss_fn,
                 noise_multiplier=float(privacy.noise_multiplier),  # type: ignore[arg-type]
                 max_grad_norm=clip,
-                expected_batch_size=int(len(y) * q),  # as Opacus derives it from the loader
+                expected_batch_size=int(units * q),  # as Opacus derives it from the loader
                 sample_rate=q,
                 accountant=accountant,
                 randomness=randomness,
             )
-            loss = _run_fast_steps(dp, x, y, steps, generator, geometric)
+            if person:
+                loss = _run_person_steps(dp, x, y, steps, p.person_max_images, generator, geometric)
+            else:
+                loss = _run_fast_steps(dp, x, y, steps, generator, geometric)
         else:
             loss = _train_with_loader(
                 module,

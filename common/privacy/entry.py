@@ -11,10 +11,15 @@ Two layers, both canonical JSON (:func:`common.crypto.signing.canonical_bytes`):
   of the previous record, run id, append time, the site's public key and signature. The coordinator
   signs the record bytes, and the record's SHA-256 is the link the next record chains to.
 
-Privacy unit: for example-level DP-SGD the unit is one *example* (one image). One person can own
-many images, so a per-example epsilon does not bound what is learned about a person with k images;
-group privacy gives roughly k * epsilon. Client-level DP (unit: *site*) covers everything one site
-holds.
+Privacy unit: each mechanism names its own (:data:`common.privacy.events.UNITS`), and the body's
+``privacy_unit`` is derived from them. For example-level DP-SGD the unit is one *example* (one image).
+One person can own many images, so a per-example epsilon does not bound what is learned about a person
+with k images; group privacy gives roughly k * epsilon. Person-level DP-SGD (unit: *person*) samples
+and clips each person's images together, so its epsilon is per person. The site's DP-SGD stream keeps
+the name ``"example-level"`` (the guarantee that composes a site's rounds) whatever its units; a round
+of a person-level face model and the example-level emotion model reads
+``privacy_unit = "person (face), example (emotion)"``. Client-level DP (unit: *site*) covers
+everything one site holds.
 
 Noise: ``"secret"`` means the release's Gaussian noise and Poisson sampling were drawn from the OS
 CSPRNG, fresh for that release; ``"seeded"`` means they are reproducible from a seed, which only a
@@ -113,6 +118,16 @@ def _lifetime(epsilon_lifetime: float, epsilon_cumulative: float) -> float:
     return lifetime
 
 
+def privacy_unit(guarantee: str, mechanisms: Sequence[DpSgdEvent]) -> str:
+    """The body's unit: the mechanisms' common unit, or each model's unit where they differ."""
+    units = {m.unit for m in mechanisms}
+    if guarantee == "client-level" or units == {PRIVACY_UNIT[guarantee]}:
+        return PRIVACY_UNIT[guarantee]
+    if len(units) == 1:
+        return units.pop()
+    return ", ".join(f"{m.unit} ({m.name})" for m in mechanisms)
+
+
 def make_entry_body(
     *,
     run_id: str,
@@ -185,7 +200,7 @@ def make_entry_body(
         "site_id": check_id("site id", site_id),
         "round": round,
         "guarantee": guarantee,
-        "privacy_unit": PRIVACY_UNIT[guarantee],
+        "privacy_unit": privacy_unit(guarantee, mechanisms),
         "mechanisms": [m.to_dict() for m in mechanisms],
         "delta": float(delta),
         "accountant": name,
@@ -290,7 +305,11 @@ def parse_entry_body(body: Mapping[str, Any]) -> EntryBody:
     if fields["noise"] not in NOISE_KINDS:
         raise IntegrityError(f"entry body noise {fields['noise']!r} is not one of {NOISE_KINDS}")
     try:
-        mechanisms = tuple(DpSgdEvent.from_dict(m) for m in fields["mechanisms"])
+        # a mechanism written before units existed was example-level (client-level: per site)
+        legacy = "site" if fields["guarantee"] == "client-level" else "example"
+        mechanisms = tuple(
+            DpSgdEvent.from_dict({"unit": legacy, **m}) for m in fields["mechanisms"]
+        )
         derived = ("privacy_unit", "accountant_version", "noise")
         rebuilt = make_entry_body(
             **{k: fields[k] for k in fields if k not in derived}

@@ -11,6 +11,11 @@ The same event type describes client-level DP on the coordinator (McMahan et al.
 https://arxiv.org/abs/1710.06963): one "step" per round, ``sample_rate`` = fraction of sites
 sampled, ``clip_norm`` = the clip on each site's update.
 
+The **unit** is what one Poisson-sampled, clipped element is: one ``"example"`` (an image), one
+``"person"`` (all of a person's images, clipped together: person-level DP), or one ``"site"`` (client-level
+DP). Epsilon is computed the same way for every unit; what it protects differs. A ledger written
+before units existed has no ``unit`` field: its events were example-level.
+
 Delta is not part of an event: a guarantee is stated at one delta for the whole composition, so the
 ledger records delta once per entry.
 """
@@ -25,6 +30,7 @@ from typing import Any
 from common.errors import ConfigError
 
 MECHANISM = "poisson-subsampled-gaussian"
+UNITS = ("example", "person", "site")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +43,7 @@ class DpSgdEvent:
         steps: number of noisy steps (>= 1).
         clip_norm: per-unit L2 clipping bound C (> 0, finite).
         name: what was trained, e.g. ``"face"`` or ``"emotion"`` (for the report only).
+        unit: what one sampled and clipped element is: ``"example"``, ``"person"`` or ``"site"``.
     """
 
     noise_multiplier: float
@@ -44,6 +51,7 @@ class DpSgdEvent:
     steps: int
     clip_norm: float
     name: str = ""
+    unit: str = "example"
 
     def __post_init__(self) -> None:
         sigma, q = self.noise_multiplier, self.sample_rate
@@ -68,6 +76,8 @@ class DpSgdEvent:
             )
         if not isinstance(self.name, str):
             raise ConfigError(f"event name must be a string, got {self.name!r}")
+        if self.unit not in UNITS:
+            raise ConfigError(f"privacy unit {self.unit!r} must be one of {', '.join(UNITS)}")
         # Store plain floats so that the signed JSON is the same however the caller typed them.
         object.__setattr__(self, "noise_multiplier", float(sigma))
         object.__setattr__(self, "sample_rate", float(q))
@@ -90,9 +100,9 @@ class DpSgdEvent:
             raise ConfigError(
                 f"unknown mechanism {mechanism!r}; only {MECHANISM!r} can be accounted"
             )
-        known = {"noise_multiplier", "sample_rate", "steps", "clip_norm", "name"}
+        known = {"noise_multiplier", "sample_rate", "steps", "clip_norm", "name", "unit"}
         unknown = set(fields) - known
-        missing = known - {"name"} - set(fields)
+        missing = known - {"name", "unit"} - set(fields)
         if unknown or missing:
             raise ConfigError(
                 f"malformed DP event: unknown fields {sorted(unknown)}, missing {sorted(missing)}"
@@ -123,6 +133,7 @@ def with_noise(events: Iterable[DpSgdEvent], noise_multiplier: float) -> list[Dp
             steps=e.steps,
             clip_norm=e.clip_norm,
             name=e.name,
+            unit=e.unit,
         )
         for e in events
     ]

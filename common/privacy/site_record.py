@@ -10,6 +10,9 @@ Whether the release's noise was secret travels as the scalar ``secret-noise``: e
 (OS CSPRNG, fresh per release) or 0 (seeded, research simulations only); any other value is refused.
 ``epsilon-lifetime`` is the site's epsilon over every run it ever took part in (>= the run's
 ``epsilon-cumulative``).
+
+Each model's privacy unit travels as the scalar ``<model>-unit``: exactly the integer 0 (example) or
+1 (person); the emotion model is always example-level (FER2013 has no person ids).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ RECORD_NAME = "privacy"
 # ledger's history and the site's own cumulative epsilon stay equal. Already recorded ones are skipped.
 PREVIOUS_PREFIX = "privacy-previous-"
 MODELS = ("face", "emotion")
+UNIT_CODES = {"example": 0, "person": 1}
 SCALAR_FIELDS = (
     "site-index",
     "round",
@@ -45,7 +49,7 @@ SCALAR_FIELDS = (
     "secret-noise",
     "started-at",
     "finished-at",
-    *(f"{m}-{f}" for m in MODELS for f in ("sample-rate", "steps", "clip")),
+    *(f"{m}-{f}" for m in MODELS for f in ("sample-rate", "steps", "clip", "unit")),
 )
 SIGNATURE_FIELD, PUBLIC_KEY_FIELD = "site-signature", "site-public-key"
 BYTES_FIELDS = {SIGNATURE_FIELD: 64, PUBLIC_KEY_FIELD: 32}
@@ -114,6 +118,7 @@ class RoundReport:
             fields[f"{model}-sample-rate"] = event.sample_rate if event else 0.0
             fields[f"{model}-steps"] = event.steps if event else 0
             fields[f"{model}-clip"] = event.clip_norm if event else 0.0
+            fields[f"{model}-unit"] = UNIT_CODES[event.unit] if event else 0
         fields[SIGNATURE_FIELD] = signature
         fields[PUBLIC_KEY_FIELD] = public_key
         return ConfigRecord(fields)
@@ -143,9 +148,15 @@ class RoundReport:
                 raise IntegrityError(f"privacy record field {key!r} must be {size} bytes")
         sigma = float(record["noise-multiplier"])
         mechanisms = []
+        units = {code: unit for unit, code in UNIT_CODES.items()}
         try:
             for model in MODELS:
                 steps = int(record[f"{model}-steps"])
+                code = record[f"{model}-unit"]
+                if isinstance(code, bool) or code not in units or not isinstance(code, int):
+                    raise IntegrityError(
+                        f"privacy record field '{model}-unit' must be the integer 0 or 1"
+                    )
                 if steps > 0:
                     mechanisms.append(
                         DpSgdEvent(
@@ -154,8 +165,11 @@ class RoundReport:
                             steps=steps,
                             clip_norm=float(record[f"{model}-clip"]),
                             name=model,
+                            unit=units[code],
                         )
                     )
+        except IntegrityError:
+            raise
         except Exception as exc:  # ConfigError from the event's own validation
             raise IntegrityError(f"privacy record has an invalid mechanism: {exc}") from None
         report = cls(

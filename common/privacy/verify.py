@@ -77,6 +77,11 @@ class SiteSummary:
         return self.rounds[-1].body.epsilon_lifetime
 
     @property
+    def units(self) -> dict[str, str]:
+        """Each model's privacy unit, e.g. ``{"face": "person", "emotion": "example"}``."""
+        return {m.name: m.unit for r in self.rounds for m in r.body.mechanisms}
+
+    @property
     def noise_kinds(self) -> tuple[NoiseKind, ...]:
         """The noise kinds of the site's entries, ``("secret",)`` when every release was secret."""
         return tuple(sorted({r.body.noise for r in self.rounds}))
@@ -136,6 +141,13 @@ def _recompute(entries: list[ChainEntry], errors: list[Finding]) -> list[SiteSum
                 bad(
                     f"recorded {name} epsilon {recorded:.4f} but {body.accountant} recomputes "
                     f"{recomputed:.4f} from the recorded mechanisms"
+                )
+        for m in body.mechanisms:
+            before = {e.unit for e in history if e.name == m.name} - {m.unit}
+            if before:
+                bad(
+                    f"the {m.name} model changes privacy unit from {sorted(before)[0]} to {m.unit} "
+                    "within one site's stream; its cumulative epsilon holds for neither unit"
                 )
         if eps_cum > body.budget_epsilon:
             bad(f"cumulative epsilon {eps_cum:.4f} exceeds the budget {body.budget_epsilon:.4f}")
