@@ -138,8 +138,6 @@ class SiteConfig:
     data_dir: str
     max_epsilon: float
     runtime_port: int = DEFAULT_SITE_RUNTIME_PORT
-    face_dir: str = ""
-    emotion_dir: str = ""
     partition_id: int | None = None
     num_partitions: int | None = None
     # the rest of the site's privacy policy (``[policy]``); max-epsilon above is its run cap
@@ -185,10 +183,6 @@ class SiteConfig:
             "max-epsilon": float(self.max_epsilon),
             **self.site_policy.to_node_config(),
         }
-        if self.face_dir:
-            cfg["face-dir"] = self.face_dir
-        if self.emotion_dir:
-            cfg["emotion-dir"] = self.emotion_dir
         if self.partition_id is not None and self.num_partitions is not None:
             cfg["partition-id"] = self.partition_id
             cfg["num-partitions"] = self.num_partitions
@@ -312,8 +306,6 @@ def load_site(kit: Path) -> SiteConfig:
         "data-dir",
         "max-epsilon",
         "runtime-port",
-        "face-dir",
-        "emotion-dir",
         "partition-id",
         "num-partitions",
     }
@@ -342,8 +334,6 @@ def load_site(kit: Path) -> SiteConfig:
         data_dir=str(_typed(table, "data-dir", str, path)),
         max_epsilon=float(_typed(table, "max-epsilon", float, path)),  # type: ignore[arg-type]
         runtime_port=int(_typed(table, "runtime-port", int, path, DEFAULT_SITE_RUNTIME_PORT)),  # type: ignore[call-overload]
-        face_dir=str(_typed(table, "face-dir", str, path, "")),
-        emotion_dir=str(_typed(table, "emotion-dir", str, path, "")),
         partition_id=_optional_int(table, "partition-id", path),
         num_partitions=_optional_int(table, "num-partitions", path),
         policy=policy,
@@ -574,15 +564,15 @@ def secure_tree(root: Path, *, state_dirs: Sequence[str] = ("state", "logs")) ->
 def site_toml(cfg: SiteConfig) -> str:
     """Render ``site.toml``; ``data-dir`` carries a comment telling IT what to put there."""
     return (
-        "# facefed site kit. Edit data-dir (and optionally face-dir / emotion-dir), then run\n"
-        "# ./start-site.sh. Everything else was set by the coordinator's provisioning.\n"
+        "# facefed site kit, signed by its provisioner: do not edit (the site refuses to start).\n"
+        "# This machine's own settings (data-dir, runtime-port, a stricter [policy]) go in\n"
+        "# local.toml beside this file; see docs/deploy.md.\n"
         "[site]\n"
         f"site-id = {_toml_str(cfg.site_id)}\n"
         f"superlink = {_toml_str(cfg.superlink)}\n"
         f"data-dir = {_toml_str(cfg.data_dir)}   # absolute path to this site's face data\n"
         f"max-epsilon = {float(cfg.max_epsilon)!r}   # privacy budget this site accepts\n"
-        f"runtime-port = {cfg.runtime_port}   # loopback only; change if taken\n"
-        f"# face-dir = '/srv/facefed/faces'\n# emotion-dir = '/srv/facefed/emotions'\n"
+        f"runtime-port = {cfg.runtime_port}   # loopback only; if taken, set it in local.toml\n"
         + (
             "# Demo only (sites sharing one dataset): which slice of data-dir this site uses.\n"
             "# Delete both lines when the site trains on its own data.\n"

@@ -41,6 +41,7 @@ from server import (
     deploy,
     deploy_flwr,
     deploy_kitsign,
+    deploy_local,
     deploy_provision,
     deploy_publisher,
     deploy_units,
@@ -500,7 +501,9 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
-    cfg = deploy.load_site(args.kit)
+    if not args.print_command:  # the signed kit first, before any of it is read
+        deploy_kitsign.verify_kit(args.kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
+    cfg = deploy_local.apply_local(args.kit, deploy.load_site(args.kit))
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=str(Path(args.data_dir).resolve()))
     if args.runtime_port:
@@ -509,13 +512,13 @@ def _cmd_site(args: argparse.Namespace) -> int:
     if args.print_command:
         print(shlex.join(cmd))
         return 0
-    deploy_kitsign.verify_kit(args.kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
     # Fail closed: without a trusted publisher, Flower runs whatever bundle a run brings.
     deploy_publisher.load_trusted_entities(args.kit / deploy_publisher.TRUSTED_ENTITIES)
     if not Path(cfg.data_dir).is_dir():
         raise ConfigError(
-            f"data-dir {cfg.data_dir} in {args.kit / 'site.toml'} does not exist; set it to this "
-            "site's face data folder (or pass --data-dir) before starting the SuperNode"
+            f"data-dir {cfg.data_dir} (site.toml, {deploy_local.LOCAL} or --data-dir) does not "
+            f"exist; set data-dir in {args.kit / deploy_local.LOCAL} to this site's face data "
+            "folder (or pass --data-dir) before starting the SuperNode"
         )
     sys.stdout.flush()
     os.umask(deploy.PROCESS_UMASK)  # the site's state and logs: owner only

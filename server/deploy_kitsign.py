@@ -10,7 +10,8 @@ in which a signed file was changed, added or removed.
 
 The signed set is everything in the kit (configuration, certificates, keys, scripts, units) except
 what the kit's own processes write while it runs (:data:`UNSIGNED_DIRS`, :data:`UNSIGNED_FILES`):
-SuperLink / site state, logs, run output, Flower's app cache, the deny list and registration markers.
+SuperLink / site state, logs, run output, Flower's app cache, the deny list and registration markers,
+and a site's own ``local.toml`` (which can only tighten the signed policy).
 
 Which key may sign is pinned outside the manifest: ``--kit-key SHA256:…`` or ``$FACEFED_KIT_KEY``,
 which the systemd units (in ``/etc``, not writable by the service) and the start scripts set. Without
@@ -47,7 +48,8 @@ KEY_ENV = "FACEFED_KIT_KEY"
 PROVISIONING_DIR = "provisioning"
 # Written by the kit's processes while it runs, never by provisioning: outside the signed set.
 UNSIGNED_DIRS = frozenset({"state", "logs", "runs", "flwr-home"})
-UNSIGNED_FILES = frozenset({MANIFEST, SIGNATURE, "revoked.txt"})
+# local.toml: the site's own settings (server/deploy_local.py), which may only tighten the kit's.
+UNSIGNED_FILES = frozenset({MANIFEST, SIGNATURE, "revoked.txt", "local.toml"})
 UNSIGNED_SITE_MARKERS = (".node-id", ".revoked")  # coordinator kit: sites/<site>.node-id, .revoked
 _REFUSED_FIX = "restore the kit you were sent, or ask its provisioner for a newly signed kit"
 

@@ -13,11 +13,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
+from client.training.site_policy import SitePolicy
 from common.cli import main
 from common.errors import ConfigError, IntegrityError
 from common.paths import REPO_ROOT
-from server import deploy, deploy_kitsign, deploy_provision, deploy_publisher, deploy_units
+from server import (
+    deploy,
+    deploy_kitsign,
+    deploy_local,
+    deploy_provision,
+    deploy_publisher,
+    deploy_units,
+)
 
 SITES = ("site-1", "site-2")
 
@@ -344,3 +353,78 @@ def test_units_pass_systemd_analyze_verify(
     ours = [ln for ln in (result.stdout + result.stderr).splitlines() if unit.name in ln]
     assert result.returncode == 0 and ours == [], result.stdout + result.stderr
     assert f"WorkingDirectory={kit.resolve()}" in unit.read_text()
+
+
+# --- the site's own settings: local.toml ----------------------------------------------------------
+
+
+def test_local_toml_sets_this_machines_paths_and_tightens_the_policy(
+    kits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = kits / "sites" / "site-1"
+    (site / "local.toml").write_text(
+        f"[site]\ndata-dir = '{tmp_path}'\nruntime-port = 9194\n\n"
+        "[policy]\nmax-epsilon-run = 4.0\nmax-delta = 1e-06\nmin-noise-multiplier = 1.2\n"
+    )
+    started: list[list[str]] = []
+    monkeypatch.setattr(os, "execvpe", lambda path, cmd, env: started.append(list(cmd)))
+
+    code = main(["deploy", "site", "--kit", str(site), "--kit-key", _pin(kits)])  # no --data-dir
+
+    assert code == 0, capsys.readouterr().err
+    node = parse_config_args([started[0][started[0].index("--node-config") + 1]])
+    assert node["data-dir"] == str(tmp_path) and started[0][-1] == "9194"
+    policy = SitePolicy.from_node_config(node)
+    assert (policy.max_epsilon_run, policy.max_delta, policy.min_noise_multiplier) == (
+        4.0,
+        1e-6,
+        1.2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("max-epsilon-run = 9.0", "max-epsilon-run"),
+        ("max-delta = 1e-4", "max-delta"),
+        ("require-dp = false", "require-dp"),
+        ("allow-seeded-noise = true", "allow-seeded-noise"),
+        ("min-batch = 2", "min-batch"),
+    ],
+)
+def test_local_toml_may_not_loosen_the_signed_policy(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, key: str
+) -> None:
+    site = kits / "sites" / "site-1"
+    (site / "local.toml").write_text(f"[policy]\n{line}\n")
+
+    code = main(["deploy", "site", "--kit", str(site), "--data-dir", str(tmp_path)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{key} = " in err[0] and "looser" in err[0]
+
+
+def test_local_toml_cannot_change_what_the_provisioner_signed(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = kits / "sites" / "site-1"
+    (site / "local.toml").write_text("[site]\nsuperlink = 'evil.example.org:9093'\n")
+
+    code = main(["deploy", "site", "--kit", str(site), "--print-command"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot be set locally" in err[0]
+
+
+def test_every_policy_key_has_a_tightening_rule() -> None:
+    assert set(deploy_local.STRICTER) == set(SitePolicy().to_mapping())
+
+
+def test_site_toml_no_longer_offers_the_unimplemented_face_and_emotion_dirs(kits: Path) -> None:
+    site = kits / "sites" / "site-1"
+    text = (site / "site.toml").read_text()
+    assert "face-dir" not in text and "emotion-dir" not in text
+    (site / "site.toml").write_text(text.replace("[site]\n", "[site]\nface-dir = '/x'\n"))
+
+    with pytest.raises(ConfigError, match="face-dir"):
+        deploy.load_site(site)
