@@ -60,6 +60,7 @@ class RoundProgress:
         self.replied = 0
         self._last_logged = self.started
         self._width = 0  # length of the status line on screen, to blank it out
+        self._drawn = self.started  # when it was last drawn
         self._logged = False
 
     def text(self) -> str:
@@ -70,23 +71,32 @@ class RoundProgress:
         )
 
     def update(self, replied: int) -> None:
-        """Note that ``replied`` sites have answered so far; show or log it as due."""
-        self.replied = replied
+        """Note that ``replied`` sites have answered so far; show or log it as due.
+
+        On a terminal the line is redrawn when the count changes and at most once a second
+        otherwise; without one, a line is logged every ``interval_s``.
+        """
+        changed, self.replied = replied != self.replied, replied
         if self.tty:
-            self._show(self.text())
+            # redraw when there is news: the count, a cleared line, or the next whole second
+            if changed or not self._width or self.clock() - self._drawn >= 1.0:
+                self._show(self.text())
         elif self.clock() - self._last_logged >= self.interval_s:
             self._last_logged = self.clock()
             self._logged = True
             logger.info("%s", self.text())
 
+    def clear(self) -> None:
+        """Blank the terminal status line, e.g. before work that may log (the next update redraws)."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
     def close(self) -> None:
         """The wait is over: clear the terminal line, or log the final count if lines were logged."""
-        if self.tty:
-            if self._width:
-                self.stream.write("\r" + " " * self._width + "\r")
-                self.stream.flush()
-                self._width = 0
-        elif self._logged:
+        self.clear()
+        if not self.tty and self._logged:
             logger.info("%s (wait over)", self.text())
 
     def _show(self, line: str) -> None:
@@ -94,6 +104,7 @@ class RoundProgress:
         self.stream.write(f"\r{line}{padding}")
         self.stream.flush()
         self._width = len(line)
+        self._drawn = self.clock()
 
 
 def format_elapsed(seconds: float) -> str:

@@ -324,6 +324,8 @@ def _collect(
             if not pending:
                 break
             arrived = list(grid.pull_messages(pending))
+            if arrived:
+                progress.clear()  # checking a reply may log a refusal: not onto the status line
             started = time.monotonic()
             for reply in arrived:
                 pending.discard(reply.metadata.reply_to_message_id)

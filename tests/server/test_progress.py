@@ -36,6 +36,19 @@ def test_a_terminal_shows_one_status_line_rewritten_in_place() -> None:
     assert "\n" not in stream.getvalue()
 
 
+def test_a_terminal_line_is_redrawn_at_most_once_a_second_without_news() -> None:
+    clock, stream = FakeClock(), io.StringIO()
+    progress = RoundProgress(1, 3, stream=stream, clock=clock, tty=True)
+    progress.update(1)
+    for _ in range(5):  # a fast poll: five checks within half a second, nothing new
+        clock.now += 0.1
+        progress.update(1)
+    clock.now += 0.6
+    progress.update(1)
+
+    assert stream.getvalue().count("\r") == 2  # the first draw, then the next second
+
+
 def test_the_terminal_line_is_cleared_when_the_wait_ends() -> None:
     stream = io.StringIO()
     progress = RoundProgress(1, 2, stream=stream, clock=FakeClock(), tty=True)
@@ -47,6 +60,25 @@ def test_the_terminal_line_is_cleared_when_the_wait_ends() -> None:
     assert stream.getvalue().endswith("\r" + " " * width + "\r")
 
 
+def test_clearing_blanks_the_line_and_the_next_update_redraws_it() -> None:
+    stream = io.StringIO()
+    progress = RoundProgress(1, 2, stream=stream, clock=FakeClock(), tty=True)
+    progress.update(1)
+    width = len(progress.text())
+
+    progress.clear()
+    progress.clear()  # nothing left to blank
+    progress.update(2)
+
+    assert stream.getvalue().split("\r") == [
+        "",
+        progress.text().replace("2/2", "1/2"),
+        " " * width,
+        "",
+        progress.text(),
+    ]
+
+
 def test_a_shorter_line_blanks_the_rest_of_a_longer_one() -> None:
     clock, stream = FakeClock(), io.StringIO()
     progress = RoundProgress(1, 2, stream=stream, clock=clock, tty=True)
@@ -54,10 +86,10 @@ def test_a_shorter_line_blanks_the_rest_of_a_longer_one() -> None:
     progress.update(1)  # "... 1 min 01 s"
     long = len(progress.text())
     progress.clock = lambda: 100.0  # elapsed back to "0 s": a shorter line
-    progress.update(1)
+    progress.update(2)
 
     last = stream.getvalue().rsplit("\r", 1)[-1]
-    assert len(last) == long and last.rstrip() == "round 1: 1/2 sites replied, 0 s"
+    assert len(last) == long and last.rstrip() == "round 1: 2/2 sites replied, 0 s"
 
 
 def test_without_a_terminal_it_logs_a_plain_line_every_interval(
