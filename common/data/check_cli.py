@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def run_check(args: argparse.Namespace) -> int:
     else:
         print_report(report)
     if report.problems:
+        sys.stdout.flush()  # the report before the error line, also when both go to one pipe
         raise DataError(
             f"{len(report.problems)} problem(s) in {folder} (listed above); fix them and run "
             f"`facefed data check {folder}` again"
