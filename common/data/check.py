@@ -197,9 +197,13 @@ def check_sums(data_dir: Path) -> DatasetCheck | None:
         if not path.is_file():
             continue  # a missing dataset is reported by its own line
         digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            findings.problem(f"cannot read {path} ({exc.strerror}); check its permissions")
+            continue
         checked += 1
         if digest.hexdigest() != fields[0].lower():
             findings.problem(
