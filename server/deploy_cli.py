@@ -226,7 +226,9 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             "--site",
             action="append",
-            help="site id (repeatable; default: all)",
+            help="site id (repeatable; required)"
+            if name == "revoke"
+            else "site id (repeatable; default: every site in coordinator.toml)",
             required=name == "revoke",
         )
         p.set_defaults(func=func)
@@ -544,12 +546,53 @@ def _cmd_unit(args: argparse.Namespace) -> int:
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
-    print(json.dumps(deploy_flwr.list_nodes(_coordinator_env(args.kit)), indent=2))
+    nodes = deploy_flwr.list_nodes(_coordinator_env(args.kit))
+    print(json.dumps(site_nodes(args.kit, nodes), indent=2))
     return 0
 
 
+def site_nodes(kit: Path, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flower's node list with each node's ``site`` (from the kit's ``sites/<site>.node-id``) and
+    ``last-seen`` ("now" while online, else when it went offline), and a row per kit site that has
+    no node (``status``: ``not registered`` or ``revoked``)."""
+    cfg = deploy.load_coordinator(kit)
+    by_id: dict[str, str] = {}
+    for site in cfg.sites:
+        id_file = kit / "sites" / f"{site}.node-id"
+        if id_file.exists():
+            by_id[id_file.read_text().strip()] = site
+    rows = []
+    for node in nodes:
+        online = node.get("status") == "online"
+        last = "now" if online else node.get("offline-at") or node.get("online-at") or "never"
+        rows.append({"site": by_id.get(str(node.get("node-id"))), "last-seen": last, **node})
+    listed = {row["site"] for row in rows}
+    for site in cfg.sites:
+        if site not in listed:
+            revoked = (kit / "sites" / f"{site}.revoked").exists()
+            status = "revoked" if revoked else "not registered"
+            rows.append({"site": site, "last-seen": "never", "node-id": None, "status": status})
+    return rows
+
+
+def _app_run_config(app: Path, run_config: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the config keys the app declares with their defaults, what ``--run-config`` sets)."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        with (app / "pyproject.toml").open("rb") as handle:
+            declared = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+        given = dict(parse_config_args(run_config)) if run_config else {}
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"--app {app} / --run-config cannot be read ({exc}); pass a Flower app folder and "
+            "'key=value' pairs or a .toml file"
+        ) from exc
+    return declared, given
+
+
 def _kit_run_locations(
-    kit: Path, cfg: deploy.CoordinatorConfig, app: Path, run_config: list[str]
+    kit: Path, cfg: deploy.CoordinatorConfig, declared: dict[str, Any], given: dict[str, Any]
 ) -> list[str]:
     """The kit's ``data-dir`` / ``out-dir`` as one ``--run-config`` item, for the keys the app
     declares and the operator's ``--run-config`` does not set (empty list: nothing to add).
@@ -557,17 +600,6 @@ def _kit_run_locations(
     Raises:
         ConfigError: if the run's evaluation data folder does not exist on this host.
     """
-    from flwr.common.config import parse_config_args
-
-    try:
-        with (app / "pyproject.toml").open("rb") as handle:
-            declared = tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
-        given = parse_config_args(run_config) if run_config else {}
-    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(
-            f"--app {app} / --run-config cannot be read ({exc}); pass a Flower app folder and "
-            "'key=value' pairs or a .toml file"
-        ) from exc
     wanted = {k: v for k, v in cfg.run_locations(kit).items() if k in declared and k not in given}
     data = str(given.get("data-dir", wanted.get("data-dir", "")))
     if "data-dir" in declared and not (data and Path(data).is_dir()):
@@ -579,6 +611,30 @@ def _kit_run_locations(
     if wanted:
         logger.info("run locations from the kit: %s", wanted)
     return [deploy.format_node_config(wanted)] if wanted else []
+
+
+def _usable_sites(kit: Path, cfg: deploy.CoordinatorConfig) -> list[str]:
+    """The kit's sites that are registered (a ``.node-id``) and not revoked."""
+    return [
+        site
+        for site in cfg.sites
+        if (kit / "sites" / f"{site}.node-id").exists()
+        and not (kit / "sites" / f"{site}.revoked").exists()
+        and not deploy_provision.site_key_revoked(kit, site)
+    ]
+
+
+def _refuse_too_many_sites(
+    kit: Path, cfg: deploy.CoordinatorConfig, declared: dict[str, Any], given: dict[str, Any]
+) -> None:
+    if "num-sites" not in declared:
+        return
+    asked, usable = given.get("num-sites", declared["num-sites"]), _usable_sites(kit, cfg)
+    if isinstance(asked, int) and asked > len(usable):
+        raise ConfigError(
+            f"the run asks for num-sites = {asked} but {len(usable)} site(s) are registered and not "
+            f"revoked ({', '.join(usable) or 'none'}); lower num-sites, or add and register sites"
+        )
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -593,7 +649,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             f"{key_path} is not the publisher the sites trust ({sorted(trusted)} in "
             f"{args.kit / deploy_publisher.TRUSTED_ENTITIES}); the sites would refuse the run"
         )
-    run_config = [*args.run_config, *_kit_run_locations(args.kit, cfg, args.app, args.run_config)]
+    declared, given = _app_run_config(args.app, args.run_config)
+    _refuse_too_many_sites(args.kit, cfg, declared, given)
+    run_config = [*args.run_config, *_kit_run_locations(args.kit, cfg, declared, given)]
     fab = deploy_publisher.build_signed_fab(args.app.resolve(), key)
     env = _coordinator_env(args.kit)
     run_id = deploy_flwr.submit(env, fab, hub_port=cfg.hub_port, run_config=run_config)

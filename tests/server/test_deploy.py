@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import stat
 from pathlib import Path
@@ -459,6 +460,12 @@ def _fake_submit(
     return seen
 
 
+def _registered(coord: Path, *sites: str) -> None:
+    """Mark sites registered, as `deploy register` does (sites/<site>.node-id)."""
+    for number, site in enumerate(sites, start=101):
+        (coord / "sites" / f"{site}.node-id").write_text(f"{number}\n")
+
+
 def test_coordinator_kit_names_its_evaluation_data_and_an_out_dir_inside_the_kit(
     kits: Path,
 ) -> None:
@@ -479,9 +486,11 @@ def test_submit_passes_the_kit_data_and_out_dirs_whatever_the_shell_cwd(
     argv = ["deploy", "init", "--sites", "2", "--coordinator", "h", "--out", str(tmp_path / "k")]
     assert main([*argv, "--data-dir", "/srv/site-data", "--coordinator-data-dir", str(data)]) == 0
     seen = _fake_submit(monkeypatch)
+    _registered(tmp_path / "k" / "coordinator", "site-1", "site-2")
     monkeypatch.chdir(tmp_path)  # the shell's folder must not matter
+    run = ["--run-config", "num-rounds=2 num-sites=2 cohort-size=2"]
 
-    code = main(["deploy", "submit", "--kit", "k/coordinator", "--run-config", "num-rounds=2"])
+    code = main(["deploy", "submit", "--kit", "k/coordinator", *run])
 
     assert code == 0
     config = parse_config_args(seen[0])
@@ -495,7 +504,8 @@ def test_submit_keeps_the_operators_out_dir(
     argv = ["deploy", "init", "--sites", "1", "--coordinator", "h", "--out", str(tmp_path / "k")]
     assert main([*argv, "--data-dir", str(tmp_path)]) == 0
     seen = _fake_submit(monkeypatch)
-    run = ["--run-config", f'out-dir="{tmp_path / "run-9"}"']
+    _registered(tmp_path / "k" / "coordinator", "site-1")
+    run = ["--run-config", f'num-sites=1 cohort-size=1 out-dir="{tmp_path / "run-9"}"']
 
     assert main(["deploy", "submit", "--kit", str(tmp_path / "k" / "coordinator"), *run]) == 0
 
@@ -507,9 +517,57 @@ def test_submit_without_the_coordinators_evaluation_data_is_one_line(
     kits: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seen = _fake_submit(monkeypatch)
+    _registered(kits / "coordinator", *SITES)
+    run = ["--run-config", "num-sites=2 cohort-size=2"]
 
-    code = main(["deploy", "submit", "--kit", str(kits / "coordinator")])
+    code = main(["deploy", "submit", "--kit", str(kits / "coordinator"), *run])
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "/srv/facefed/data does not exist" in err[0]
     assert "coordinator.toml" in err[0] and seen == []
+
+
+def test_submit_refuses_a_run_asking_for_more_sites_than_registered_and_not_revoked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["deploy", "init", "--sites", "3", "--coordinator", "h", "--out", str(tmp_path / "k")]
+    assert main([*argv, "--data-dir", str(tmp_path)]) == 0
+    coord = tmp_path / "k" / "coordinator"
+    _registered(coord, "site-1", "site-2", "site-3")
+    (coord / "sites" / "site-3.revoked").write_text("revoked\n")
+    seen = _fake_submit(monkeypatch)
+    capsys.readouterr()
+
+    code = main(["deploy", "submit", "--kit", str(coord), "--run-config", "num-sites=3"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and seen == []
+    assert "num-sites = 3 but 2 site(s) are registered and not revoked (site-1, site-2)" in err[0]
+
+
+def test_nodes_names_each_sites_node_and_when_it_was_last_seen(
+    kits: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    coord = kits / "coordinator"
+    _registered(coord, "site-1", "site-2")
+    (coord / "sites" / "site-2.revoked").write_text("revoked\n")
+    nodes = [
+        {"node-id": "101", "status": "online", "online-at": "2026-12-01 10:00:00Z"},
+        {"node-id": "102", "status": "offline", "offline-at": "2026-12-01 09:00:00Z"},
+        {"node-id": "555", "status": "registered"},
+    ]
+    monkeypatch.setattr(deploy_flwr, "list_nodes", lambda env: nodes)
+
+    assert main(["deploy", "nodes", "--kit", str(coord)]) == 0
+
+    rows = {row["node-id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert (rows["101"]["site"], rows["101"]["last-seen"]) == ("site-1", "now")
+    assert (rows["102"]["site"], rows["102"]["last-seen"]) == ("site-2", "2026-12-01 09:00:00Z")
+    assert rows["555"]["site"] is None and rows["555"]["last-seen"] == "never"
+
+
+def test_revoke_help_says_site_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["deploy", "revoke", "--help"]) == 0
+
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--site SITE site id (repeatable; required)" in text and "default: all" not in text
