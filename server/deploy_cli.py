@@ -206,6 +206,15 @@ def register(subparsers: Any) -> None:
     _ca_passphrase_args(p, new=False)
     p.set_defaults(func=_cmd_rotate)
 
+    p = sub.add_parser(
+        "sign",
+        allow_abbrev=False,
+        help="sign every kit under --out again, after an edit on the provisioning machine",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
+    _provisioning_key_arg(p, new=False)
+    p.set_defaults(func=_cmd_sign)
+
     p = sub.add_parser("coordinator", help="start flower-superlink and register the kit's sites")
     _kit_arg(p)
     _kit_key_arg(p)
@@ -363,6 +372,22 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
         provisioning_key=args.provisioning_key,
     )  # fmt: skip
     print(f"new server certificate: {cert}; restart the coordinator to use it")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    key = deploy_kitsign.load_or_create_key(
+        args.provisioning_key or deploy_kitsign.default_key_path(args.out), create=False
+    )
+    coord = deploy_provision.coordinator_dir(args.out)
+    deploy.load_coordinator(coord)  # a kit that no longer parses is not signed
+    kits = [(coord, "coordinator")]
+    for site in sorted(p.name for p in (args.out / "sites").glob("*") if p.is_dir()):
+        deploy.load_site(deploy_provision.site_dir(args.out, site))
+        kits.append((deploy_provision.site_dir(args.out, site), site))
+    for kit, name in kits:
+        deploy_kitsign.sign_kit(kit, key, name=name)
+        print(f"signed {kit} ({deploy_kitsign.key_fingerprint(key.public_key())})")
     return 0
 
 

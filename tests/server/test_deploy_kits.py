@@ -428,3 +428,18 @@ def test_site_toml_no_longer_offers_the_unimplemented_face_and_emotion_dirs(kits
 
     with pytest.raises(ConfigError, match="face-dir"):
         deploy.load_site(site)
+
+
+def test_sign_re_signs_kits_edited_on_the_provisioning_machine(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = kits / "coordinator" / "coordinator.toml"
+    toml.write_text(toml.read_text().replace("out-dir = 'runs/default'", "out-dir = '/srv/runs'"))
+    with pytest.raises(IntegrityError, match=r"coordinator\.toml was changed"):
+        deploy_kitsign.verify_kit(kits / "coordinator", pinned=_pin(kits))
+
+    assert main(["deploy", "sign", "--out", str(kits)]) == 0
+
+    assert deploy_kitsign.verify_kit(kits / "coordinator", pinned=_pin(kits)) == _pin(kits)
+    assert deploy.load_coordinator(kits / "coordinator").out_dir == "/srv/runs"
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(SITES)
