@@ -71,12 +71,15 @@ def plot_epsilon(run: RunSummary) -> str:
         if budgets:
             ax.plot(*zip(*budgets, strict=True), "--", color=color)
     configured = run.config.get("max-epsilon")
-    recorded = any(s.budget is not None for r in run.rounds for s in r.sites.values())
+    recorded = [s.budget for r in run.rounds for s in r.sites.values() if s.budget is not None]
     if not recorded and isinstance(configured, int | float) and run.rounds:
         ax.axhline(configured, linestyle=":", color="0.4", label="max-epsilon (config)")
+        recorded = [float(configured)]
+    finite = [s.epsilon for r in run.rounds for s in r.sites.values() if math.isfinite(s.epsilon)]
+    if recorded or finite:
+        ax.set_ylim(0, 1.08 * max(recorded + finite))  # the budget line inside the frame
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (run)")
-    ax.set_ylim(bottom=0)
     ax.set_title("Privacy spent per site (dashed: each site's recorded budget)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -118,6 +121,7 @@ def plot_privacy_utility(runs: list[RunSummary]) -> str:
         (axes[0], "lfw_accuracy", "LFW verification accuracy"),
         (axes[1], "fer_accuracy", "FER2013 accuracy"),
     ):
+        labels: dict[tuple[float, float], list[str]] = {}  # one label per spot, naming every run
         for j, run in enumerate(runs):
             final = getattr(run.rounds[-1], attr) if run.rounds else None
             if final is None:
@@ -138,13 +142,17 @@ def plot_privacy_utility(runs: list[RunSummary]) -> str:
                     continue
                 k = sites.index(site)
                 ax.plot(epsilon, final, markers[k % len(markers)], color=f"C{j % 10}")
-                ax.annotate(
-                    run.name,
-                    (epsilon, final),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                )
+                names = labels.setdefault((round(epsilon, 2), round(final, 4)), [])
+                if run.name not in names:
+                    names.append(run.name)
+        for (epsilon, final), names in labels.items():
+            ax.annotate(
+                ", ".join(names),
+                (epsilon, final),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         for k, site in enumerate(sites):  # legend: the marker of each site (colour: the run)
             ax.plot([], [], markers[k % len(markers)], color="0.35", label=site)
         ax.set_xlabel("site's final ε (run)")
