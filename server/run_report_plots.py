@@ -75,9 +75,9 @@ def plot_epsilon(run: RunSummary) -> str:
     if not recorded and isinstance(configured, int | float) and run.rounds:
         ax.axhline(configured, linestyle=":", color="0.4", label="max-epsilon (config)")
         recorded = [float(configured)]
-    finite = [s.epsilon for r in run.rounds for s in r.sites.values() if math.isfinite(s.epsilon)]
-    if recorded or finite:
-        ax.set_ylim(0, 1.08 * max(recorded + finite))  # the budget line inside the frame
+    spent = [s.epsilon for r in run.rounds for s in r.sites.values() if math.isfinite(s.epsilon)]
+    if recorded or spent:
+        ax.set_ylim(0, 1.08 * max(recorded + spent))  # the budget line inside the frame
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (run)")
     ax.set_title("Privacy spent per site (dashed: each site's recorded budget)")
