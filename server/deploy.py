@@ -3,16 +3,23 @@
 ``facefed deploy init`` provisions one directory tree (NVIDIA FLARE calls these startup kits)::
 
     OUT/ca/                      ca.crt, ca.key (0600)       keep offline: rotation, adding sites
+    OUT/provisioning/            provisioning.key (0600), .pub: signs every kit (deploy_kitsign)
     OUT/publisher/               publisher.key (0600), publisher.pub, trusted-entities.yaml
                                  the app publisher: only bundles it signed run on a site
-    OUT/coordinator/             coordinator.toml, start-coordinator.sh, trusted-entities.yaml
+    OUT/coordinator/             coordinator.toml, start-coordinator.sh, kit.env, trusted-entities.yaml
         certs/                   ca.crt, server.crt, server.key (0600)
         sites/<site>.pub         public keys to register (and <site>.node-id once registered)
-        flwr-home/config.toml    SuperLink connection "facefed" for the ``flwr`` CLI (loopback)
-        state/ logs/             SuperLink database and log files (created on first start)
+        systemd/                 facefed-coordinator.service (deploy_units)
+        kit-manifest.json/.sig   every file's SHA-256 and the CA fingerprint, signed
+        state/ logs/ runs/       SuperLink database, log files, run output (written while running)
+        flwr-home/               config.toml for the ``flwr`` CLI (loopback), written where it runs
         revoked.txt              deny list: revoked site keys, rotated server certificates
-    OUT/sites/<site>/            site.toml, start-site.sh, certs/ca.crt, trusted-entities.yaml
+    OUT/sites/<site>/            site.toml, start-site.sh, kit.env, certs/ca.crt, trusted-entities.yaml
         keys/                    supernode.key (0600), supernode.pub
+        systemd/                 facefed-site.service
+        kit-manifest.json/.sig
+        state/ flwr-home/        the site's privacy history; installed app bundles
+        (local.toml)             the site's own settings, unsigned (deploy_local)
 
 Every directory is 0700 and every state / log file 0600 whatever the umask (:func:`secure_tree`),
 and the processes facefed starts run with umask 077 (:data:`PROCESS_UMASK`, ``start_script``).
@@ -21,8 +28,8 @@ Flower 1.41 serves its Fleet, Control and Runtime APIs over HTTPS on ONE ``--hos
 login on the Control API. So the SuperLink listens on ``127.0.0.1:<control-port>`` only, and the
 public ``<bind>:<port>`` is facefed's gateway, which forwards the Fleet API and nothing else
 (:mod:`server.deploy_gateway`). The ``flwr`` CLI (register, submit) therefore works only on the
-coordinator host, or through an SSH tunnel to it. Kit files store paths relative to the kit;
-commands are built with absolute paths.
+coordinator host, or through an SSH tunnel to it. Kit files name no path of the provisioning
+machine (a kit works wherever it is copied); commands are built with absolute paths at start.
 """
 
 from __future__ import annotations

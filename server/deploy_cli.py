@@ -5,11 +5,13 @@ Subcommands (see docs/deploy.md for the step-by-step guide)::
     init         CA + server certificate + publisher key + coordinator kit + one kit per site
     add-site     one more site kit signed by the existing CA
     rotate-cert  a fresh SuperLink certificate from the existing CA
+    sign         sign every kit again after an edit on the provisioning machine
     coordinator  start flower-superlink (127.0.0.1) and the Fleet gateway, register the sites
     gateway      the public Fleet-only gateway alone (``coordinator`` starts it)
     register     register site public keys with a running SuperLink (idempotent)
     revoke       unregister a site's SuperNode and stop re-registering it
-    site         start flower-supernode from a site kit
+    site         start flower-supernode from a site kit (its signature, then local.toml)
+    unit         print the systemd unit for a kit installed at a given path
     nodes        list SuperNodes and their status
     submit       sign the facefed app and start it; success judged from `flwr ls`, not flwr's exit
                  code
