@@ -386,7 +386,7 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
 
     from client.training import round as site_round
     from client.training import site_data
-    from client.training.round import _calibrated_noise, run_round
+    from client.training.round import calibrated_noise, run_round
     from common.config import parse_run_config
     from common.models import EmotionNet, FaceEmbedder
     from common.serde import to_arrays
@@ -450,7 +450,7 @@ def site_work(sites: int, config: dict[str, Any] | None = None) -> dict[str, Any
         site_round.train_round = train_round
     calibrating = parse_run_config({**settings.to_flat(), "noise-multiplier": 0.0})
     t0 = time.monotonic()
-    _calibrated_noise(calibrating, data, calibrating.privacy.max_epsilon, site, 0.0)
+    calibrated_noise(calibrating, data, calibrating.privacy.max_epsilon, site, 0.0)
     calibration = time.monotonic() - t0
     return {
         "site": site,

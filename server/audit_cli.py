@@ -96,10 +96,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from server.audit_report import render_html, summary  # matplotlib only when needed
 
+    empirical = None
+    if args.empirical:
+        from server.audit_empirical import load_report
+
+        empirical = load_report(args.empirical)
     result = _verify(args)
-    atomic_write_text(args.html, render_html(result))
+    atomic_write_text(args.html, render_html(result, empirical))
     if args.json:
         data: dict[str, Any] = summary(result)
+        if empirical is not None:
+            data["empirical_audit"] = empirical
         atomic_write_text(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
     print(format_result(result))
     print(f"report written to {args.html}" + (f" and {args.json}" if args.json else ""))
@@ -162,7 +169,16 @@ def register(subparsers: Any) -> None:
     _add_verify_options(report)
     report.add_argument("--html", required=True, metavar="FILE", help="HTML report to write")
     report.add_argument("--json", metavar="FILE", help="also write the report data as JSON")
+    report.add_argument(
+        "--empirical",
+        metavar="FILE",
+        help="add an `audit empirical --json` result: its lower bounds beside the claimed epsilon",
+    )
     report.set_defaults(func=_cmd_report)
+
+    from server import audit_empirical
+
+    audit_empirical.register(sub)
 
     keygen = sub.add_parser("keygen", help="write an Ed25519 key pair for a site or coordinator")
     keygen.add_argument("private", metavar="PRIVATE", help="private key file to write (0600)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -253,7 +254,7 @@ def _mechanism_table(sites: list[SiteSummary]) -> str:
     return _table(headers, rows, numeric_from=5)
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;
 max-width:1150px;color:#1d232a;line-height:1.4;padding:0 1rem}
 h1{margin-bottom:.2rem} h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
@@ -269,8 +270,23 @@ img{max-width:100%} code{font-size:.8rem} li{margin:.2rem 0}
 """
 
 
-def render_html(result: VerificationResult) -> str:
-    """Return the complete, self-contained report page."""
+def _empirical_section(empirical: Mapping[str, Any] | None) -> str:
+    if empirical is None:
+        return ""
+    from server.audit_empirical import EXPLANATION, rows_table
+
+    return (
+        "<h2>Empirical audit: measured lower bound beside the claimed ε</h2>"
+        f"<p>Scenario <code>{html.escape(str(empirical.get('scenario')))}</code>, site "
+        f"{html.escape(str(empirical.get('site')))}, audited "
+        f"{html.escape(str(empirical.get('generated')))}.</p>"
+        f'<p class="note">{html.escape(EXPLANATION)}</p>{rows_table(empirical["rows"])}'
+    )
+
+
+def render_html(result: VerificationResult, empirical: Mapping[str, Any] | None = None) -> str:
+    """Return the complete, self-contained report page (with an ``audit empirical`` result's
+    lower bounds beside the claims, when given)."""
     if result.ok:
         status = (
             '<div class="status ok">✔ Ledger verified: chain, signatures, rounds and every ε</div>'
@@ -303,7 +319,7 @@ def render_html(result: VerificationResult) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>facefed privacy audit: {html.escape(result.run_id or "unknown run")}</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>Privacy audit</h1>
 <p>facefed privacy ledger, recomputed independently on {generated}.</p>
 {status}
@@ -327,6 +343,7 @@ the last columns recompute each site's total with every available accountant as 
 <p>Each entry composes every Poisson-subsampled Gaussian mechanism the site ran that round
 (σ: noise multiplier, q: sampling rate, C: clipping norm).</p>
 {_mechanism_table(result.sites)}
+{_empirical_section(empirical)}
 <h2>Verification findings</h2>
 <h3>Errors</h3><ul>{errors}</ul>
 <h3>Warnings</h3><ul>{warnings}</ul>

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from server.audit_report import _CSS as AUDIT_CSS
+from server.audit_report import CSS as AUDIT_CSS
 from server.run_report import RoundSummary, RunSummary
 from server.run_report_plots import (
     SPLIT_PARTS,

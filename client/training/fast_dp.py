@@ -38,7 +38,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,14 @@ from common.models import CosineHead
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Canaries(Protocol):
+    """Audit canaries: adds the sampled canaries' clipped gradients to a step's clipped sum."""
+
+    def add(self, grads: list[torch.Tensor], sample_rate: float, randomness: DpRandomness) -> None:
+        """Add, in place, the gradient of every canary that this step samples at ``sample_rate``."""
+        ...
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, CosineHead)
 
 
@@ -444,6 +452,8 @@ class FastDpSgd:
             run opted into seeded noise).
         conv_method: how per-sample convolution gradients are formed; ``None`` times both kernels
             once per layer shape and keeps the faster (they compute the same numbers).
+        canaries: an empirical privacy audit only (:mod:`client.training.canaries`): extra units
+            whose clipped gradients join the sum, each sampled like any unit. Never set on a site.
 
     Raises:
         ConfigError: a layer or parameter that cannot be clipped per example (fail closed).
@@ -463,6 +473,7 @@ class FastDpSgd:
         accountant: IAccountant,
         randomness: DpRandomness,
         conv_method: ConvMethod | None = None,
+        canaries: Canaries | None = None,
     ) -> None:
         if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Expected a positive finite clip norm, got {max_grad_norm=}")
@@ -484,6 +495,7 @@ class FastDpSgd:
         self.accountant = accountant
         self.randomness = randomness
         self.conv_method = conv_method
+        self.canaries = canaries
 
     def clipped_sum(
         self, x: torch.Tensor, y: torch.Tensor, units: Units | None = None
@@ -555,6 +567,8 @@ class FastDpSgd:
         """One DP-SGD step on the Poisson-sampled batch ``(x, y)`` (of people, with ``units``);
         returns its mean loss."""
         batch = self.clipped_sum(x, y, units)
+        if self.canaries is not None:
+            self.canaries.add(batch.grads, self.sample_rate, self.randomness)
         for p, grad, noise in zip(self.params, batch.grads, self.noise(), strict=True):
             p.grad = (grad + noise) / self.expected_batch_size
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

@@ -48,7 +48,7 @@ def _load_head(state: RecordDict, num_classes: int, generator: torch.Generator) 
     return head
 
 
-def _calibrated_noise(
+def calibrated_noise(
     settings: RunSettings, data: SiteTensors, budget: float, site_index: int, floor: float
 ) -> float:
     """The site's noise multiplier: the configured one, or calibrated to spend ``budget`` over the run.
@@ -174,7 +174,7 @@ def run_round(
         if signing_key is None:
             raise PrivacyBudgetError("a DP round needs the site's signing key for the ledger")
         if privacy.noise_multiplier is None:
-            privacy.noise_multiplier = _calibrated_noise(
+            privacy.noise_multiplier = calibrated_noise(
                 settings, data, budget, site_index, policy.min_noise_multiplier
             )
         elif privacy.noise_multiplier < policy.min_noise_multiplier:

@@ -190,7 +190,7 @@ def _drop_non_finite_examples(optimizer: DPOptimizer) -> None:
                 p.grad_sample = torch.where(rows, torch.zeros((), dtype=p.dtype), p.grad_sample)
 
 
-def _run_fast_steps(
+def run_fast_steps(
     dp: FastDpSgd,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -211,7 +211,7 @@ def _run_fast_steps(
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _run_person_steps(
+def run_person_steps(
     dp: FastDpSgd,
     x: torch.Tensor,
     people: torch.Tensor,
@@ -412,9 +412,9 @@ def train_round(
                 randomness=randomness,
             )
             if person:
-                loss = _run_person_steps(dp, x, y, steps, p.person_max_images, generator, geometric)
+                loss = run_person_steps(dp, x, y, steps, p.person_max_images, generator, geometric)
             else:
-                loss = _run_fast_steps(dp, x, y, steps, generator, geometric)
+                loss = run_fast_steps(dp, x, y, steps, generator, geometric)
         else:
             loss = _train_with_loader(
                 module,
