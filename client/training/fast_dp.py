@@ -525,7 +525,7 @@ class FastDpSgd:
         layer_grads = [
             _layer_grads(layer, a, out, g, self.conv_method, units) for layer, a, out, g in used
         ]
-        norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
+        norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).clamp_min(0).sqrt()
         broken = ~torch.isfinite(norms)
         if bool(broken.any()):
             # A unit whose gradient is not finite (a model that overflows on one of its examples)
@@ -543,7 +543,7 @@ class FastDpSgd:
                 )
                 for layer, a, out, g in used
             ]
-            norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).sqrt()
+            norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).clamp_min(0).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         if units is not None:  # every example carries its person's factor
             factors = factors[units.index]
