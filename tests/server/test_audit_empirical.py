@@ -21,6 +21,7 @@ from client.training.site_data import SiteSpec, load_site_tensors
 from client.training.train import SiteTensors
 from common.cli import main
 from common.config import RunSettings, parse_run_config
+from tests.common.privacy.test_units import write as write_ledger
 
 SCENARIO = """
 num-rounds = 2
@@ -110,6 +111,17 @@ def test_the_cli_writes_the_bound_beside_the_claim_and_refutes_a_buggy_run(
     assert control["control"] and control["claimed_epsilon"] == "inf"
     page = (tmp_path / "a.html").read_text()
     assert f"{dp['bound_median']:.3f}" in page and "control" in page
+
+    # the ledger's audit report shows the same bound beside the claim
+    ledger = write_ledger(tmp_path, ("person", "person"))
+    report = ["audit", "report", str(ledger), "--html", str(tmp_path / "r.html")]
+    assert main([*report, "--json", str(tmp_path / "r.json"), "--empirical", str(out)]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["empirical_audit"]["rows"] == rows
+    assert f"{dp['bound_median']:.3f}, {dp['bound_max']:.3f}" in (tmp_path / "r.html").read_text()
+    (tmp_path / "junk.json").write_text("{}")
+    capsys.readouterr()
+    assert main([*report, "--empirical", str(tmp_path / "junk.json")]) == 2
+    assert "is not an `audit empirical --json` file" in capsys.readouterr().err
 
     honest = fast_dp.FastDpSgd.noise
     monkeypatch.setattr(fast_dp.FastDpSgd, "noise", lambda self: [n / 10 for n in honest(self)])
