@@ -32,7 +32,6 @@ from client.training.train import (
     face_units,
     make_optimizer,
     run_fast_steps,
-    run_person_steps,
     sample_rate,
 )
 from common.config import RunSettings
@@ -136,18 +135,8 @@ def audit_site(
             randomness=randomness,
             canaries=canaries,
         )
-        if p.dp_unit == "person":
-            run_person_steps(
-                dp,
-                data.face_x,
-                data.face_y,
-                settings.face_steps,
-                p.person_max_images,
-                generator,
-                None,
-            )
-        else:
-            run_fast_steps(dp, data.face_x, data.face_y, settings.face_steps, generator, None)
+        cap = p.person_max_images if p.dp_unit == "person" else None
+        run_fast_steps(dp, data.face_x, data.face_y, settings.face_steps, generator, None, cap)
     scores = canaries.scores(before, [x.detach() for x in params])
     correct = guesses_right(scores, canaries.included, design.guesses)
     steps = settings.face_steps * settings.num_rounds

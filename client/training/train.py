@@ -197,37 +197,23 @@ def run_fast_steps(
     steps: int,
     generator: torch.Generator,
     geometric: bool | None,
+    person_cap: int | None = None,
 ) -> float:
     """Take exactly ``steps`` fast DP-SGD steps on Poisson batches of ``(x, y)``; return the mean loss.
 
-    An empty Poisson batch is still a step: noise only, recorded like any other.
+    With ``person_cap`` the unit is a person (``y``): people are drawn at ``dp.sample_rate``, at most
+    ``person_cap`` images each, and each person's gradient is clipped as one. An empty Poisson batch
+    is still a step: noise only, recorded like any other.
     """
     dp.module.train()
+    num_people = int(y.max()) + 1
     losses: list[float] = []
     for _ in range(steps):
-        idx = poisson_indices(len(y), dp.sample_rate, dp.randomness)
-        losses.append(dp.step(_augmented(x[idx], generator, geometric), y[idx]))
-    finite = [v for v in losses if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
-def run_person_steps(
-    dp: FastDpSgd,
-    x: torch.Tensor,
-    people: torch.Tensor,
-    steps: int,
-    max_images: int,
-    generator: torch.Generator,
-    geometric: bool | None,
-) -> float:
-    """Take exactly ``steps`` person-level DP-SGD steps: Poisson batches of people (at
-    ``dp.sample_rate``), at most ``max_images`` images each, each person's gradient clipped as one."""
-    dp.module.train()
-    num_people = int(people.max()) + 1
-    losses: list[float] = []
-    for _ in range(steps):
-        idx, units = person_batch(people, num_people, dp.sample_rate, max_images, dp.randomness)
-        losses.append(dp.step(_augmented(x[idx], generator, geometric), people[idx], units))
+        if person_cap is None:
+            idx, units = poisson_indices(len(y), dp.sample_rate, dp.randomness), None
+        else:
+            idx, units = person_batch(y, num_people, dp.sample_rate, person_cap, dp.randomness)
+        losses.append(dp.step(_augmented(x[idx], generator, geometric), y[idx], units))
     finite = [v for v in losses if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
@@ -411,10 +397,8 @@ def train_round(
                 accountant=accountant,
                 randomness=randomness,
             )
-            if person:
-                loss = run_person_steps(dp, x, y, steps, p.person_max_images, generator, geometric)
-            else:
-                loss = run_fast_steps(dp, x, y, steps, generator, geometric)
+            cap = p.person_max_images if person else None
+            loss = run_fast_steps(dp, x, y, steps, generator, geometric, cap)
         else:
             loss = _train_with_loader(
                 module,
