@@ -116,6 +116,12 @@ def resume_settings(out: Path) -> RunSettings:
     return parse_run_config({**stored_config(out), "resume": True, "out-dir": str(out)})
 
 
+def _units(config: dict[str, Any]) -> str:
+    """Each model's privacy unit, as the ledger states it."""
+    face = config.get("dp-unit", "example")
+    return f"unit: face {face}, emotion example"
+
+
 def summary(results: dict[str, Any]) -> str:
     if not results["rounds"]:
         return f"facefed simulate: no round completed: {results.get('error')}"
@@ -128,7 +134,7 @@ def summary(results: dict[str, Any]) -> str:
         f"macro-F1 {last['emotion']['macro_f1']:.3f}",
         f"  face (LFW held-out sets, k-fold): accuracy {last['face']['lfw_accuracy']:.3f} "
         f"+/- {last['face']['lfw_std']:.3f}",
-        "  epsilon per site (delta "
+        f"  epsilon per site ({_units(results['config'])}; delta "
         f"{results['config']['delta']}): "
         + ", ".join(
             f"{k} {v}" if not isinstance(v, float) else f"{k} {v:.2f}" for k, v in eps.items()
