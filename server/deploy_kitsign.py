@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 from cryptography import x509
@@ -93,11 +94,17 @@ def _ca_fingerprint(kit: Path) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+# The temporary file of an interrupted atomic write of those (common/atomic.py: ".NAME.XXXX.tmp").
+_LEFTOVER_RE = re.compile(r"\.(revoked\.txt|[^/]+\.node-id|[^/]+\.revoked)\.[^/.]+\.tmp")
+
+
 def _is_signed(rel: PurePosixPath) -> bool:
     if rel.parts[0] in UNSIGNED_DIRS or str(rel) in UNSIGNED_FILES:
         return False
-    return not (len(rel.parts) == 2 and rel.parts[0] == "sites" and rel.suffix in
-                UNSIGNED_SITE_MARKERS)  # fmt: skip
+    in_sites = len(rel.parts) == 2 and rel.parts[0] == "sites"
+    if in_sites and rel.suffix in UNSIGNED_SITE_MARKERS:
+        return False
+    return not ((in_sites or len(rel.parts) == 1) and _LEFTOVER_RE.fullmatch(rel.name))
 
 
 def signed_files(kit: Path) -> dict[str, Path]:

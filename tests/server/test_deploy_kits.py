@@ -241,6 +241,7 @@ def test_what_a_running_kit_writes_lies_outside_the_signed_set(kits: Path) -> No
         coord / "state" / "superlink.db", coord / "logs" / "superlink.log",
         coord / "runs" / "default" / "ledger.db", coord / "sites" / "site-1.node-id",
         coord / "sites" / "site-1.revoked", coord / "revoked.txt",
+        coord / "sites" / ".site-2.node-id.k3j_x9.tmp", coord / ".revoked.txt.a8b2c.tmp",
         site / "state" / "history.json", site / "flwr-home" / "apps" / "x.fab",
     ]:  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
