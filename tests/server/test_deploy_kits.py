@@ -348,7 +348,7 @@ def test_units_pass_systemd_analyze_verify(
     unit.write_text(capsys.readouterr().out)
 
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=300
     )
 
     ours = [ln for ln in (result.stdout + result.stderr).splitlines() if unit.name in ln]
