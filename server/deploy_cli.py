@@ -214,7 +214,7 @@ def register(subparsers: Any) -> None:
         help="sign every kit under --out again, after an edit on the provisioning machine",
     )
     p.add_argument("--out", type=Path, required=True, help="the directory `init` wrote")
-    _provisioning_key_arg(p, new=False)
+    _provisioning_key_arg(p, new=True)
     p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("coordinator", help="start flower-superlink and register the kit's sites")
@@ -378,8 +378,10 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
+    # Kits made before kits were signed have no provisioning key yet: one is made at the default.
     key = deploy_kitsign.load_or_create_key(
-        args.provisioning_key or deploy_kitsign.default_key_path(args.out), create=False
+        args.provisioning_key or deploy_kitsign.default_key_path(args.out),
+        create=args.provisioning_key is None,
     )
     coord = deploy_provision.coordinator_dir(args.out)
     deploy.load_coordinator(coord)  # a kit that no longer parses is not signed

@@ -444,3 +444,13 @@ def test_sign_re_signs_kits_edited_on_the_provisioning_machine(
     assert deploy_kitsign.verify_kit(kits / "coordinator", pinned=_pin(kits)) == _pin(kits)
     assert deploy.load_coordinator(kits / "coordinator").out_dir == "/srv/runs"
     assert len(capsys.readouterr().out.splitlines()) == 1 + len(SITES)
+
+
+def test_sign_gives_kits_made_before_signing_a_provisioning_key(kits: Path) -> None:
+    for path in [deploy_kitsign.default_key_path(kits), *kits.rglob("kit-manifest.*")]:
+        path.unlink()
+    deploy_kitsign.default_key_path(kits).with_suffix(".pub").unlink()
+
+    assert main(["deploy", "sign", "--out", str(kits)]) == 0
+
+    assert deploy_kitsign.verify_kit(kits / "sites" / "site-2", pinned=_pin(kits)) == _pin(kits)
