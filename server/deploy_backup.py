@@ -121,14 +121,15 @@ def _kind(rel: PurePosixPath, path: Path) -> Kind:
     return "file"
 
 
-def _walk(kit: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(plain files, SQLite databases, site-state folders) of ``kit``, sorted."""
-    plain, databases, stores = [], [], []
+def _walk(kit: Path) -> tuple[list[Path], list[Path], list[Path], list[str]]:
+    """(plain files, SQLite databases, site-state folders, every folder) of ``kit``, sorted."""
+    plain, databases, stores, folders = [], [], [], []
     for root, dirs, names in os.walk(kit):
         here = Path(root)
+        dirs.sort()
+        folders += [(here / d).relative_to(kit).as_posix() for d in dirs]
         if here == kit:
             dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-        dirs.sort()
         if site_store.MARKER in names or any(site_store._NAME.fullmatch(n) for n in names):
             stores.append(here)
             dirs[:] = []  # a site store holds no sub-folders
@@ -143,7 +144,7 @@ def _walk(kit: Path) -> tuple[list[Path], list[Path], list[Path]]:
                 databases.append(path)
             else:
                 plain.append(path)
-    return plain, databases, stores
+    return plain, databases, stores, folders
 
 
 class _Writer:
@@ -294,7 +295,7 @@ def backup(kit: Path, to: Path) -> dict[str, Any]:
     to = to.absolute()
     if to == kit or kit in to.parents:
         raise ConfigError(f"backup folder {to} is inside the kit {kit}; put it outside the kit")
-    plain, databases, stores = _walk(kit)
+    plain, databases, stores, folders = _walk(kit)
     staging = prepare_target(to)
     try:
         writer = _Writer(kit, staging)
@@ -310,6 +311,7 @@ def backup(kit: Path, to: Path) -> dict[str, Any]:
             "created-at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "kit-kind": kind,
             "kit": str(kit),
+            "dirs": folders,  # recreated empty by restore, e.g. logs/
             "files": [e.to_json() for e in sorted(writer.entries, key=lambda e: e.path)],
         }
         fd = os.open(staging / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)

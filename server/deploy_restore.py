@@ -56,6 +56,8 @@ def read_manifest(source: Path) -> tuple[dict[str, Any], list[Planned]]:
                 f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
             )
         files = [_planned(item) for item in manifest["files"]]
+        for folder in manifest.get("dirs", []):
+            _relative(folder)
     except FileNotFoundError:
         raise IntegrityError(
             f"{source} holds no {MANIFEST}; pass --from a folder written by `facefed deploy backup`"
@@ -67,10 +69,15 @@ def read_manifest(source: Path) -> tuple[dict[str, Any], list[Planned]]:
     return manifest, files
 
 
-def _planned(item: Any) -> Planned:
-    path = PurePosixPath(str(item["path"]))
+def _relative(text: Any) -> PurePosixPath:
+    path = PurePosixPath(str(text))
     if path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts):
-        raise ValueError(f"path {item['path']!r} leaves the kit")
+        raise ValueError(f"path {text!r} leaves the kit")
+    return path
+
+
+def _planned(item: Any) -> Planned:
+    path = _relative(item["path"])
     sha, size, mode = str(item["sha256"]), item["size"], str(item["mode"])
     if not _SHA256.fullmatch(sha) or not isinstance(size, int) or size < 0:
         raise ValueError(f"{path}: bad sha256 or size")
@@ -149,7 +156,7 @@ def restore(
         RefusedError: ``kit`` holds anything and not ``force``; or its site state is newer.
     """
     source, kit = source.absolute(), kit.absolute()
-    _manifest, files = verify_backup(source)
+    manifest, files = verify_backup(source)
     occupied = kit.exists() and (not kit.is_dir() or any(kit.iterdir()))
     if occupied and not force:
         raise RefusedError(
@@ -161,6 +168,8 @@ def restore(
     staging = Path(tempfile.mkdtemp(prefix=f".{kit.name}.", suffix=".restore", dir=kit.parent))
     try:
         os.chmod(staging, DIR_MODE)
+        for folder in manifest.get("dirs", []):
+            (staging / _relative(folder)).mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         for item in files:
             dest = staging / item.path
             for parent in reversed(dest.parents):
@@ -197,5 +206,7 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """Every folder under ``root`` owner-only (whatever the umask) and fsynced."""
     for here, _dirs, _names in os.walk(root):
+        os.chmod(here, DIR_MODE)
         _fsync(Path(here))

@@ -214,6 +214,11 @@ def test_round_trip_restores_every_file_and_a_signed_kit_still_verifies(tmp_path
     }
     assert _dump(kit / database) == _dump(tmp_path / "new" / database)
     assert os.access(tmp_path / "new" / "start-coordinator.sh", os.X_OK)
+    dirs = {p.relative_to(kit) for p in kit.rglob("*") if p.is_dir()}
+    assert {
+        p.relative_to(tmp_path / "new") for p in (tmp_path / "new").rglob("*") if p.is_dir()
+    } == dirs
+    assert Path("logs") in dirs  # empty run-time folders come back too
     deploy_kitsign.verify_kit(tmp_path / "new", pinned=None)
 
 
