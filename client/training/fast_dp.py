@@ -60,6 +60,8 @@ class Canaries(Protocol):
     def add(self, grads: list[torch.Tensor], sample_rate: float, randomness: DpRandomness) -> None:
         """Add, in place, the gradient of every canary that this step samples at ``sample_rate``."""
         ...
+
+
 _SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, CosineHead)
 
 
