@@ -13,8 +13,8 @@ Subcommands (see docs/deploy.md for the step-by-step guide)::
     site         start flower-supernode from a site kit (its signature, then local.toml)
     unit         print the systemd unit for a kit installed at a given path
     nodes        list SuperNodes and their status
-    submit       sign the facefed app and start it; success judged from `flwr ls`, not flwr's exit
-                 code
+    submit       sign the facefed app and start it, show its rounds as they finish; success judged
+                 from `flwr ls`, not flwr's exit code
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from server import (
     deploy_provision,
     deploy_publisher,
     deploy_units,
+    deploy_watch,
 )
 
 logger = logging.getLogger(__name__)
@@ -683,13 +684,34 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     run_config = [*args.run_config, *_kit_run_locations(args.kit, cfg, declared, given)]
     fab = deploy_publisher.build_signed_fab(args.app.resolve(), key)
     env = _coordinator_env(args.kit)
+    results = _results_path(args.kit, cfg, declared, given)
+    baseline = deploy_watch.file_stamp(results) if results is not None else None
     run_id = deploy_flwr.submit(env, fab, hub_port=cfg.hub_port, run_config=run_config)
-    print(f"run {run_id} submitted ({fab.app_spec}, signed by {fab.key_id})")
+    print(f"run {run_id} submitted ({fab.app_spec}, signed by {fab.key_id})", flush=True)
     if args.no_wait:
         return 0
-    record = deploy_flwr.wait_for_run(env, run_id, timeout=args.timeout)
+    asked = given.get("num-sites", declared.get("num-sites", len(_usable_sites(args.kit, cfg))))
+    watch = deploy_watch.RunWatch(
+        run_id=run_id, results=results, baseline=baseline,
+        num_sites=asked if isinstance(asked, int) else len(cfg.sites),
+        nodes=lambda: site_nodes(args.kit, deploy_flwr.list_nodes(env, timeout=30.0)),
+    )  # fmt: skip
+    try:
+        record = deploy_flwr.wait_for_run(env, run_id, timeout=args.timeout, on_poll=watch.poll)
+    finally:
+        watch.clear()
     status = record.get("status")
     print(f"run {run_id}: {status} (elapsed {record.get('elapsed')} s)")
     if status != deploy_flwr.RUN_COMPLETED:
         print(f"details: {record.get('status-details') or 'none'}; logs: flwr log {run_id}")
     return 0 if status == deploy_flwr.RUN_COMPLETED else 1
+
+
+def _results_path(
+    kit: Path, cfg: deploy.CoordinatorConfig, declared: dict[str, Any], given: dict[str, Any]
+) -> Path | None:
+    """The run's ``results.json``: in its ``out-dir`` (relative: in the kit, the SuperLink's cwd)."""
+    if "out-dir" not in declared:
+        return None
+    out = Path(str(given.get("out-dir") or cfg.run_locations(kit)["out-dir"])).expanduser()
+    return (out if out.is_absolute() else kit.resolve() / out) / "results.json"

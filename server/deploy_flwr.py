@@ -12,7 +12,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +136,16 @@ def run_status(env: Mapping[str, str], run_id: int) -> dict[str, Any]:
 
 
 def wait_for_run(
-    env: Mapping[str, str], run_id: int, *, timeout: float, poll: float = 2.0
+    env: Mapping[str, str],
+    run_id: int,
+    *,
+    timeout: float,
+    poll: float = 2.0,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Poll until the run reaches a ``finished:*`` status; return its last record.
+
+    ``on_poll`` sees every record, the last one included (e.g. :class:`server.deploy_watch.RunWatch`).
 
     Raises:
         FlwrError: if it has not finished within ``timeout`` seconds.
@@ -146,6 +153,8 @@ def wait_for_run(
     deadline = time.monotonic() + timeout
     while True:
         record = run_status(env, run_id)
+        if on_poll is not None:
+            on_poll(record)
         if str(record.get("status", "")).startswith("finished"):
             return record
         if time.monotonic() >= deadline:

@@ -456,7 +456,9 @@ def _fake_submit(
 
     monkeypatch.setattr(deploy_publisher, "build_signed_fab", lambda app, key: _Fab())
     monkeypatch.setattr(deploy_flwr, "submit", fake_submit)
-    monkeypatch.setattr(deploy_flwr, "wait_for_run", lambda env, run, timeout: {"status": status})
+    monkeypatch.setattr(
+        deploy_flwr, "wait_for_run", lambda env, run, timeout, **_kw: {"status": status}
+    )
     return seen
 
 
