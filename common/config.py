@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from common.errors import ConfigError
 
 Scalar = bool | int | float | str
+MAX_PERSON_IMAGES = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,10 +68,11 @@ class PrivacySettings:
         for name in ("face_clip", "emotion_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
-        if self.person_max_images < 1:
+        if not 1 <= self.person_max_images <= MAX_PERSON_IMAGES:
             raise ConfigError(
-                f"person-max-images must be >= 1, got {self.person_max_images}; it caps how many "
-                "of a sampled person's images one step uses (e.g. 8)"
+                f"person-max-images must be in 1..{MAX_PERSON_IMAGES}, got "
+                f"{self.person_max_images}; it caps how many of a sampled person's images one step "
+                "uses (e.g. 8)"
             )
 
     def budget_for(self, site_index: int) -> float:
@@ -212,6 +214,12 @@ class RunSettings:
             raise ConfigError(
                 'dp-unit = "person" runs on the fast DP path only (Opacus clips per example); '
                 'set dp-path = "fast"'
+            )
+        if self.privacy.dp and self.privacy.dp_unit == "person" and self.face_train_limit > 0:
+            raise ConfigError(
+                "face-train-limit keeps images across all people, so removing one person would "
+                'change which images of the others are kept; with dp-unit = "person" set '
+                "face-train-limit = 0"
             )
         if self.privacy.dp and self.privacy.dp_unit == "person" and self.face_steps == 0:
             raise ConfigError(

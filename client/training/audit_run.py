@@ -113,6 +113,12 @@ def audit_site(
     units = face_units(settings, data)
     q = sample_rate(settings.face_batch, units)
     sigma = 0.0 if control else calibrated_noise(settings, data, p.max_epsilon, 0, 0.0)
+    coordinates = sum(params[i].numel() for i in released)
+    if design.canaries > coordinates:
+        raise ConfigError(
+            f"{design.canaries} canaries need as many coordinates of the released network, which "
+            f"has {coordinates}; use --canaries {coordinates} or fewer"
+        )
     canaries = DiracCanaries.draw(
         [x.numel() for x in params], released, design.canaries, p.face_clip, randomness
     )

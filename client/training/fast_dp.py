@@ -85,9 +85,20 @@ class Units:
         """Per-unit sums of a ``(n,)`` per-example tensor."""
         return per_example.new_zeros(self.count).index_add_(0, self.index, per_example)
 
-    def same(self) -> torch.Tensor:
-        """``(n, n)`` float mask: 1 where two examples belong to the same unit."""
-        return (self.index[:, None] == self.index[None, :]).to(torch.float32)
+    def norm_sq(self, pair: torch.Tensor, length: int) -> torch.Tensor:
+        """Each unit's squared norm from the ``(n, n)`` pairwise terms of its examples' gradients.
+
+        The terms are float64 and only same-unit pairs count (masked with ``where``, not a product:
+        ``inf * 0`` would be NaN and mark every other unit broken). The sum is rounded *up* by a bound
+        on its floating-point error (dot products of ``length`` terms, then ``n`` more), so that
+        cancellation between large, nearly opposite gradients can never shrink a unit's norm and let
+        it through unclipped; it only ever clips slightly more.
+        """
+        same = self.index[:, None] == self.index[None, :]
+        pair = torch.where(same, pair, torch.zeros((), dtype=pair.dtype))
+        error = (2 * (length + len(self.index)) + 4) * torch.finfo(torch.float64).eps
+        total = self.total(pair.sum(1)) + error * self.total(pair.abs().sum(1))
+        return total.clamp_min(0).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -262,13 +273,14 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, units: Units | N
         if bias is not None:
             norm_sq = norm_sq + g_sq
     else:  # ||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j) over one unit's examples
-        gram = (g @ g.T) * units.same().to(g.dtype)
+        gd, ad = g.detach().double(), a.double()
+        gram = gd @ gd.T
         pair = torch.zeros_like(gram)
         if layer.weight.requires_grad:
-            pair = pair + gram * (a @ a.T)
+            pair = pair + gram * (ad @ ad.T)
         if bias is not None:
             pair = pair + gram
-        norm_sq = units.total(pair.sum(1))
+        norm_sq = units.norm_sq(pair, g.shape[1] + a.shape[1])
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         h = g * factors[:, None]
@@ -294,9 +306,10 @@ def _cosine_head(
     if units is None:
         norm_sq = (gr.pow(2) * (e.pow(2).sum(1, keepdim=True) - cos.pow(2)).clamp_min(0)).sum(1)
     else:
-        hc = gr * cos
-        pair = ((gr @ gr.T) * (e @ e.T) - hc @ hc.T) * units.same().to(g.dtype)
-        norm_sq = units.total(pair.sum(1)).clamp_min(0)
+        grd, ed = gr.detach().double(), e.double()
+        hc = grd * cos.double()
+        pair = (grd @ grd.T) * (ed @ ed.T) - hc @ hc.T
+        norm_sq = units.norm_sq(pair, 2 * g.shape[1] + e.shape[1])
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         h = gr * factors[:, None]

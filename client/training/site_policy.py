@@ -160,6 +160,10 @@ def check_run(
     if not p.dp:
         if policy.require_dp:
             raise refuse("require-dp", "the run sets dp = false, but this site trains only with DP")
+        if policy.dp_unit == "person" and settings.face_steps > 0:
+            raise refuse(
+                "dp-unit", "the run sets dp = false, but this site protects whole people with DP"
+            )
         return math.inf
     if p.delta > policy.max_delta:
         raise refuse("max-delta", f"the run's delta {p.delta:g} is above {policy.max_delta:g}")

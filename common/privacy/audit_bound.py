@@ -26,6 +26,7 @@ from scipy import stats
 
 from common.errors import ConfigError
 
+MAX_CANARIES = 1_000_000
 EPSILON_CEILING = 100.0  # the search interval's top; a bound there means "any epsilon is refuted"
 
 
@@ -71,21 +72,27 @@ def check_design(m: int, r: int, delta: float, confidence: float) -> None:
     Raises:
         ConfigError: with the smallest number of guesses that could.
     """
+    if m > MAX_CANARIES:
+        raise ConfigError(f"an audit takes at most {MAX_CANARIES:,} canaries, got {m:,}")
     if m < 2 or not 2 <= r <= m:
         raise ConfigError(
             f"an audit needs at least 2 canaries and 2 <= guesses <= canaries, got {m} canaries "
             f"and {r} guesses"
         )
-    if epsilon_lower_bound(m, r, r, delta, confidence) > 0:
+
+    def shows(n: int) -> bool:  # n right answers of n refute epsilon = 0 (monotone in n)
+        return p_value(m, n, n, 0.0, delta) < 1 - confidence
+
+    if shows(r):
         return
-    needed = next(
-        (n for n in range(r, m + 1) if epsilon_lower_bound(m, n, n, delta, confidence) > 0), None
-    )
-    fix = (
-        f"use at least {needed} guesses"
-        if needed is not None
-        else "use more canaries, a smaller delta or a lower confidence"
-    )
+    if not shows(m):
+        fix = "use more canaries, a smaller delta or a lower confidence"
+    else:
+        low, high = r, m  # shows(low) is false, shows(high) is true
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if shows(middle) else (middle, high)
+        fix = f"use at least {high} guesses"
     raise ConfigError(
         f"{r} guesses on {m} canaries cannot show any epsilon at {confidence:.0%} confidence "
         f"(delta {delta:g}); {fix}"

@@ -253,7 +253,9 @@ def test_a_site_whose_policy_requires_person_level_refuses_an_example_level_run(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"person-max-images": 0}, "person-max-images must be >= 1"),
+        ({"person-max-images": 0}, "person-max-images must be in 1..10000"),
+        ({"person-max-images": 10**23}, "person-max-images must be in 1..10000"),
+        ({"face-train-limit": 100}, "face-train-limit keeps images across all people"),
         ({"dp-path": "opacus"}, "fast DP path only"),
         ({"face-steps": 0}, "no person ids"),
     ],
