@@ -13,6 +13,7 @@ Subcommands (see docs/deploy.md for the step-by-step guide)::
     site         start flower-supernode from a site kit (its signature, then local.toml)
     unit         print the systemd unit for a kit installed at a given path
     nodes        list SuperNodes and their status
+    status       one screen: the kit's services, sites and last run; exit 1 if something is down
     submit       sign the facefed app and start it, show its rounds as they finish; success judged
                  from `flwr ls`, not flwr's exit code
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import getpass
 import json
 import logging
@@ -46,6 +48,7 @@ from server import (
     deploy_local,
     deploy_provision,
     deploy_publisher,
+    deploy_status,
     deploy_units,
     deploy_watch,
 )
@@ -275,6 +278,13 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("nodes", help="list SuperNodes and their status (JSON)")
     _kit_arg(p)
     p.set_defaults(func=_cmd_nodes)
+
+    p = sub.add_parser(
+        "status",
+        help="the kit's services, sites and last run on one screen; exit 0 healthy, 1 if down",
+    )
+    _kit_arg(p)
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
         "submit", help="start a run; exit 0 only if `flwr ls` says finished:completed"
@@ -579,6 +589,47 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
     nodes = deploy_flwr.list_nodes(_coordinator_env(args.kit))
     print(json.dumps(site_nodes(args.kit, nodes), indent=2))
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    kit, probes = args.kit.resolve(), deploy_status.Probes()
+    if (kit / "coordinator.toml").exists():
+        cfg = deploy.load_coordinator(kit)
+        results = _read_results(Path(cfg.run_locations(kit)["out-dir"]) / "results.json")
+        checks = deploy_status.coordinator_checks(
+            kit, cfg, probes, results=results, now=dt.datetime.now().astimezone(),
+            nodes=lambda: site_nodes(kit, deploy_flwr.list_nodes(_coordinator_env(kit), timeout=15)),
+            runs=lambda: deploy_flwr.call(
+                ["ls", deploy.CONNECTION], _coordinator_env(kit), timeout=15
+            )["runs"],
+        )  # fmt: skip
+        title = f"coordinator kit {kit}"
+        if any(c.state == "down" and not c.name.startswith("site ") for c in checks):
+            hint = "start it: ./start-coordinator.sh or `systemctl start facefed-coordinator`"
+        else:
+            hint = (
+                "start each such site's SuperNode: start-site.sh or `systemctl start facefed-site`"
+            )
+    elif (kit / "site.toml").exists():
+        site_cfg = deploy_local.apply_local(kit, deploy.load_site(kit))
+        checks = deploy_status.site_kit_checks(kit, site_cfg, probes)
+        title = f"site kit {kit} ({site_cfg.site_id})"
+        if checks[0].state == "down":
+            hint = "start it: ./start-site.sh or `systemctl start facefed-site`"
+        else:
+            hint = "ask the coordinator's operator; check the firewall (docs/deploy.md section 2)"
+    else:
+        raise ConfigError(f"{kit} holds neither coordinator.toml nor site.toml; pass a kit folder")
+    print(deploy_status.render(title, checks, hint))
+    return 0 if deploy_status.healthy(checks) else 1
+
+
+def _read_results(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def site_nodes(kit: Path, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
