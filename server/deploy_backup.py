@@ -334,7 +334,10 @@ def _warn_outside_runs(kit: Path, kind: str) -> None:
         return
     from server import deploy
 
-    out = Path(deploy.load_coordinator(kit).out_dir)
+    try:
+        out = Path(deploy.load_coordinator(kit).out_dir)
+    except ConfigError:  # a kit that no longer parses is still worth its backup
+        return
     if out.is_absolute() and kit not in out.resolve().parents:
         logger.warning(
             "coordinator.toml's out-dir %s lies outside the kit and is not in this backup; "
