@@ -43,6 +43,7 @@ from common.errors import ConfigError
 from common.paths import REPO_ROOT
 from server import (
     deploy,
+    deploy_backup,
     deploy_flwr,
     deploy_kitsign,
     deploy_local,
@@ -120,6 +121,7 @@ def register(subparsers: Any) -> None:
         "deploy", help="provision and start a real SuperLink / SuperNode federation"
     )
     sub = parser.add_subparsers(dest="deploy_command", metavar="SUBCOMMAND", required=True)
+    deploy_backup.register(sub)
 
     p = sub.add_parser(
         "init", allow_abbrev=False, help="create the CA, server certificate and all kits"
@@ -645,7 +647,9 @@ def site_nodes(kit: Path, nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for node in nodes:
         online = node.get("status") == "online"
-        last = "now" if online else node.get("offline-at") or node.get("online-at") or "never"
+        times = [node.get(k) for k in ("offline-at", "online-at")]
+        known = [t for t in times if t and t != "N/A"]  # flwr writes N/A for a time not recorded
+        last = "now" if online else known[0] if known else "never"
         rows.append({"site": by_id.get(str(node.get("node-id"))), "last-seen": last, **node})
     listed = {row["site"] for row in rows}
     for site in cfg.sites:

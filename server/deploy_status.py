@@ -1,9 +1,9 @@
 """``facefed deploy status``: one screen on a kit's health, and whether anything is down.
 
 For a **coordinator kit**: the SuperLink (Flower 1.41's ``GET /health`` on the loopback control port,
-over TLS verified against the kit's CA), the public Fleet gateway (it must answer, and refuse
-``/health`` as it refuses every non-Fleet path), the ServerApp (a run in flight or idle), every site
-of the kit with its last-seen time, and the last run. For a **site kit**: the SuperNode and whether
+over TLS verified against the kit's CA), the public Fleet gateway (a TLS handshake with a certificate
+from the kit's CA, and no request, which the gateway would log as refused), the ServerApp (a run in
+flight or idle), every site of the kit with its last-seen time, and the last run. For a **site kit**: the SuperNode and whether
 the coordinator's public port answers with a certificate from the kit's CA.
 
 Each service's state comes from systemd (``systemctl is-active``) when a unit for *this* kit is
@@ -125,6 +125,22 @@ class Probes:
         finally:
             conn.close()
 
+    def tls(self, host: str, port: int, ca: Path) -> None:
+        """A TLS handshake with ``host:port``, its certificate verified against ``ca`` for ``host``.
+
+        No request is sent: the gateway logs every non-Fleet request it refuses, and a status probe
+        must not fill that log.
+
+        Raises:
+            OSError: refused, timed out, or the TLS check failed (``ssl.SSLError`` is an OSError).
+        """
+        context = ssl.create_default_context(cafile=str(ca))
+        with (
+            socket.create_connection((host, port), timeout=5.0) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return
+
     def tcp(self, host: str, port: int) -> bool:
         """Whether ``host:port`` accepts a TCP connection."""
         try:
@@ -177,14 +193,16 @@ def format_last_seen(row: Mapping[str, Any], now: dt.datetime) -> str:
 
 
 def site_checks(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> list[Check]:
-    """One check per kit site (``deploy nodes`` rows with a site name); revoked ones are info."""
+    """One check per kit site (``deploy nodes`` rows with a site name); revoked or unregistered
+    sites are information, never down."""
     checks = []
     for row in rows:
         site = row.get("site")
         if not site:
             continue
         status = row.get("status")
-        state: State = "up" if status == "online" else "info" if status == "revoked" else "down"
+        gone = status in {"revoked", "unregistered", "deleted"}  # not part of the federation
+        state: State = "up" if status == "online" else "info" if gone else "down"
         node = f" (node {row['node-id']})" if row.get("node-id") else ""
         checks.append(Check(f"site {site}", state, format_last_seen(row, now) + node))
     return checks
@@ -234,12 +252,16 @@ def _superlink_health(status: int, _body: bytes) -> tuple[bool, str]:
     return status == 200, f"/health {status}" + ("" if status == 200 else " (expected 200)")
 
 
-def _gateway_refusal(status: int, body: bytes) -> tuple[bool, str]:
-    from server.deploy_gateway import REFUSAL  # uvicorn and httpx: imported only when needed
+def _probe_tls(probes: Probes, host: str, port: int, ca: Path) -> Callable[[], tuple[bool, str]]:
+    def probe() -> tuple[bool, str]:
+        where = f"{host}:{port}"
+        try:
+            probes.tls(host, port, ca)
+        except OSError as exc:
+            return False, f"{where}: {why(exc)}"
+        return True, f"{where}: TLS handshake, certificate from the kit's CA"
 
-    if status == 404 and body.startswith(REFUSAL.strip()):
-        return True, "answers, serves only the Fleet API"
-    return False, f"/health {status}: not facefed's Fleet gateway (it must refuse /health)"
+    return probe
 
 
 def _cmd_has(*parts: str) -> Callable[[list[str]], bool]:
@@ -272,7 +294,7 @@ def coordinator_checks(
     gateway = service(
         "gateway", unit=unit, kit=kit, probes=probes,
         process=_cmd_has("python", "gateway", str(kit)),
-        probe=_probe_https(probes, public, cfg.port, ca, _gateway_refusal),
+        probe=_probe_tls(probes, public, cfg.port, ca),
     )  # fmt: skip
     checks = [superlink, gateway]
     if superlink.state != "up":
@@ -313,7 +335,5 @@ def site_kit_checks(kit: Path, cfg: Any, probes: Probes) -> list[Check]:
         # started with --runtime-port N: the process is the better witness
         supernode = Check("SuperNode", "up", supernode.detail)
     host, _, port = cfg.superlink.rpartition(":")
-    link = _probe_https(
-        probes, host.strip("[]"), int(port), kit / "certs" / "ca.crt", _gateway_refusal
-    )()
+    link = _probe_tls(probes, host.strip("[]"), int(port), kit / "certs" / "ca.crt")()
     return [supernode, Check("coordinator", "up" if link[0] else "down", link[1])]

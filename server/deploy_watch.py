@@ -43,6 +43,7 @@ NodeRows = Sequence[Mapping[str, Any]]  # rows of ``deploy nodes`` (server.deplo
 SERVERAPP_SITE_WAIT_S = 600.0  # server/strategy.py: wait_timeout_s, the wait for every site
 DEFAULT_WARN_AFTER_S = 60.0
 DEFAULT_INTERVAL_S = 60.0
+_NOT_RECORDED = "N/A"  # what `flwr supernode list --format json` writes for a time it has not
 _GONE = {"online", "revoked", "unregistered", "deleted"}  # not absent: online, or never coming
 
 
@@ -57,7 +58,7 @@ def file_stamp(path: Path) -> Stamp | None:
 
 def format_when(value: object, now: dt.datetime) -> str:
     """A Flower ISO timestamp as the local ``21:35`` (today) or ``2026-11-30 21:35``."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or value in {"", _NOT_RECORDED}:
         return "never"
     try:
         when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -75,7 +76,12 @@ def site_absence(row: Mapping[str, Any], now: dt.datetime) -> str:
     if status in {"revoked", "not registered"}:
         return status
     if status == "offline":
-        return f"offline since {format_when(row.get('offline-at'), now)}"
+        when = row.get("offline-at")
+        return (
+            "offline"
+            if when in {None, "", _NOT_RECORDED}
+            else f"offline since {format_when(when, now)}"
+        )
     if status == "registered":  # registered, its SuperNode never connected
         return "never connected"
     return status or "unknown"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,6 @@ import pytest
 
 from common.cli import main
 from server import deploy, deploy_status
-from server.deploy_gateway import REFUSAL
 from server.deploy_status import Check, Probes
 
 NOW = dt.datetime(2026, 12, 2, 21, 40, tzinfo=dt.UTC)
@@ -23,7 +24,7 @@ class FakeProbes(Probes):
         self,
         *,
         superlink: int | None = 200,
-        gateway: tuple[int, bytes] | None = (404, REFUSAL),
+        gateway: OSError | None = None,
         unit: dict[str, str] | None = None,
         procs: list[list[str]] | None = None,
     ) -> None:
@@ -36,13 +37,15 @@ class FakeProbes(Probes):
         return self.procs
 
     def https(self, host: str, port: int, path: str, ca: Path) -> tuple[int, bytes]:
-        if port == 9091:
-            if self.superlink is None:
-                raise ConnectionRefusedError()
-            return self.superlink, b""
-        if self.gateway is None:
+        assert port == 9091 and path == "/health"
+        if self.superlink is None:
             raise ConnectionRefusedError()
-        return self.gateway
+        return self.superlink, b""
+
+    def tls(self, host: str, port: int, ca: Path) -> None:
+        assert port == 9093
+        if self.gateway is not None:
+            raise self.gateway
 
     def tcp(self, host: str, port: int) -> bool:
         return False
@@ -98,7 +101,10 @@ def test_a_healthy_coordinator_with_an_offline_site_is_down_and_says_since_when(
 
     by_name = {c.name: c for c in checks}
     assert by_name["SuperLink"].state == "up" and "/health 200" in by_name["SuperLink"].detail
-    assert by_name["gateway"].state == "up" and "only the Fleet API" in by_name["gateway"].detail
+    assert (
+        by_name["gateway"].state == "up"
+        and "certificate from the kit's CA" in by_name["gateway"].detail
+    )
     assert by_name["site site-1"].state == "up"
     assert by_name["site site-2"] == Check("site site-2", "down", "offline since 21:35 (node 12)")
     assert by_name["site site-3"].state == "info"  # revoked: never counts against health
@@ -118,11 +124,15 @@ def test_every_site_online_and_a_run_in_flight_is_healthy() -> None:
     assert deploy_status.render("t", checks, "h").endswith("\nhealthy")
 
 
-def test_a_port_that_answers_health_is_not_the_gateway() -> None:
-    checks = _checks(FakeProbes(gateway=(200, b"")))
+def test_a_gateway_whose_certificate_is_not_from_the_kits_ca_is_down() -> None:
+    wrong = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    wrong.verify_message = "unable to get local issuer certificate"
+
+    checks = _checks(FakeProbes(gateway=wrong))
 
     gateway = next(c for c in checks if c.name == "gateway")
-    assert gateway.state == "down" and "not facefed's Fleet gateway" in gateway.detail
+    assert gateway.state == "down"
+    assert gateway.detail.startswith("127.0.0.1:9093: TLS: unable to get local issuer certificate")
 
 
 def test_systemd_has_the_last_word_when_its_unit_runs_this_kit() -> None:
@@ -163,6 +173,11 @@ def test_a_kit_with_nothing_running_is_down_on_one_screen_with_exit_1(
     assert main([*argv, "--out", str(out), "--control-port", "1", "--port", "2"]) == 0
     capsys.readouterr()
 
+    with socket.socket() as sock:  # a closed runtime port, whatever else runs on this machine
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    (out / "sites" / "site-1" / "local.toml").write_text(f"[site]\nruntime-port = {closed}\n")
+
     coordinator = main(["deploy", "status", "--kit", str(out / "coordinator")])
     screen = capsys.readouterr().out
     site = main(["deploy", "status", "--kit", str(out / "sites" / "site-1")])
@@ -170,9 +185,9 @@ def test_a_kit_with_nothing_running_is_down_on_one_screen_with_exit_1(
 
     assert coordinator == 1 and site == 1
     assert "  SuperLink    DOWN  https://127.0.0.1:1: connection refused; no process" in screen
-    assert "  gateway      DOWN  https://127.0.0.1:2: connection refused; no process" in screen
+    assert "  gateway      DOWN  127.0.0.1:2: connection refused; no process" in screen
     assert screen.splitlines()[-1].startswith("down: SuperLink, gateway; start it:")
-    assert "  SuperNode    DOWN  runtime port 127.0.0.1:9094" in site_screen
+    assert f"  SuperNode    DOWN  runtime port 127.0.0.1:{closed} closed; no process" in site_screen
     assert site_screen.splitlines()[-1].startswith("down: SuperNode, coordinator; start it:")
 
 

@@ -219,6 +219,7 @@ def test_the_node_listing_is_asked_at_most_every_few_seconds_and_a_failure_keeps
         ({"status": "offline", "offline-at": "2026-12-02T21:35:00+00:00"}, "offline since 21:35"),
         ({"status": "offline", "offline-at": "2026-11-30T08:05:00+00:00"}, "offline since 2026-11-30 08:05"),
         ({"status": "registered"}, "never connected"),
+        ({"status": "offline", "offline-at": "N/A"}, "offline"),  # Flower's "not recorded"
         ({"status": "not registered"}, "not registered"),
     ],
 )  # fmt: skip
@@ -229,6 +230,8 @@ def test_a_site_absence_in_words(row: dict[str, Any], expected: str) -> None:
 def test_a_timestamp_flower_did_not_write_is_shown_as_is() -> None:
     assert format_when("yesterday", NOW) == "yesterday"
     assert format_when(None, NOW) == "never"
+    assert format_when("N/A", NOW) == "never"
+    assert format_when("2026-12-02 21:35:00Z", NOW) == "21:35"  # as flwr writes it
 
 
 def test_wait_for_run_shows_every_record_to_the_watch(monkeypatch: pytest.MonkeyPatch) -> None:
