@@ -444,7 +444,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         for name, (cmd, penv) in commands.items()
     }
 
+    asked: list[int] = []  # the stop signal received, if any
+
     def forward(signum: int, _frame: object) -> None:
+        asked.append(signum)
         for proc in procs.values():
             proc.send_signal(signum)
 
@@ -453,7 +456,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         if not args.no_register:
             deploy_flwr.wait_for_superlink(env, timeout=120.0)
             _register_sites(args.kit, env, None)
-        return _wait_first(procs)
+        code = _wait_first(procs)
+        # A stop that was asked for (systemctl stop, kill, Ctrl-C) is not a failure: a negative
+        # code (the child died of the forwarded signal) would exit 241 and mark the unit failed.
+        return (130 if asked[0] == signal.SIGINT else 0) if asked else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -224,7 +224,7 @@ def run_check(
     detail = f"run {last.get('run-id')}: {last.get('status')}"
     if last.get("elapsed") is not None:
         detail += f", {last.get('elapsed')} s"
-    if details := last.get("status-details"):
+    if (details := last.get("status-details")) and details != "N/A":  # flwr: N/A for none
         detail += f" ({' '.join(str(details).split())[:100]})"
     if results is not None:
         rounds = results.get("rounds") or []

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,8 @@ ROWS = [
     {"site": "site-3", "node-id": None, "status": "revoked"},
 ]
 RUNS = [
-    {"run-id": "9", "status": "finished:completed", "elapsed": 300, "pending-at": "2026-12-01T10:00"},
+    {"run-id": "9", "status": "finished:completed", "elapsed": 300, "pending-at": "2026-12-01T10:00",
+     "status-details": "N/A"},
     {"run-id": "4", "status": "finished:failed", "elapsed": 12, "pending-at": "2026-12-02T09:00",
      "status-details": "only 1 of 2 sites connected within 600 s"},
 ]  # fmt: skip
@@ -90,6 +94,7 @@ def test_systemctl_show_is_parsed_and_a_unit_counts_only_for_its_own_kit(tmp_pat
 
 def test_the_last_run_is_the_last_submitted_whatever_its_id() -> None:
     assert deploy_status.last_run(RUNS)["run-id"] == "4"  # type: ignore[index]
+    assert deploy_status.run_check(RUNS[:1], None)[1].detail == "run 9: finished:completed, 300 s"
     assert deploy_status.last_run([]) is None
     assert deploy_status.in_flight([*RUNS, {"run-id": "5", "status": "running"}]) == [
         {"run-id": "5", "status": "running"}
@@ -199,3 +204,36 @@ def test_status_of_a_folder_that_is_no_kit_is_one_line_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("facefed: error: ") and "pass a kit folder" in err[0]
+
+
+@pytest.mark.parametrize(("sig", "expected"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_coordinator_stopped_on_purpose_exits_cleanly_so_systemd_does_not_call_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: int, expected: int
+) -> None:
+    from server import deploy_cli
+
+    out = tmp_path / "k"
+    argv = ["deploy", "init", "--sites", "1", "--coordinator", "127.0.0.1", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path)]) == 0
+
+    class Child:  # a SuperLink / gateway that dies of the signal forwarded to it
+        def __init__(self, *_a: object, **_k: object) -> None:
+            self.code: int | None = None
+
+        def send_signal(self, signum: int) -> None:
+            self.code = -signum
+
+        def poll(self) -> int | None:
+            return self.code
+
+        terminate = kill = lambda self: None
+
+        def wait(self, timeout: float) -> int | None:
+            return self.code
+
+    monkeypatch.setattr(deploy_cli.subprocess, "Popen", Child)
+    threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
+
+    code = main(["deploy", "coordinator", "--kit", str(out / "coordinator"), "--no-register"])
+
+    assert code == expected
