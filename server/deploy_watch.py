@@ -220,6 +220,8 @@ class RunWatch:
                     "run needs are online"
                 )
             return "round 1: waiting for the sites' replies"
+        if self.num_rounds and self.reported >= self.num_rounds:
+            return f"all {self.num_rounds} rounds done: the ServerApp is closing the run"
         current = self.reported + 1
         text = f"round {current}" + (f"/{self.num_rounds}" if self.num_rounds else "")
         text += ": training on the sites"

@@ -288,3 +288,15 @@ def test_submit_shows_each_round_of_the_run_and_its_waiting_sites(
     assert code == 0
     assert said[0].startswith("waiting for site-2 (offline since ")
     assert any(m.startswith("round 1/3 done: LFW 0.710") for m in said)
+
+
+def test_after_the_last_round_the_run_is_closing_not_in_a_round_past_the_last(
+    tmp_path: Path,
+) -> None:
+    results, clock = tmp_path / "results.json", Clock()
+    watch, lines, _ = _watch(results, _online("site-1", "site-2"), clock)
+    _write(results, [_round(1, 1.0), _round(2, 2.0), _round(3, 3.0)])
+
+    watch.poll(RUNNING)
+
+    assert lines[-1] == "all 3 rounds done: the ServerApp is closing the run (0 s)"
