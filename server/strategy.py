@@ -16,11 +16,12 @@ Three changes to Flower's behaviour:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -263,15 +264,39 @@ def _common_kwargs(settings: RunSettings) -> dict[str, Any]:
     }
 
 
+class _NoSkippedEvaluationWarning(logging.Filter):
+    """Drops Flower's "fraction_evaluate is set to 0.0 ... evaluation will be skipped" warning.
+
+    facefed sets it on purpose: the coordinator evaluates the global model itself on held-out data
+    (server/run.py), so the sites never evaluate and the warning misleads whoever reads the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "fraction_evaluate is set to 0.0" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_skipped_evaluation() -> Iterator[None]:
+    flower = logging.getLogger("flwr")
+    quiet = _NoSkippedEvaluationWarning()
+    flower.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flower.removeFilter(quiet)
+
+
 class FacefedFedAvg(CohortMixin, FedAvg):
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(**_common_kwargs(settings))
+        with _quiet_skipped_evaluation():
+            super().__init__(**_common_kwargs(settings))
         self._init_cohort(settings)
 
 
 class FacefedFedAdam(CohortMixin, FedAdam):
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(**_common_kwargs(settings), eta=settings.server_lr)
+        with _quiet_skipped_evaluation():
+            super().__init__(**_common_kwargs(settings), eta=settings.server_lr)
         self._init_cohort(settings)
 
     def configure_train(
@@ -287,7 +312,8 @@ class FacefedFedTrimmedAvg(CohortMixin, FedTrimmedAvg):
     """Coordinate-wise trimmed mean (Yin et al., 2018): robust to a minority of poisoned updates."""
 
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(**_common_kwargs(settings), beta=settings.trim_fraction)
+        with _quiet_skipped_evaluation():
+            super().__init__(**_common_kwargs(settings), beta=settings.trim_fraction)
         self._init_cohort(settings)
 
 
@@ -295,7 +321,8 @@ class FacefedFedMedian(CohortMixin, FedMedian):
     """Coordinate-wise median (Yin et al., 2018): robust to up to half the updates being poisoned."""
 
     def __init__(self, settings: RunSettings) -> None:
-        super().__init__(**_common_kwargs(settings))
+        with _quiet_skipped_evaluation():
+            super().__init__(**_common_kwargs(settings))
         self._init_cohort(settings)
 
 

@@ -390,3 +390,33 @@ def test_results_json_keeps_each_sites_privacy_accounting_and_nothing_of_its_tra
     plain = _client_record(7, site_metrics(2, dp=0, epsilon=-1.0, **{"secret-noise": None}))
     assert plain["epsilon"] == plain["epsilon_lifetime"] == "inf"
     assert "secret_noise" not in plain
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "trimmed-mean", "median"])
+def test_no_strategy_logs_flowers_misleading_skipped_evaluation_warning(aggregation: str) -> None:
+    """facefed evaluates on the coordinator; Flower's "evaluation will be skipped" would mislead."""
+    import logging
+
+    from flwr.serverapp.strategy import FedAvg
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    def warnings_while(build) -> list[str]:
+        records.clear()
+        flower = logging.getLogger("flwr")
+        keep = Keep(level=logging.DEBUG)
+        flower.addHandler(keep)
+        try:
+            build()
+        finally:
+            flower.removeHandler(keep)
+        return [r.getMessage() for r in records if "evaluation will be skipped" in r.getMessage()]
+
+    # the capture sees Flower's own strategy warn, so its silence below means something
+    assert warnings_while(lambda: FedAvg(fraction_evaluate=0.0))
+    assert not warnings_while(lambda: make_strategy(parse_run_config({"aggregation": aggregation})))
+    assert warnings_while(lambda: FedAvg(fraction_evaluate=0.0))  # the filter did not stay behind
