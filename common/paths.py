@@ -34,8 +34,14 @@ CACHE_FILE_MODE = 0o600
 # (common.data.fer2013, .lfw, .chips, common.features) and the temporary names of atomic writes
 # and extractions.
 _CACHE_ENTRY = re.compile(
-    r"[\w.+-]+-[0-9a-f]{16}|(fer2013|lfw|chips|features)-[\w.-]+\.npz|\..+\.tmp"
+    r"[\w.+-]+-[0-9a-f]{16}|(fer2013|lfw|chips|features)-[\w.-]+\.npz|\..+\.tmp|CACHEDIR\.TAG"
 )
+# The Cache Directory Tagging Specification's tag (https://bford.info/cachedir/): facefed writes it
+# into a cache folder it creates, and deletes a folder only if it holds it (names alone can match
+# someone else's folder).
+CACHE_TAG = "CACHEDIR.TAG"
+_TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+_TAG_TEXT = f"{_TAG_SIGNATURE}\n# facefed's cache of decoded face data; `facefed data clear-cache` removes it.\n"
 _warned: set[Path] = set()
 
 
@@ -79,9 +85,18 @@ def cache_dir() -> Path:
         path.mkdir(mode=CACHE_DIR_MODE)
     except FileExistsError:
         _tighten(path)
+        if any(path.iterdir()):
+            return path  # a folder facefed did not create empty is never tagged as its own
     else:
         os.chmod(path, CACHE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    _write_tag(path)
     return path
+
+
+def _write_tag(path: Path) -> None:
+    fd = os.open(path / CACHE_TAG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CACHE_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="ascii") as tag:
+        tag.write(_TAG_TEXT)
 
 
 def _tighten(path: Path) -> None:
@@ -116,6 +131,17 @@ def is_facefed_cache(path: Path) -> bool:
     return bool(names) and all(_CACHE_ENTRY.fullmatch(name) for name in names)
 
 
+def is_tagged_cache(path: Path) -> bool:
+    """Whether ``path`` holds the cache tag facefed writes into a cache folder it creates."""
+    tag = path / CACHE_TAG
+    if tag.is_symlink() or not tag.is_file():
+        return False
+    try:
+        return tag.read_text(encoding="ascii", errors="replace").startswith(_TAG_SIGNATURE)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ClearedCache:
     """What :func:`clear_cache` removed."""
@@ -145,6 +171,8 @@ def clear_cache() -> ClearedCache:
         why = "it is the root, home, current or facefed folder"
     elif not is_facefed_cache(path):
         why = "it holds files that facefed does not write there"
+    elif not is_tagged_cache(path):
+        why = f"it has no {CACHE_TAG}, which facefed writes into a cache folder it creates"
     else:
         why = ""
     if why:

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 import sys
 import tomllib
@@ -413,6 +414,17 @@ def supernode_command(kit: Path, cfg: SiteConfig) -> list[str]:
         "--host", "127.0.0.1",
         "--port", str(cfg.runtime_port),
     ]  # fmt: skip
+
+
+def drop_installed_apps(kit: Path) -> None:
+    """Remove the app bundles Flower installed under the kit's ``flwr-home/apps``.
+
+    Flower reuses an installed app folder without checking it against the signed bundle, and
+    ``flwr-home`` is written at run time, outside the kit's signature: code planted there would run
+    in place of the publisher's. Every start therefore begins without installed apps; each run
+    installs its verified bundle afresh.
+    """
+    shutil.rmtree(kit / "flwr-home" / "apps", ignore_errors=True)
 
 
 def flwr_env(kit: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -292,7 +292,7 @@ def backup(kit: Path, to: Path) -> dict[str, Any]:
     """
     kit = kit.resolve()
     kind = kit_kind(kit)
-    to = to.absolute()
+    to = to.resolve()  # a '..' or a symlink must not hide that it points into the kit
     if to == kit or kit in to.parents:
         raise ConfigError(f"backup folder {to} is inside the kit {kit}; put it outside the kit")
     plain, databases, stores, folders = _walk(kit)

@@ -391,17 +391,18 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    # Kits made before kits were signed have no provisioning key yet: one is made at the default.
-    key = deploy_kitsign.load_or_create_key(
-        args.provisioning_key or deploy_kitsign.default_key_path(args.out),
-        create=args.provisioning_key is None,
-    )
     coord = deploy_provision.coordinator_dir(args.out)
     deploy.load_coordinator(coord)  # a kit that no longer parses is not signed
     kits = [(coord, "coordinator")]
     for site in sorted(p.name for p in (args.out / "sites").glob("*") if p.is_dir()):
         deploy.load_site(deploy_provision.site_dir(args.out, site))
         kits.append((deploy_provision.site_dir(args.out, site), site))
+    # Only once the kits are known to be there: kits made before kits were signed have no
+    # provisioning key yet, and one is made at the default.
+    key = deploy_kitsign.load_or_create_key(
+        args.provisioning_key or deploy_kitsign.default_key_path(args.out),
+        create=args.provisioning_key is None,
+    )
     for kit, name in kits:
         deploy_kitsign.sign_kit(kit, key, name=name)
         print(f"signed {kit} ({deploy_kitsign.key_fingerprint(key.public_key())})")
@@ -423,6 +424,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             print(shlex.join(cmd))
         return 0
     deploy_kitsign.verify_kit(args.kit, pinned=deploy_kitsign.pinned_key(args.kit_key))
+    deploy.drop_installed_apps(args.kit)
     deploy_provision.refuse_revoked_server_cert(args.kit)
     for sub in ("state", "logs", "runs"):
         (args.kit / sub).mkdir(parents=True, exist_ok=True)
@@ -564,6 +566,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
         return 0
     # Fail closed: without a trusted publisher, Flower runs whatever bundle a run brings.
     deploy_publisher.load_trusted_entities(args.kit / deploy_publisher.TRUSTED_ENTITIES)
+    deploy.drop_installed_apps(args.kit)
     if not Path(cfg.data_dir).is_dir():
         raise ConfigError(
             f"data-dir {cfg.data_dir} (site.toml, {deploy_local.LOCAL} or --data-dir) does not "

@@ -112,8 +112,11 @@ def _hash_copy(source: Path, dest: Path | None) -> tuple[str, int]:
 def verify_backup(source: Path) -> tuple[dict[str, Any], list[Planned]]:
     """Every file of the backup against its manifest; IntegrityError naming the first bad one."""
     manifest, files = read_manifest(source)
+    root = (source / FILES).resolve()
     for item in files:
         where = source / FILES / item.path
+        if root not in where.resolve().parents:  # a folder of the backup linked elsewhere
+            raise IntegrityError(f"backup file {where} leads outside the backup; {_FIX}")
         try:
             digest, size = _hash_copy(where, None)
         except OSError:
@@ -134,13 +137,16 @@ def _last_release(marker: Path) -> int:
 
 
 def _refuse_rollback(source: Path, kit: Path, files: list[Planned]) -> None:
-    for item in files:
-        if item.path.name != site_store.MARKER:
-            continue
-        ours, theirs = _last_release(source / FILES / item.path), _last_release(kit / item.path)
+    # Every site state of the kit being replaced, whether or not the backup holds one: a backup
+    # taken before the site's first release would otherwise erase the history it has since spent.
+    markers = {item.path for item in files if item.path.name == site_store.MARKER}
+    markers |= {PurePosixPath(p.relative_to(kit).as_posix()) for p in kit.rglob(site_store.MARKER)}
+    for marker in sorted(markers):
+        ours = _last_release(source / FILES / marker)  # 0 when the backup has none
+        theirs = _last_release(kit / marker)
         if theirs > ours:
             raise RefusedError(
-                f"{kit / item.path} records release {theirs}, newer than the backup's {ours}: "
+                f"{kit / marker} records release {theirs}, newer than the backup's {ours}: "
                 "restoring it would make the site forget privacy budget it has spent; keep the "
                 "newer state, or pass --allow-older-state if it is known to be damaged"
             )

@@ -17,7 +17,12 @@ from common.data.archives import extract_archive, load_or_build
 from common.data.orl import ARCHIVE as ORL_ARCHIVE
 from common.data.orl import load_orl
 from common.errors import DataError
-from common.paths import data_dir
+from common.paths import CACHE_TAG, data_dir
+
+
+def entries(cache: Path) -> list[str]:
+    """What the cache holds besides the CACHEDIR.TAG facefed writes into a cache it creates."""
+    return sorted(p.name for p in cache.iterdir() if p.name != CACHE_TAG)
 
 
 def _make_tar(path: Path, members: dict[str, bytes]) -> Path:
@@ -40,7 +45,7 @@ def test_extracts_into_cache_folder_named_by_archive_and_content(
     assert root.name.startswith("toy-")
     assert (root / "toy" / "a.txt").read_bytes() == b"alpha"
     assert (root / "toy" / "sub" / "b.txt").read_bytes() == b"beta"
-    assert [p.name for p in isolated_cache.iterdir()] == [root.name]  # no temp folder left behind
+    assert entries(isolated_cache) == [root.name]  # no temp folder left behind
 
 
 def test_second_call_reuses_the_extraction(
@@ -82,7 +87,7 @@ def test_concurrent_extractions_agree_and_leave_one_complete_copy(
     assert sorted(p.name for p in (roots[0] / "toy").iterdir()) == sorted(
         Path(m).name for m in members
     )
-    assert [p.name for p in isolated_cache.iterdir()] == [roots[0].name]
+    assert entries(isolated_cache) == [roots[0].name]
 
 
 def test_rejects_members_that_escape_the_target(isolated_cache: Path, tmp_path: Path) -> None:
@@ -92,7 +97,7 @@ def test_rejects_members_that_escape_the_target(isolated_cache: Path, tmp_path: 
         extract_archive(archive)
 
     assert not (isolated_cache / "escaped.txt").exists()
-    assert list(isolated_cache.iterdir()) == []  # the temp folder was cleaned up
+    assert entries(isolated_cache) == []  # the temp folder was cleaned up
 
 
 def test_absolute_member_paths_stay_inside_the_target(isolated_cache: Path, tmp_path: Path) -> None:
@@ -141,7 +146,7 @@ def test_corrupt_archive_is_a_data_error(isolated_cache: Path, tmp_path: Path, d
         load_orl(data_dir=tmp_path)
 
     assert ORL_ARCHIVE in str(err.value)
-    assert list(isolated_cache.iterdir()) == []
+    assert entries(isolated_cache) == []
 
 
 def test_archive_disagreeing_with_sha256sums_is_rejected(

@@ -16,7 +16,7 @@ import pytest
 from common.data.archives import load_or_build
 from common.data.lfw import load_lfw
 from common.data.orl import load_orl
-from common.paths import DEFAULT_DATA_DIR, cache_dir, is_facefed_cache
+from common.paths import CACHE_TAG, DEFAULT_DATA_DIR, cache_dir, is_facefed_cache
 
 needs_data = pytest.mark.skipif(
     not Path(os.environ.get("FACEFED_DATA") or DEFAULT_DATA_DIR).is_dir(),
@@ -104,10 +104,12 @@ def test_clear_cache_removes_the_cache_and_says_how_much(isolated_cache: Path) -
         b"y" * 234
     )
 
+    tag = (isolated_cache / CACHE_TAG).stat().st_size  # the cache tag cache_dir() wrote
+
     proc = clear_cache_cli(isolated_cache)
 
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"removed {isolated_cache}: 2 files, 1,234 bytes\n"
+    assert proc.stdout == f"removed {isolated_cache}: 3 files, {1234 + tag:,} bytes\n"
     assert not isolated_cache.exists()
 
 
