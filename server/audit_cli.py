@@ -59,19 +59,20 @@ def _verify(args: argparse.Namespace) -> VerificationResult:
 def format_result(result: VerificationResult) -> str:
     """Return the human-readable verification text that ``audit verify`` prints."""
     pinned = "pinned" if result.coordinator_pinned else "NOT pinned"
+    unit_width = max([8, *(len(s.privacy_unit) for s in result.sites)])
     lines = [
         f"ledger      {result.path}",
         f"run         {result.run_id}",
         f"coordinator {result.coordinator_fingerprint} ({pinned})",
         f"entries     {len(result.entries)}; run closed: {'yes' if result.closed else 'no'}",
         "",
-        f"{'site':<16} {'guarantee':<14} {'unit':<8} {'rounds':>6} {'noise':<13} {'eps':>9} "
+        f"{'site':<16} {'guarantee':<14} {'unit':<{unit_width}} {'rounds':>6} {'noise':<13} {'eps':>9} "
         f"{'lifetime':>9} {'budget':>9} {'left':>9}   cross-check at delta",
     ]
     for s in result.sites:
         cross = "  ".join(f"{a.upper()} {v:.4f}" for a, v in s.cross_check.items())
         lines.append(
-            f"{s.site_id:<16} {s.guarantee:<14} {s.privacy_unit:<8} {len(s.rounds):>6} "
+            f"{s.site_id:<16} {s.guarantee:<14} {s.privacy_unit:<{unit_width}} {len(s.rounds):>6} "
             f"{'+'.join(s.noise_kinds):<13} {s.cumulative:>9.4f} {s.lifetime:>9.4f} "
             f"{s.budget:>9.4f} {s.remaining:>9.4f}   {cross}  (δ={s.delta:g})"
         )
