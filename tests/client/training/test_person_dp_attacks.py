@@ -14,11 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flwr.app import RecordDict
-from opacus.accountants import RDPAccountant
 from torch import nn
 
 from client.training.dp_random import SeededRandomness
-from client.training.fast_dp import FastDpSgd, Units, person_batch
+from client.training.fast_dp import Units, person_batch
 from client.training.privacy_state import STATE_KEY
 from client.training.site_data import subsample_people
 from client.training.site_policy import PolicyRefusal, SitePolicy, check_run
@@ -46,20 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _fast(module: nn.Module, loss, clip: float) -> FastDpSgd:
-    return FastDpSgd(
-        module,
-        torch.optim.SGD(module.parameters(), lr=0.0),
-        loss,
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        expected_batch_size=1,
-        sample_rate=0.5,
-        accountant=RDPAccountant(),
-        randomness=SeededRandomness(torch.Generator().manual_seed(0)),
-    )
 
 
 # --- sensitivity --------------------------------------------------------------------------------
@@ -104,7 +89,7 @@ def test_float32_cancellation_in_the_gram_norm_cannot_let_a_person_exceed_c() ->
     x = torch.tensor([[1e6, 1.0], [1e6, 0.0]])  # one person, two images
     y = torch.tensor([1, -1])
     clip = 0.01
-    batch = _fast(layer, loss, clip).clipped_sum(x, y, Units(torch.tensor([0, 0]), 1))
+    batch = step_of(layer, clip, loss).clipped_sum(x, y, Units(torch.tensor([0, 0]), 1))
     # brute force: the person's summed gradient is a_1 - a_2 = (0, 1), of norm 1 > C
     person = torch.autograd.grad((layer(x).squeeze(1) * y.float()).sum(), layer.weight)[0]
     assert float(person.norm()) == pytest.approx(1.0)
@@ -147,7 +132,7 @@ def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_b
     model = _Zoo().to(dtype)
     clip = 0.05
     units = Units(people, 5)
-    batch = _fast(model, F.cross_entropy, clip).clipped_sum(x, labels, units)
+    batch = step_of(model, clip, F.cross_entropy).clipped_sum(x, labels, units)
     params = [p for p in model.parameters()]
     expected = torch.zeros(sum(p.numel() for p in params), dtype=dtype)
     for person in range(5):
@@ -162,7 +147,7 @@ def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_b
     for removed in range(5):
         keep = people != removed
         index = torch.unique(people[keep], return_inverse=True)[1]
-        without = _fast(model, F.cross_entropy, clip).clipped_sum(
+        without = step_of(model, clip, F.cross_entropy).clipped_sum(
             x[keep], labels[keep], Units(index, int(index.max()) + 1)
         )
         change = float((flat(batch.grads) - flat(without.grads)).norm())
