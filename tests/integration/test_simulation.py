@@ -107,8 +107,12 @@ def test_checkpoint_scores_through_facefed_evaluate(tiny_run) -> None:
 
 def test_small_budget_stops_the_run_cleanly_and_no_site_exceeds_it(tmp_path: Path) -> None:
     # A fixed noise multiplier too small for 4 rounds at epsilon 2: sites run out of budget.
+    # Example level, where one round fits the budget (at person level q is 1/3 for these sites'
+    # few people and the very first round would already be refused).
     proc = facefed(
         "simulate",
+        "--set",
+        'dp-unit="example"',
         "--rounds",
         "4",
         "--sites",
