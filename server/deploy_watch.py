@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from common.errors import DataError, FacefedError
-from server.progress import format_elapsed
+from server.progress import StatusLine, format_elapsed
 from server.run_report import RoundSummary, load_run, site_order
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class RunWatch:
         self._logged_at: float | None = None
         self._absent_since: float | None = None
         self._warned = False
-        self._width = 0
+        self._line = StatusLine(self.stream)
 
     # -- inputs -------------------------------------------------------------------------------
     def new_rounds(self) -> list[RoundSummary]:
@@ -279,17 +279,12 @@ class RunWatch:
         self.emit(line)
 
     def _show(self, line: str) -> None:
-        padding = " " * max(0, self._width - len(line))
-        self.stream.write(f"\r{line}{padding}")
-        self.stream.flush()
-        self._width = len(line)
+        self._line.show(line)
 
     def clear(self) -> None:
         """Blank the terminal status line (the next poll draws it again)."""
-        if self.tty and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
+        if self.tty:
+            self._line.clear()
 
     def close(self) -> None:
         """The run is over: report the rounds not reported yet and clear the status line."""

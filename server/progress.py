@@ -59,7 +59,7 @@ class RoundProgress:
         self.started = clock()
         self.replied = 0
         self._last_logged = self.started
-        self._width = 0  # length of the status line on screen, to blank it out
+        self._line = StatusLine(self.stream)
         self._drawn = self.started  # when it was last drawn
         self._logged = False
 
@@ -79,7 +79,7 @@ class RoundProgress:
         changed, self.replied = replied != self.replied, replied
         if self.tty:
             # redraw when there is news: the count, a cleared line, or the next whole second
-            if changed or not self._width or self.clock() - self._drawn >= 1.0:
+            if changed or not self._line.width or self.clock() - self._drawn >= 1.0:
                 self._show(self.text())
         elif self.clock() - self._last_logged >= self.interval_s:
             self._last_logged = self.clock()
@@ -88,10 +88,8 @@ class RoundProgress:
 
     def clear(self) -> None:
         """Blank the terminal status line, e.g. before work that may log (the next update redraws)."""
-        if self.tty and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
+        if self.tty:
+            self._line.clear()
 
     def close(self) -> None:
         """The wait is over: clear the terminal line, or log the final count if lines were logged."""
@@ -100,11 +98,28 @@ class RoundProgress:
             logger.info("%s (wait over)", self.text())
 
     def _show(self, line: str) -> None:
-        padding = " " * max(0, self._width - len(line))
+        self._line.show(line)
+        self._drawn = self.clock()
+
+
+class StatusLine:
+    """One terminal line rewritten in place: each ``show`` overwrites the last, ``clear`` blanks it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.width = 0  # length of the line on screen, to blank it out
+
+    def show(self, line: str) -> None:
+        padding = " " * max(0, self.width - len(line))
         self.stream.write(f"\r{line}{padding}")
         self.stream.flush()
-        self._width = len(line)
-        self._drawn = self.clock()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 def format_elapsed(seconds: float) -> str:
