@@ -14,7 +14,8 @@ from pathlib import Path
 from common.failpoints import failpoint
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,7 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
     try:
         failpoint("atomic.before-rename")
         os.replace(tmp_name, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -68,7 +69,7 @@ def atomic_create_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0
     tmp_name = _durable_temp(target, data, mode)
     try:
         os.link(tmp_name, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from client.training import site_store
+from common.atomic import fsync_dir
 from common.errors import IntegrityError, RefusedError
 from server.deploy_backup import DIR_MODE, FILES, FORMAT, MANIFEST
 
@@ -196,23 +197,15 @@ def restore(
         elif kit.exists():
             kit.rmdir()  # empty: the rename takes its place
         os.rename(staging, kit)
-        _fsync(kit.parent)
+        fsync_dir(kit.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return aside
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """Every folder under ``root`` owner-only (whatever the umask) and fsynced."""
     for here, _dirs, _names in os.walk(root):
         os.chmod(here, DIR_MODE)
-        _fsync(Path(here))
+        fsync_dir(Path(here))
