@@ -13,6 +13,12 @@ sets 1-3. The pairs are by default every pair of images within each people set (
 ~1.4M impostor pairs in sets 4-5, so FARs down to 1e-4 and below are measured on hundreds of
 impostors); the pairs file's View 2 pairs (``protocol="view2"``) hold only 600 impostor pairs in
 sets 4-5, too few for any FAR below ~1.7e-3.
+
+**Gray probes.** A colour network sees less of a face in a gray photo (a scanner, an infrared or
+studio camera), and different people look more alike: on dlib's network the colour threshold at FAR
+1e-4 lets through more gray LFW impostor pairs than that (BENCHMARKS.md, "The `site` CLI at FAR 1e-4").
+So a colour network is also calibrated on the same pairs turned gray (:attr:`Calibration.gray`), and a
+gray probe is decided by that threshold (:meth:`Calibration.for_probe`), keeping the stated FAR for it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class Calibration:
     n_folds: int
     model_tag: str
     source: str = "LFW View 2 folds"
+    gray: Calibration | None = (
+        None  # the same pairs in gray, for gray probes (colour networks only)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (stored in the template store's metadata)."""
@@ -60,7 +69,12 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        gray = data.get("gray")
+        return cls(**{**data, "gray": None if gray is None else cls.from_dict(gray)})
+
+    def for_probe(self, gray: bool) -> Calibration:
+        """The calibration a probe is decided by: the gray one for a gray probe, where there is one."""
+        return self.gray if gray and self.gray is not None else self
 
     @classmethod
     def manual(cls, threshold: float, model_tag: str) -> Calibration:
@@ -168,10 +182,41 @@ def calibrate_on_lfw(
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown pairs protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     lfw = load_lfw(data_dir)
-    if chips:
-        from common.data.chips import dataset_chips
+    if not chips:  # facefed's 112x112 networks turn every face gray themselves
+        return _calibrate_pairs(embed_faces, lfw, model_tag, far, lfw_sets, protocol)
+    from common.data.chips import dataset_chips
 
-        lfw = dataclasses.replace(lfw, images=dataset_chips("lfw", data_dir).chips)
+    lfw = dataclasses.replace(lfw, images=dataset_chips("lfw", data_dir).chips)
+    colour = _calibrate_pairs(embed_faces, lfw, model_tag, far, lfw_sets, protocol)
+    in_gray = _calibrate_pairs(
+        lambda faces: embed_faces(as_gray_rgb(faces)), lfw, model_tag, far, lfw_sets, protocol
+    )
+    return dataclasses.replace(
+        colour, gray=dataclasses.replace(in_gray, source=f"{in_gray.source}, in gray")
+    )
+
+
+def as_gray_rgb(images: np.ndarray) -> np.ndarray:
+    """``(N, H, W, 3)`` RGB uint8 -> the same images in gray, as 3 equal channels."""
+    from common.data.preprocess import to_gray
+
+    return np.repeat(to_gray(images)[..., None], 3, axis=-1)
+
+
+def is_gray(image: np.ndarray) -> bool:
+    """Whether an ``(H, W, 3)`` RGB image carries no colour (its three channels are equal)."""
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    return bool(np.array_equal(r, g) and np.array_equal(g, b))
+
+
+def _calibrate_pairs(
+    embed_faces: Any,
+    lfw: LfwData,
+    model_tag: str,
+    far: float,
+    lfw_sets: Sequence[int] | None,
+    protocol: Protocol,
+) -> Calibration:
     if protocol == "all":
         return _calibrate_all_pairs(embed_faces, lfw, model_tag, far, lfw_sets)
     row1, row2, same, fold = lfw.pair_arrays()

@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 
 from client.recogniser import key_custody
-from client.recogniser.calibration import DEFAULT_FAR, PROTOCOLS, Calibration, calibrate_on_lfw
+from client.recogniser.calibration import (
+    DEFAULT_FAR,
+    PROTOCOLS,
+    Calibration,
+    calibrate_on_lfw,
+    is_gray,
+)
 from client.recogniser.imageio import read_image
 from client.recogniser.pipeline import FacePipeline, PipelineConfig, load_pipeline
 from client.recogniser.templates import TemplateStore, validate_identity
@@ -273,7 +279,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             chips=pipeline.chips,
         )
         store.set_meta(f"calibration:{pipeline.model_tag}", cal.to_dict())
-    _emit(args, cal.to_dict(), f"model {cal.model_tag}: {cal.describe()}")
+    gray = f"\ngray probes: {cal.gray.describe()}" if cal.gray is not None else ""
+    _emit(args, cal.to_dict(), f"model {cal.model_tag}: {cal.describe()}{gray}")
     return 0
 
 
@@ -323,7 +330,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _require_identity(store, identity)
         stored = store.get(identity)
         _check_tag(args.id, stored.model_tag, pipeline)
-        cal = _calibration(args, store, pipeline, meta)
+        cal = _calibration(args, store, pipeline, meta).for_probe(is_gray(image))
     probe = pipeline.embed(image, str(args.image))
     score = float(np.dot(probe, stored.embedding))
     match = score > cal.threshold
@@ -346,7 +353,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     pipeline, meta = _pipeline(args)
     with _open(args) as store:
-        cal = _calibration(args, store, pipeline, meta)
+        cal = _calibration(args, store, pipeline, meta).for_probe(is_gray(image))
         templates = [t for t in store.iter_templates() if t.model_tag == pipeline.model_tag]
     if not templates:
         raise DataError(

@@ -200,8 +200,16 @@ def calibration_problem(name: str, data: dict[str, Any]) -> str:
     of L2-normalised templates (at -1 every pair matches, at 1 none does); the target FAR in (0, 1).
     """
     fields = {f.name for f in dataclasses.fields(Calibration)}
-    if set(data) != fields:
-        return f"fields {sorted(map(str, set(data) ^ fields))} missing or unexpected"
+    given = set(data) | {"gray"}  # stores written before gray calibrations lack the key
+    if given != fields:
+        return f"fields {sorted(map(str, given ^ fields))} missing or unexpected"
+    gray = data.get("gray")
+    if gray is not None:
+        if not isinstance(gray, dict) or gray.get("gray") is not None:
+            return "its gray calibration is not a single calibration"
+        problem = calibration_problem(name, gray)
+        if problem:
+            return f"its gray calibration is invalid: {problem}"
     if not _is_number(data["threshold"]) or not -1 < data["threshold"] < 1:
         return f"threshold {data['threshold']!r} is not a finite number in (-1, 1)"
     if not _is_number(data["far"]) or not 0 < data["far"] < 1:

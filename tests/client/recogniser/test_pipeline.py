@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.recogniser.calibration import calibrate
+from client.recogniser.calibration import Calibration, calibrate, is_gray
+from client.recogniser.imageio import decode_image
 from client.recogniser.pipeline import (
     EMOTION_CHIP_BOX,
     LFW112_TEMPLATE,
@@ -168,6 +169,35 @@ def test_calibrated_threshold_never_exceeds_the_target_far() -> None:
         cal.tar is not None and 0.9 < cal.tar <= 1.0 and cal.n_impostor == 1500 and cal.n_folds == 5
     )
     assert "FAR 0.01" in cal.describe()
+
+
+def test_a_gray_photo_is_told_apart_from_a_colour_one_whatever_its_file_format(
+    yale_rgb: YaleRgb,
+) -> None:
+    gray = yale_rgb(1, "happy")[:, :, 0]
+    colour = np.stack([gray, gray // 2, gray], axis=2)  # Yale is gray: tint it
+    jpeg = {
+        n: cv2.imencode(".jpg", img)[1].tobytes()
+        for n, img in (
+            ("1ch", gray),
+            ("3ch", cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)),
+            ("tint", colour),
+        )
+    }
+
+    assert is_gray(decode_image(jpeg["1ch"], name="1ch"))  # a 1-channel file
+    assert is_gray(decode_image(jpeg["3ch"], name="3ch"))  # gray content in 3 channels
+    assert not is_gray(decode_image(jpeg["tint"], name="tint"))
+
+
+def test_a_gray_probe_is_decided_by_the_gray_calibration() -> None:
+    colour = Calibration.manual(0.5, "t")
+    both = Calibration(**{**colour.to_dict(), "gray": Calibration.manual(0.6, "t")})
+
+    assert both.for_probe(gray=True).threshold == 0.6
+    assert both.for_probe(gray=False).threshold == 0.5
+    assert colour.for_probe(gray=True) is colour  # no gray calibration: the only one there is
+    assert Calibration.from_dict(both.to_dict()) == both
 
 
 def test_far_too_small_for_the_number_of_impostors_is_refused() -> None:

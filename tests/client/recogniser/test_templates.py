@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.recogniser.calibration import Calibration
 from client.recogniser.templates import DB_NAME, TemplateStore, mac_key
 from common.crypto import envelope, keys
 from common.errors import ConfigError, DataError, IntegrityError
@@ -362,6 +363,27 @@ def test_set_calibration_reads_back_authenticated(store: TemplateStore) -> None:
 
     assert got == CALIBRATION
     assert store.get_meta("calibration:model-b") is None
+
+
+def test_a_calibration_with_its_gray_probe_threshold_reads_back(store: TemplateStore) -> None:
+    gray = CALIBRATION | {"threshold": 0.45, "source": "LFW people sets 4,5 (all pairs), in gray"}
+    store.set_meta(f"calibration:{TAG}", CALIBRATION | {"gray": gray})
+
+    got = store.get_meta(f"calibration:{TAG}")
+
+    assert got == CALIBRATION | {"gray": gray}
+    assert Calibration.from_dict(got).for_probe(gray=True).threshold == 0.45
+
+
+@pytest.mark.parametrize(
+    "gray",
+    [CALIBRATION | {"threshold": 1.5}, CALIBRATION | {"gray": CALIBRATION}, [0.4], "0.4"],
+    ids=["out-of-range", "nested", "list", "text"],
+)
+def test_a_malformed_gray_calibration_is_not_stored(store: TemplateStore, gray: object) -> None:
+    with pytest.raises(ConfigError, match="gray calibration"):
+        store.set_meta(f"calibration:{TAG}", CALIBRATION | {"gray": gray})
+    assert store.get_meta(f"calibration:{TAG}") is None
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 1.0, float("nan"), 7.5])
