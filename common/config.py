@@ -129,6 +129,9 @@ class RunSettings:
     emotion_trunk_blocks: int = 10
     emotion_input_size: int = 96
     emotion_pool: int = 2
+    # transfer: 0 = the linear head above; N > 0 = two 3x3 conv layers of N channels on the unpooled
+    # feature map first (common/facenet/transfer.py)
+    emotion_head_width: int = 0
     emotion_width: int = 32  # scratch
     face_steps: int = 25
     emotion_steps: int = 40
@@ -199,6 +202,10 @@ class RunSettings:
             )
         if not 1 <= self.emotion_pool <= 4:
             raise ConfigError(f"emotion-pool must be in 1..4, got {self.emotion_pool}")
+        if not 0 <= self.emotion_head_width <= 256:
+            raise ConfigError(
+                f"emotion-head-width must be in 0..256 channels, got {self.emotion_head_width}"
+            )
         try:
             from common.model_spec import ModelSpec
 

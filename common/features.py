@@ -90,18 +90,23 @@ class ModelInputs:
         if self._emotion_trunk is None:
             return x
         s = self.spec
+        if s.emotion_head_width:  # a conv head reads the whole map: kept in half precision
+            key = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-map"
+            return self._cached(key, images, lambda: self._emotion_features(x, None)).float()
         key = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-{s.emotion_pool}"
-        return self._cached(key, images, lambda: self._emotion_features(x))
+        return self._cached(key, images, lambda: self._emotion_features(x, s.emotion_pool))
 
     def _face_features(self, chips: np.ndarray) -> torch.Tensor:
         assert self._face_trunk is not None
         h = frozen_features(self._face_trunk, chip_tensor(chips))
         return h.mean(dim=(2, 3)) if self.spec.face_tail_blocks == 0 else h
 
-    def _emotion_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _emotion_features(self, x: torch.Tensor, pool: int | None) -> torch.Tensor:
+        """The trunk's map of each face: pooled to ``pool x pool``, or whole (float16) for ``None``."""
         assert self._emotion_trunk is not None
-        size, pool = self.spec.emotion_input_size, self.spec.emotion_pool
-        chips = torch.cat([gray_to_chip(b, size) for b in x.split(256)])
+        chips = torch.cat([gray_to_chip(b, self.spec.emotion_input_size) for b in x.split(256)])
+        if pool is None:
+            return frozen_features(self._emotion_trunk, chips, dtype=torch.float16)
         return F.adaptive_avg_pool2d(frozen_features(self._emotion_trunk, chips), pool)
 
     def _cached(self, key: str, images: np.ndarray, build: object) -> torch.Tensor:

@@ -41,6 +41,9 @@ class ModelSpec:
     emotion_trunk_blocks: int = 10
     emotion_input_size: int = 96
     emotion_pool: int = 2
+    emotion_head_width: int = (
+        0  # transfer: 0 = a linear head, > 0 = two conv layers this wide first
+    )
     pretrained_sha256: str = ""
 
     def __post_init__(self) -> None:
@@ -108,7 +111,7 @@ class ModelSpec:
         if self.emotion_model == "scratch":
             return EmotionNet(width=self.emotion_width)
         channels = BLOCKS[self.emotion_trunk_blocks - 1][0] if self.emotion_trunk_blocks else 32
-        return EmotionHead(channels, self.emotion_pool)
+        return EmotionHead(channels, self.emotion_pool, width=self.emotion_head_width)
 
     def initial(
         self, seed: int, pretrained_path: Path | None = None
@@ -145,6 +148,7 @@ _INT_RANGES = {
     "emotion_trunk_blocks": (1, 14),
     "emotion_input_size": (48, 150),
     "emotion_pool": (1, 4),
+    "emotion_head_width": (0, 256),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -21,7 +21,7 @@ EMBEDDING_DIM = 128
 NUM_EMOTIONS = 7
 
 
-def _conv_gn(c_in: int, c_out: int, stride: int = 1, groups: int = 8) -> nn.Sequential:
+def conv_gn(c_in: int, c_out: int, stride: int = 1, groups: int = 8) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.GroupNorm(min(groups, c_out), c_out),
@@ -36,13 +36,13 @@ class FaceEmbedder(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_gn(1, w, stride=2),  # 56x56
-            _conv_gn(w, 2 * w, stride=2),  # 28x28
-            _conv_gn(2 * w, 2 * w),
-            _conv_gn(2 * w, 4 * w, stride=2),  # 14x14
-            _conv_gn(4 * w, 4 * w),
-            _conv_gn(4 * w, 8 * w, stride=2),  # 7x7
-            _conv_gn(8 * w, 8 * w),
+            conv_gn(1, w, stride=2),  # 56x56
+            conv_gn(w, 2 * w, stride=2),  # 28x28
+            conv_gn(2 * w, 2 * w),
+            conv_gn(2 * w, 4 * w, stride=2),  # 14x14
+            conv_gn(4 * w, 4 * w),
+            conv_gn(4 * w, 8 * w, stride=2),  # 7x7
+            conv_gn(8 * w, 8 * w),
         )
         # Global depthwise conv: a learned spatial weighting per channel (MobileFaceNet, Chen et al. 2018).
         self.gdc = nn.Conv2d(8 * w, 8 * w, 7, groups=8 * w, bias=False)
@@ -108,11 +108,11 @@ class EmotionNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv_gn(1, w, stride=2),  # 24
-            _conv_gn(w, w),
+            conv_gn(1, w, stride=2),  # 24
+            conv_gn(w, w),
             nn.MaxPool2d(2),  # 12
-            _conv_gn(w, 2 * w),
-            _conv_gn(2 * w, 2 * w),
+            conv_gn(w, 2 * w),
+            conv_gn(2 * w, 2 * w),
             nn.MaxPool2d(2),  # 6
         )
         self.classifier = nn.Linear(2 * w * 6 * 6, num_classes)

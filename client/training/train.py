@@ -375,7 +375,11 @@ def train_round(
             settings.emotion_steps,
             p.emotion_clip,
             F.cross_entropy,
-            None if settings.emotion_model == "transfer" else False,
+            # mirrored; a transfer head's feature maps are mirrored instead of the faces (the trunk
+            # is close to mirror-symmetric), except pooled maps too coarse to mirror
+            None
+            if settings.emotion_model == "transfer" and not settings.emotion_head_width
+            else False,
         ),
     )
     for name, module, x, y, batch, lr, steps, clip, loss_fn, geometric in jobs:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.facenet.resnet import CHIP_MEAN, CHIP_SCALE, Trunk
+from common.models import conv_gn
 
 # A standardised gray face (zero mean, unit variance per image) becomes a gray "photo" with this
 # brightness and contrast before the chip normalisation: typical values of an aligned face chip.
@@ -35,18 +36,28 @@ def gray_to_chip(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class EmotionHead(nn.Module):
-    """Feature map ``(N, C, H, W)`` -> ``(N, classes)`` logits: pool to ``pool x pool``, then linear.
+    """Feature map ``(N, C, H, W)`` -> ``(N, classes)`` logits.
 
-    Keeping a coarse spatial layout lets the head tell where a feature fires (mouth vs brows).
+    With ``width`` 0, pool to ``pool x pool``, then linear. With ``width`` > 0, two 3x3 convolutions
+    of ``width`` channels (GroupNorm, SiLU: no batch statistics, as DP-SGD needs) read the whole map
+    first. dlib's features are trained to ignore expression, so a linear read-out of them does no
+    better than one of raw pixels; a small convolutional head on an early cut does (BENCHMARKS.md,
+    "Emotion: two routes"). Keeping a coarse spatial layout lets the head tell where a feature fires
+    (mouth vs brows).
     """
 
-    def __init__(self, channels: int, pool: int, num_classes: int = 7) -> None:
+    def __init__(self, channels: int, pool: int, num_classes: int = 7, width: int = 0) -> None:
         super().__init__()
         self.pool = pool
-        self.linear = nn.Linear(channels * pool * pool, num_classes)
+        self.convs = (
+            nn.Sequential(conv_gn(channels, width), conv_gn(width, width))
+            if width
+            else nn.Identity()
+        )
+        self.linear = nn.Linear((width or channels) * pool * pool, num_classes)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.adaptive_avg_pool2d(h, self.pool).flatten(1))
+        return self.linear(F.adaptive_avg_pool2d(self.convs(h), self.pool).flatten(1))
 
 
 class EmotionTransfer(nn.Module):

@@ -17,7 +17,7 @@ from common.checkpoint import load_models, save_checkpoint
 from common.data.chips import dataset_chips
 from common.errors import FacefedError, IntegrityError
 from common.facenet.resnet import ChipEmbedder, chip_tensor
-from common.facenet.transfer import EmotionTransfer
+from common.facenet.transfer import EmotionTransfer, gray_to_chip
 from common.facenet.weights import default_pretrained_path, load_pretrained
 from common.model_spec import ModelSpec, state_sha256
 
@@ -132,3 +132,31 @@ def test_run_settings_name_the_model_spec() -> None:
     assert spec.pretrained_sha256 == "ab" * 32
     # a run without the pretrained network names none
     assert ModelSpec.from_settings(parse_run_config({}), "ab" * 32).pretrained_sha256 == ""
+
+
+def test_a_transfer_emotion_head_with_convolutions_round_trips_a_checkpoint(tmp_path) -> None:
+    from common.config import parse_run_config
+
+    settings = parse_run_config(
+        {"emotion-model": "transfer", "emotion-trunk-blocks": 7, "emotion-head-width": 16}
+    )
+    spec = ModelSpec.from_settings(settings, pretrained_sha256=state_sha256(load_pretrained()))
+    face, emotion = spec.build()
+    path = save_checkpoint(tmp_path / "c.ckpt", face, emotion, spec, 1)
+
+    _, device, _ = load_models(path)
+
+    assert isinstance(device, EmotionTransfer) and device.head.linear.in_features == 16 * 2 * 2
+    faces = torch.randn(3, 1, 48, 48)  # shapes only
+    torch.testing.assert_close(device(faces), emotion(device.trunk(gray_to_chip(faces, 96))))
+
+
+def test_a_transfer_spec_written_before_conv_heads_builds_the_linear_head() -> None:
+    old = ModelSpec(emotion_model="transfer").to_dict()
+    del old["emotion_head_width"]
+
+    _, emotion = ModelSpec.from_dict(old).build()
+
+    assert [type(m).__name__ for m in emotion.children()] == ["Identity", "Linear"]
+    with pytest.raises(ValueError, match="emotion_head_width"):
+        ModelSpec(emotion_model="transfer", emotion_head_width=10**6)

@@ -34,8 +34,8 @@ from common.data.fer2013 import load_fer2013
 from common.data.orl import load_orl
 from common.data.preprocess import emotion_tensor, face_tensor
 from common.errors import ConfigError
-from common.facenet.resnet import FaceTail, chip_tensor
-from common.facenet.transfer import frozen_features
+from common.facenet.resnet import BLOCKS, FaceTail, chip_tensor
+from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import default_pretrained_path, load_pretrained
 from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
 
@@ -85,6 +85,14 @@ def pretrained_tail_batch(n: int) -> tuple[FaceTail, torch.Tensor, torch.Tensor]
     return copy.deepcopy(tail), features, labels
 
 
+@functools.lru_cache(maxsize=1)
+def _emotion_features(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen trunk's maps (7 blocks, 96 px: 64 x 11 x 11) of ``n`` real FER2013 faces."""
+    site = real_site()
+    trunk, _ = load_pretrained(default_pretrained_path()).split(len(BLOCKS) - 7)
+    return frozen_features(trunk, gray_to_chip(site.emotion_x[:n], 96)), site.emotion_y[:n]
+
+
 def model_and_batch(kind: str, n: int = 8) -> tuple[nn.Module, Loss, torch.Tensor, torch.Tensor]:
     """A seeded narrow model (same layers as the default), its loss, and a real batch of ``n``."""
     site = real_site()
@@ -97,6 +105,10 @@ def model_and_batch(kind: str, n: int = 8) -> tuple[nn.Module, Loss, torch.Tenso
         tail, features, labels = pretrained_tail_batch(n)
         torch.manual_seed(0)  # the head's init, whether or not the features were cached
         return FaceTrainer(tail, CosineHead(int(labels.max()) + 1)), cosface_loss, features, labels
+    if kind == "emotion-head":  # the transfer route: a conv head on dlib's early features
+        features, labels = _emotion_features(n)
+        torch.manual_seed(0)  # the head's init, whether or not the features were cached
+        return EmotionHead(64, 3, width=16), F.cross_entropy, features, labels
     return EmotionNet(16), F.cross_entropy, site.emotion_x[:n], site.emotion_y[:n]
 
 
@@ -161,7 +173,7 @@ def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> Non
 # --- noise 0: the clipped sum is Opacus's -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail"])
+@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail", "emotion-head"])
 @pytest.mark.parametrize(
     ("clip", "conv_method"),
     [(1.0, "grouped"), (1.0, "unfold"), (1e6, None)],
@@ -181,7 +193,7 @@ def test_clipped_sum_equals_opacus_per_sample_reference(
     assert (batch.per_sample_norms > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail"])
+@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail", "emotion-head"])
 def test_equivalence_check_detects_a_wrong_clip(kind: str) -> None:
     reference = list(clipped_reference(kind, 1.0))
     model, loss, x, y = model_and_batch(kind)
