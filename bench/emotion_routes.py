@@ -1,0 +1,140 @@
+"""Emotion routes under federated DP-SGD, in one process: which network and batch to choose.
+
+Four IID sites split FER2013 Training (less 2,000 images held out for validation, seed 0); each round
+every site takes ``--steps`` fast DP-SGD steps from the global model (Adam, clip 1, Poisson batches of
+expected size ``--batch``, noise multiplier ``--sigma``), and the coordinator averages the four models.
+The score is accuracy on the 2,000 held-out Training images after each round: no evaluation split
+(PublicTest, PrivateTest) is looked at, so the choice it informs is not tuned on them.
+
+``--sigma`` is given rather than calibrated, so that settings compare at the noise a site's
+calibration would give them (``facefed simulate`` logs it; ``0`` trains without clipping or noise).
+The noise here is seeded: a research measurement, not a release.
+
+Routes:
+
+* ``scratch``: :class:`common.models.EmotionNet` on the 48x48 faces, mirrored at random;
+* ``transfer``: :class:`common.facenet.transfer.EmotionHead` on the frozen map of dlib's trunk after
+  ``--trunk-blocks`` blocks of a ``--size``-pixel face (computed once, cached under ``--cache``),
+  the maps mirrored at random.
+
+Example: ``python -m bench.emotion_routes --route transfer --sigma 1.344 --batch 1024 --steps 60``.
+Results of 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from client.training.augment import flip
+from client.training.dp_random import SeededRandomness
+from client.training.fast_dp import FastDpSgd, poisson_indices
+from common.data.fer2013 import load_fer2013
+from common.data.preprocess import emotion_tensor
+from common.facenet.resnet import BLOCKS
+from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
+from common.facenet.weights import load_pretrained
+from common.models import EmotionNet
+
+SITES = 4
+HELD_OUT = 2000
+
+
+def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
+    if args.route == "scratch":
+        return faces
+    cache = Path(args.cache) / f"fer-training-{args.trunk_blocks}-{args.size}.pt"
+    if cache.is_file():
+        return torch.load(cache).float()
+    trunk, _ = load_pretrained().split(len(BLOCKS) - args.trunk_blocks)
+    maps = torch.cat(
+        [
+            frozen_features(trunk, gray_to_chip(b, args.size), dtype=torch.float16)
+            for b in faces.split(512)
+        ]
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(maps, cache)
+    return maps.float()
+
+
+def _model(args: argparse.Namespace, channels: int) -> nn.Module:
+    if args.route == "scratch":
+        return EmotionNet(width=32)
+    return EmotionHead(channels, args.pool, width=args.head_width)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--route", choices=("scratch", "transfer"), default="transfer")
+    p.add_argument("--sigma", type=float, required=True, help="noise multiplier; 0 = non-private")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=60, help="local steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--trunk-blocks", type=int, default=7)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--pool", type=int, default=3)
+    p.add_argument("--head-width", type=int, default=64)
+    p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+
+    train = load_fer2013("Training")
+    order = np.random.default_rng(0).permutation(len(train))
+    val, rest = order[:HELD_OUT], order[HELD_OUT:]
+    x = _inputs(args, emotion_tensor(train.images))
+    y = torch.from_numpy(train.labels).long()
+    torch.manual_seed(0)
+    global_model = _model(args, x.shape[1])
+    mirror = torch.Generator().manual_seed(0)
+    scores: list[float] = []
+    start = time.perf_counter()
+    for r in range(args.rounds):
+        states = []
+        for s, part in enumerate(np.array_split(rest, SITES)):
+            model = _model(args, x.shape[1])
+            model.load_state_dict(global_model.state_dict())
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+            xs, ys, n = x[part], y[part], len(part)
+            q = 1.0 / math.ceil(n / args.batch)
+            noise = SeededRandomness(torch.Generator().manual_seed(10 * r + s))
+            dp = FastDpSgd(
+                model,
+                opt,
+                F.cross_entropy,
+                noise_multiplier=args.sigma,
+                max_grad_norm=1.0 if args.sigma > 0 else 1e9,
+                expected_batch_size=int(n * q),
+                sample_rate=q,
+                accountant=RDPAccountant(),
+                randomness=noise,
+            )
+            for _ in range(args.steps):
+                idx = poisson_indices(n, q, noise)
+                dp.step(flip(xs[idx], mirror), ys[idx])
+            states.append(model.state_dict())
+        global_model.load_state_dict(
+            {k: torch.stack([st[k].float() for st in states]).mean(0) for k in states[0]}
+        )
+        global_model.eval()
+        with torch.no_grad():
+            logits = torch.cat([global_model(b) for b in x[val].split(1000)])
+        scores.append(round(float((logits.argmax(1) == y[val]).float().mean()), 3))
+        print(f"round {r + 1}: held-out Training accuracy {scores[-1]:.3f}", flush=True)
+    result = vars(args) | {"val": scores, "seconds": round(time.perf_counter() - start)}
+    print("RESULT", json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
