@@ -330,8 +330,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _require_identity(store, identity)
         stored = store.get(identity)
         _check_tag(args.id, stored.model_tag, pipeline)
-        cal = _calibration(args, store, pipeline, meta).for_probe(is_gray(image))
-    probe = pipeline.embed(image, str(args.image))
+        calibrations = _calibration(args, store, pipeline, meta)
+    face = pipeline.aligned_face(image, str(args.image))
+    probe = pipeline.embed_faces(face[None])[0]
+    cal = calibrations.for_probe(is_gray(face))
     score = float(np.dot(probe, stored.embedding))
     match = score > cal.threshold
     _emit(
@@ -353,13 +355,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     pipeline, meta = _pipeline(args)
     with _open(args) as store:
-        cal = _calibration(args, store, pipeline, meta).for_probe(is_gray(image))
+        calibrations = _calibration(args, store, pipeline, meta)
         templates = [t for t in store.iter_templates() if t.model_tag == pipeline.model_tag]
     if not templates:
         raise DataError(
             "no templates enrolled with this model; enrol people with `facefed site enroll` first"
         )
-    probe = pipeline.embed(image, str(args.image))
+    face = pipeline.aligned_face(image, str(args.image))
+    probe = pipeline.embed_faces(face[None])[0]
+    cal = calibrations.for_probe(is_gray(face))
     scores = np.stack([t.embedding for t in templates]) @ probe
     order = np.argsort(-scores)[: args.top_k]
     top = [

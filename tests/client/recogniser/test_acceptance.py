@@ -206,6 +206,28 @@ def test_cli_verifies_an_enrolled_person_on_a_new_photo_at_the_shipped_far(
     assert "sets 4,5, in gray" in out  # a gray photo is decided by the gray calibration
 
 
+def test_a_colourful_frame_around_a_gray_face_does_not_buy_the_colour_threshold(
+    cli_enrolled: dict[str, Path],
+    cli_env: Path,
+    yale_rgb: YaleRgb,
+    write_image: WriteImage,
+    capsys: Cap,
+) -> None:
+    # attack: the colour threshold is laxer for gray faces, so frame a gray photo in colour
+    gray = yale_rgb(1, "happy")
+    h, w = gray.shape[0] + 200, gray.shape[1] + 200
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :].repeat(h, axis=0)
+    frame = np.stack([ramp, 255 - ramp, np.full_like(ramp, 64)], axis=2).astype(np.uint8)
+    frame[100:-100, 100:-100] = gray
+    photo = write_image(cli_env / "framed.jpg", frame)
+
+    code, out, err = site(capsys, "verify", "--json", "--id", "s1", str(photo))
+
+    result = json.loads(out)
+    assert code == 0 and result["match"], out + err
+    assert result["calibration"]["source"].endswith(", in gray")  # decided on the aligned face
+
+
 def test_cli_rejects_a_different_person_at_the_shipped_far(
     cli_enrolled: dict[str, Path], capsys: Cap
 ) -> None:

@@ -190,6 +190,14 @@ def test_a_gray_photo_is_told_apart_from_a_colour_one_whatever_its_file_format(
     assert not is_gray(decode_image(jpeg["tint"], name="tint"))
 
 
+def test_a_few_coloured_pixels_do_not_make_a_gray_face_colour(yale_rgb: YaleRgb) -> None:
+    face = yale_rgb(1, "happy")[:150, :150].copy()
+    face[::15, ::15] = (255, 0, 0)  # 100 red pixels: the colour threshold is laxer for gray faces
+
+    assert is_gray(face)
+    assert not is_gray(np.stack([face[..., 0], face[..., 1] // 2, face[..., 2]], axis=2))
+
+
 def test_a_gray_probe_is_decided_by_the_gray_calibration() -> None:
     colour = Calibration.manual(0.5, "t")
     both = Calibration(**{**colour.to_dict(), "gray": Calibration.manual(0.6, "t")})
