@@ -41,9 +41,8 @@ class ModelSpec:
     emotion_trunk_blocks: int = 10
     emotion_input_size: int = 96
     emotion_pool: int = 2
-    emotion_head_width: int = (
-        0  # transfer: 0 = a linear head, > 0 = two conv layers this wide first
-    )
+    # transfer: 0 = a linear head, > 0 = two conv layers this wide first
+    emotion_head_width: int = 0
     pretrained_sha256: str = ""
 
     def __post_init__(self) -> None:

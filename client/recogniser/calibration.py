@@ -58,9 +58,8 @@ class Calibration:
     n_folds: int
     model_tag: str
     source: str = "LFW View 2 folds"
-    gray: Calibration | None = (
-        None  # the same pairs in gray, for gray probes (colour networks only)
-    )
+    # the same pairs in gray, for gray probes (colour networks only)
+    gray: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (stored in the template store's metadata)."""

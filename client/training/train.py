@@ -375,8 +375,8 @@ def train_round(
             settings.emotion_steps,
             p.emotion_clip,
             F.cross_entropy,
-            # mirrored; a transfer head's feature maps are mirrored instead of the faces (the trunk
-            # is close to mirror-symmetric), except pooled maps too coarse to mirror
+            # faces mirrored at random; for a conv head, its feature maps instead (the trunk is
+            # close to mirror-symmetric); a linear head's pooled maps not at all
             None
             if settings.emotion_model == "transfer" and not settings.emotion_head_width
             else False,
