@@ -67,7 +67,9 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; ``TypeError`` for anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("gray"), dict | None):
+            raise TypeError("a calibration is a JSON object, and its gray calibration one or null")
         gray = data.get("gray")
         return cls(**{**data, "gray": None if gray is None else cls.from_dict(gray)})
 

@@ -47,7 +47,12 @@ from client.recogniser.calibration import (
 )
 from client.recogniser.imageio import read_image
 from client.recogniser.pipeline import FacePipeline, PipelineConfig, load_pipeline
-from client.recogniser.templates import TemplateStore, validate_identity
+from client.recogniser.templates import (
+    CALIBRATION_PREFIX,
+    TemplateStore,
+    calibration_problem,
+    validate_identity,
+)
 from common.cli import bounded_float, positive_int
 from common.crypto import keys
 from common.errors import (
@@ -161,6 +166,12 @@ def _shipped_calibration(checkpoint: Path, tag: str) -> dict[str, Any] | None:
         raise ConfigError(
             f"calibration file {path} is for model {cal.model_tag}, not for the checkpoint's model "
             f"{tag}; remove it or run `facefed site calibrate` with this checkpoint"
+        )
+    problem = calibration_problem(f"{CALIBRATION_PREFIX}{tag}", data)
+    if problem:
+        raise ConfigError(
+            f"calibration file {path} is invalid: {problem}; restore it or run `facefed site "
+            "calibrate` with this checkpoint"
         )
     return cal.to_dict()
 

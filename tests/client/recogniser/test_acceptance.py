@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -383,3 +384,31 @@ def test_a_calibration_file_of_another_model_is_refused(
     assert "is for model 0123abcd" in err and "facefed site calibrate" in err
     code, _, err = site(capsys, "calibrate", "--checkpoint", str(model), "--lfw-sets", "4,9")
     assert code == 2 and err.count("\n") == 1 and "--lfw-sets" in err
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda cal: cal | {"gray": [0.4]},
+        lambda cal: cal | {"gray": cal["gray"] | {"threshold": -1.5}},
+        lambda cal: cal | {"threshold": 7.5},
+        lambda cal: [cal],
+    ],
+    ids=["gray-list", "gray-out-of-range", "threshold-out-of-range", "not-an-object"],
+)
+def test_a_malformed_calibration_file_is_one_line_and_decides_nothing(
+    cli_env: Path, yale_rgb: YaleRgb, write_image: WriteImage, capsys: Cap, edit: Any
+) -> None:
+    model = cli_env / "model.ckpt"
+    shutil.copyfile(SHIPPED_MODEL, model)
+    calibration_file(model).write_text(
+        json.dumps(edit(json.loads(calibration_file(SHIPPED_MODEL).read_text())))
+    )
+    photo = write_image(cli_env / "s1.jpg", yale_rgb(1, "normal"))
+    assert site(capsys, "init")[0] == 0
+    assert site(capsys, "enroll", "--checkpoint", str(model), "--id", "s1", str(photo))[0] == 0
+
+    code, out, err = site(capsys, "verify", "--checkpoint", str(model), "--id", "s1", str(photo))
+
+    assert code == 2 and out == "" and err.count("\n") == 1, out + err
+    assert f"calibration file {calibration_file(model)}" in err and "Traceback" not in err
