@@ -204,19 +204,28 @@ def as_gray_rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(to_gray(images)[..., None], 3, axis=-1)
 
 
-GRAY_TOLERANCE = 1.0  # mean |channel - pixel's mean| in grey levels below which a face is gray
+# Below this mean residual (grey levels) a face is monochrome. Colour LFW chips: 1st percentile 2.2,
+# median 4.2; gray, tinted and sepia faces: 0 (BENCHMARKS.md, "Gray probes").
+GRAY_TOLERANCE = 1.5
 
 
 def is_gray(face: np.ndarray) -> bool:
-    """Whether an ``(H, W, 3)`` RGB face carries (almost) no colour.
+    """Whether an ``(H, W, 3)`` RGB face is monochrome: gray, or gray under a tint or a cast.
 
-    Decided on the aligned face, not the whole photo, and on the mean over its pixels: a coloured
-    background, a few coloured pixels or a decoder's rounding do not make a gray face colour, so they do
-    not buy the colour threshold, which is laxer for gray faces. The FAR stated is for zero-effort
-    impostors (ISO/IEC 19795-1); an attacker who edits the photo's pixels is out of its scope.
+    Each channel is fit as an affine function of the pixel's brightness; a face whose colour that
+    explains (a gray photo, a warm scan, sepia, a camera's cast) carries no colour a network could use,
+    so it is gray here. Decided on the middle of the aligned face (a coloured frame or background is
+    left out) and on a mean over its pixels (a few coloured pixels do not count), because gray is the
+    stricter threshold: a face wrongly called colour would get the laxer one. The FAR stated is for
+    zero-effort impostors (ISO/IEC 19795-1); an attacker who edits the face's pixels is out of its
+    scope.
     """
-    x = np.asarray(face, np.float32)
-    return float(np.abs(x - x.mean(axis=-1, keepdims=True)).mean()) < GRAY_TOLERANCE
+    h, w = face.shape[:2]
+    middle = np.asarray(face[h // 5 : h - h // 5, w // 5 : w - w // 5], np.float64).reshape(-1, 3)
+    brightness = middle.mean(axis=1)
+    basis = np.stack([np.ones_like(brightness), brightness], axis=1)
+    fit, *_ = np.linalg.lstsq(basis, middle, rcond=None)
+    return float(np.abs(middle - basis @ fit).mean()) < GRAY_TOLERANCE
 
 
 def _calibrate_pairs(

@@ -157,7 +157,7 @@ def _shipped_calibration(checkpoint: Path, tag: str) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
         cal = Calibration.from_dict(data)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
         raise ConfigError(
             f"calibration file {path} is unreadable ({exc.__class__.__name__}); restore it or run "
             "`facefed site calibrate` with this checkpoint"
@@ -167,13 +167,18 @@ def _shipped_calibration(checkpoint: Path, tag: str) -> dict[str, Any] | None:
             f"calibration file {path} is for model {cal.model_tag}, not for the checkpoint's model "
             f"{tag}; remove it or run `facefed site calibrate` with this checkpoint"
         )
+    return _checked(f"calibration file {path}", data, tag)
+
+
+def _checked(where: str, data: dict[str, Any], tag: str) -> dict[str, Any]:
+    """``data``, after the checks a stored calibration gets (ranges, tag, the nested gray entry)."""
     problem = calibration_problem(f"{CALIBRATION_PREFIX}{tag}", data)
     if problem:
         raise ConfigError(
-            f"calibration file {path} is invalid: {problem}; restore it or run `facefed site "
-            "calibrate` with this checkpoint"
+            f"{where} is invalid: {problem}; restore it or run `facefed site calibrate` with this "
+            "checkpoint"
         )
-    return cal.to_dict()
+    return data
 
 
 def _calibration(
@@ -186,13 +191,27 @@ def _calibration(
     if stored is None:
         stored = _shipped_calibration(_checkpoint_path(args), tag)
     if stored is None and isinstance(meta.get("calibration"), dict):
-        stored = dict(meta["calibration"]) | {"model_tag": tag}
+        stored = _checked(
+            "the checkpoint's calibration", dict(meta["calibration"]) | {"model_tag": tag}, tag
+        )
     if stored is None:
         raise ConfigError(
             f"no verification threshold calibrated for model {tag}; run `facefed site calibrate` "
             "with this checkpoint (or pass --threshold T)"
         )
     return Calibration.from_dict(stored)
+
+
+def _for_face(cal: Calibration, face: np.ndarray, pipeline: FacePipeline) -> Calibration:
+    """The calibration that decides ``face``; refuses a gray face that only a colour FAR covers."""
+    gray = is_gray(face)
+    if gray and pipeline.chips and cal.gray is None and cal.far is not None:
+        raise ConfigError(
+            f"the probe's face is gray, and the calibration for model {cal.model_tag} has no gray "
+            "threshold (it predates them): its FAR does not hold for gray faces; run `facefed site "
+            "calibrate` again (or pass --threshold T)"
+        )
+    return cal.for_probe(gray)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -344,7 +363,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         calibrations = _calibration(args, store, pipeline, meta)
     face = pipeline.aligned_face(image, str(args.image))
     probe = pipeline.embed_faces(face[None])[0]
-    cal = calibrations.for_probe(is_gray(face))
+    cal = _for_face(calibrations, face, pipeline)
     score = float(np.dot(probe, stored.embedding))
     match = score > cal.threshold
     _emit(
@@ -374,7 +393,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         )
     face = pipeline.aligned_face(image, str(args.image))
     probe = pipeline.embed_faces(face[None])[0]
-    cal = calibrations.for_probe(is_gray(face))
+    cal = _for_face(calibrations, face, pipeline)
     scores = np.stack([t.embedding for t in templates]) @ probe
     order = np.argsort(-scores)[: args.top_k]
     top = [

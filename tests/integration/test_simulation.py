@@ -124,6 +124,8 @@ def test_small_budget_stops_the_run_cleanly_and_no_site_exceeds_it(tmp_path: Pat
         "--set",
         "noise-multiplier=1.0",
         "--set",
+        "face-batch=64",  # the sampling rate this budget was sized for (the default samples less)
+        "--set",
         "face-steps=3",
         "--set",
         "emotion-steps=3",

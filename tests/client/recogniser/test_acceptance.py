@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.recogniser.calibration import Calibration, calibrate_on_lfw
+from client.recogniser.calibration import Calibration, calibrate_on_lfw, is_gray
 from client.recogniser.imageio import decode_image
 from client.recogniser.pipeline import FacePipeline, load_pipeline
 from client.recogniser.site_cli import calibration_file
@@ -393,17 +393,17 @@ def test_a_calibration_file_of_another_model_is_refused(
         lambda cal: cal | {"gray": cal["gray"] | {"threshold": -1.5}},
         lambda cal: cal | {"threshold": 7.5},
         lambda cal: [cal],
+        lambda cal: '{"gray": ' * 5000 + "{}" + "}" * 5000,  # deeper than the JSON decoder goes
     ],
-    ids=["gray-list", "gray-out-of-range", "threshold-out-of-range", "not-an-object"],
+    ids=["gray-list", "gray-out-of-range", "threshold-out-of-range", "not-an-object", "deep"],
 )
 def test_a_malformed_calibration_file_is_one_line_and_decides_nothing(
     cli_env: Path, yale_rgb: YaleRgb, write_image: WriteImage, capsys: Cap, edit: Any
 ) -> None:
     model = cli_env / "model.ckpt"
     shutil.copyfile(SHIPPED_MODEL, model)
-    calibration_file(model).write_text(
-        json.dumps(edit(json.loads(calibration_file(SHIPPED_MODEL).read_text())))
-    )
+    edited = edit(json.loads(calibration_file(SHIPPED_MODEL).read_text()))
+    calibration_file(model).write_text(edited if isinstance(edited, str) else json.dumps(edited))
     photo = write_image(cli_env / "s1.jpg", yale_rgb(1, "normal"))
     assert site(capsys, "init")[0] == 0
     assert site(capsys, "enroll", "--checkpoint", str(model), "--id", "s1", str(photo))[0] == 0
@@ -412,3 +412,35 @@ def test_a_malformed_calibration_file_is_one_line_and_decides_nothing(
 
     assert code == 2 and out == "" and err.count("\n") == 1, out + err
     assert f"calibration file {calibration_file(model)}" in err and "Traceback" not in err
+
+
+def test_a_gray_probe_is_refused_by_a_calibration_without_a_gray_threshold(
+    cli_env: Path, yale_rgb: YaleRgb, write_image: WriteImage, capsys: Cap
+) -> None:
+    # a calibration made before gray thresholds: its colour FAR does not hold for a gray face
+    model = cli_env / "model.ckpt"
+    shutil.copyfile(SHIPPED_MODEL, model)
+    old = json.loads(calibration_file(SHIPPED_MODEL).read_text())
+    del old["gray"]
+    calibration_file(model).write_text(json.dumps(old))
+    photo = write_image(cli_env / "s1.jpg", yale_rgb(1, "normal"))
+    assert site(capsys, "init")[0] == 0
+    assert site(capsys, "enroll", "--checkpoint", str(model), "--id", "s1", str(photo))[0] == 0
+
+    code, out, err = site(capsys, "verify", "--checkpoint", str(model), "--id", "s1", str(photo))
+
+    assert code == 2 and out == "" and err.count("\n") == 1, out + err
+    assert "no gray threshold" in err and "facefed site calibrate" in err
+
+
+def test_lfw_colour_photos_are_decided_as_colour(shipped: tuple[FacePipeline, Calibration]) -> None:
+    if not LFW.is_file():
+        pytest.skip(f"{LFW} not available")
+    pipeline = shipped[0]
+    chosen, jpegs = archive_pair_photos(LFW, lambda pairs: [p for p in pairs if p.fold == 3][:10])
+    files = [photo_member(n, i) for p in chosen for n, i in ((p.name1, p.num1), (p.name2, p.num2))]
+    faces = [pipeline.aligned_face(decode_image(jpegs[f], name=f), f) for f in files]
+
+    colour = sum(not is_gray(face) for face in faces)
+
+    assert colour >= 0.9 * len(faces), f"{colour} of {len(faces)} LFW faces decided as colour"
