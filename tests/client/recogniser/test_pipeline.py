@@ -190,6 +190,21 @@ def test_a_few_coloured_pixels_do_not_make_a_gray_face_colour(yale_rgb: YaleRgb)
     assert is_gray(face)
 
 
+def test_a_coloured_frame_inside_the_aligned_face_does_not_make_it_colour(
+    yale_rgb: YaleRgb,
+) -> None:
+    # attack: a tight photo in a wide red frame puts the frame inside the 150x150 chip
+    face = yale_rgb(1, "happy")[40:190, 85:235].copy()
+    face[:25], face[-25:], face[:, :25], face[:, -25:] = (
+        (255, 0, 0),
+        (255, 0, 0),
+        (255, 0, 0),
+        (255, 0, 0),
+    )
+
+    assert is_gray(face)
+
+
 def test_a_tinted_or_sepia_gray_face_is_still_gray(yale_rgb: YaleRgb) -> None:
     # attack: a faint cast (a warm scan, a camera's white balance) must not buy the colour threshold
     gray = yale_rgb(1, "happy")[:150, :150].astype(np.float32)
