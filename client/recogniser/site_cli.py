@@ -202,8 +202,14 @@ def _calibration(
     return Calibration.from_dict(stored)
 
 
-def _for_face(cal: Calibration, face: np.ndarray, pipeline: FacePipeline) -> Calibration:
-    """The calibration that decides ``face``; refuses a gray face that only a colour FAR covers."""
+def _probe(
+    pipeline: FacePipeline, image: np.ndarray, name: str, cal: Calibration
+) -> tuple[np.ndarray, Calibration]:
+    """The probe's embedding, and the calibration that decides it: the gray one for a gray face.
+
+    Refuses a gray face that only a colour FAR covers.
+    """
+    face = pipeline.aligned_face(image, name)
     gray = is_gray(face)
     if gray and pipeline.chips and cal.gray is None and cal.far is not None:
         raise ConfigError(
@@ -211,7 +217,7 @@ def _for_face(cal: Calibration, face: np.ndarray, pipeline: FacePipeline) -> Cal
             "threshold (it predates them): its FAR does not hold for gray faces; run `facefed site "
             "calibrate` again (or pass --threshold T)"
         )
-    return cal.for_probe(gray)
+    return pipeline.embed_faces(face[None])[0], cal.for_probe(gray)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -361,9 +367,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         stored = store.get(identity)
         _check_tag(args.id, stored.model_tag, pipeline)
         calibrations = _calibration(args, store, pipeline, meta)
-    face = pipeline.aligned_face(image, str(args.image))
-    probe = pipeline.embed_faces(face[None])[0]
-    cal = _for_face(calibrations, face, pipeline)
+    probe, cal = _probe(pipeline, image, str(args.image), calibrations)
     score = float(np.dot(probe, stored.embedding))
     match = score > cal.threshold
     _emit(
@@ -391,9 +395,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         raise DataError(
             "no templates enrolled with this model; enrol people with `facefed site enroll` first"
         )
-    face = pipeline.aligned_face(image, str(args.image))
-    probe = pipeline.embed_faces(face[None])[0]
-    cal = _for_face(calibrations, face, pipeline)
+    probe, cal = _probe(pipeline, image, str(args.image), calibrations)
     scores = np.stack([t.embedding for t in templates]) @ probe
     order = np.argsort(-scores)[: args.top_k]
     top = [
