@@ -1,6 +1,6 @@
 """What federation adds on identities of the sites' own kind: verification on held-out ORL / Yale B people.
 
-Run ``python -m bench.domain_gain CKPT [CKPT ...] --holdout N [--far 1e-3] [--json OUT]``.
+Run ``python -m bench.domain_gain CKPT [CKPT ...] --holdout N [--skip-last K] [--far 1e-3] [--json OUT]``.
 
 With run config ``domain-holdout = N`` the last N subjects of ORL and of Extended Yale B (those
 :func:`client.training.site_data.domain_holdout_mask` selects) are kept out of every site. For each
@@ -65,11 +65,18 @@ class Verification:
     auc: float
 
 
-def holdout_rows(labels: np.ndarray, holdout: int) -> np.ndarray:
-    """Rows of the ``holdout`` held-out people of one source (the ones no site trains on)."""
+def holdout_rows(labels: np.ndarray, holdout: int, skip_last: int = 0) -> np.ndarray:
+    """Rows of the ``holdout`` held-out people of one source (the ones no site trains on), less the
+    last ``skip_last`` of them: a run with ``domain-holdout = 15`` scored with ``skip_last = 10`` gives
+    5 validation people to choose settings on, and leaves the benchmark's 10 test people unseen."""
     if holdout <= 0:
         raise ConfigError("--holdout must be at least 1 (the run's domain-holdout)")
-    return np.flatnonzero(domain_holdout_mask(labels, holdout))
+    if not 0 <= skip_last < holdout:
+        raise ConfigError(
+            f"--skip-last must be in 0..{holdout - 1} (below --holdout), got {skip_last}"
+        )
+    mask = domain_holdout_mask(labels, holdout) & ~domain_holdout_mask(labels, skip_last)
+    return np.flatnonzero(mask)
 
 
 def all_pairs(embeddings: torch.Tensor, labels: np.ndarray) -> PairScores:
@@ -112,7 +119,7 @@ def verification(pairs: PairScores, far: float) -> Verification:
 
 
 def checkpoint_pairs(
-    checkpoint: str | Path, holdout: int, data_dir: Path | None = None
+    checkpoint: str | Path, holdout: int, data_dir: Path | None = None, skip_last: int = 0
 ) -> dict[str, PairScores]:
     """Each source's pair scores under one checkpoint's face module (flip TTA)."""
     face, _, spec, _ = load_federated(checkpoint)
@@ -126,7 +133,7 @@ def checkpoint_pairs(
     result: dict[str, PairScores] = {}
     for source in SOURCES:
         chips = dataset_chips(source, root)
-        rows = holdout_rows(chips.labels, holdout)
+        rows = holdout_rows(chips.labels, holdout, skip_last)
         faces = inputs.face(chips.chips[rows], flips=True)
         assert faces.flipped is not None
         result[source] = all_pairs(embed(face, faces.x, faces.flipped), chips.labels[rows])
@@ -134,10 +141,14 @@ def checkpoint_pairs(
 
 
 def domain_gain(
-    checkpoint: str | Path, holdout: int, far: float = 1e-3, data_dir: Path | None = None
+    checkpoint: str | Path,
+    holdout: int,
+    far: float = 1e-3,
+    data_dir: Path | None = None,
+    skip_last: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Per source and pooled: pair counts, TAR at ``far``, threshold and AUC of one checkpoint."""
-    per_source = checkpoint_pairs(checkpoint, holdout, data_dir)
+    per_source = checkpoint_pairs(checkpoint, holdout, data_dir, skip_last)
     pooled = PairScores(
         scores=np.concatenate([p.scores for p in per_source.values()]),
         same=np.concatenate([p.same for p in per_source.values()]),
@@ -170,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoints", nargs="+", type=Path, help="facefed checkpoints (.ckpt)")
     p.add_argument("--holdout", type=int, required=True, help="the run's domain-holdout N")
+    p.add_argument(
+        "--skip-last",
+        type=int,
+        default=0,
+        help="leave out the last K held-out people: score validation people only (see holdout_rows)",
+    )
     p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--data-dir", type=Path, help="dataset folder (default: $FACEFED_DATA)")
@@ -179,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     results = {
-        str(ckpt): domain_gain(ckpt, args.holdout, args.far, args.data_dir)
+        str(ckpt): domain_gain(ckpt, args.holdout, args.far, args.data_dir, args.skip_last)
         for ckpt in args.checkpoints
     }
     print(markdown(results, args.far))
     if args.json:
-        report = {"holdout": args.holdout, "far": args.far, "checkpoints": results}
+        report = {
+            "holdout": args.holdout,
+            "skip_last": args.skip_last,
+            "far": args.far,
+            "checkpoints": results,
+        }
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -57,6 +57,15 @@ def test_holdout_rows_are_the_last_people_and_zero_is_refused() -> None:
         holdout_rows(labels, 0)
 
 
+def test_skip_last_scores_validation_people_and_never_the_test_people() -> None:
+    labels = np.array([3, 1, 2, 3, 0, 2, 4])
+
+    # held out: people 2, 3, 4; the last one (4) is the test person, 2 and 3 validate
+    assert holdout_rows(labels, 3, skip_last=1).tolist() == [0, 2, 3, 5]
+    with pytest.raises(ConfigError, match="--skip-last"):
+        holdout_rows(labels, 3, skip_last=3)
+
+
 def _checkpoint(path: Path, pretrained_start: bool) -> Path:
     spec = ModelInputs(ModelSpec.from_settings(RunSettings(face_model="pretrained"))).spec
     with torch.random.fork_rng(devices=[]):
