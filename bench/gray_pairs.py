@@ -30,7 +30,8 @@ from client.recogniser.pipeline import load_pipeline
 from common.atomic import atomic_write_text
 from common.cli import configure_logging, report_errors
 from common.data.chips import dataset_chips
-from common.data.lfw import load_lfw
+from common.data.lfw import lfw_train_rows, load_lfw
+from common.errors import ConfigError
 from common.metrics import tar_at_far
 
 KINDS = ("colour", "gray", "mixed")
@@ -60,11 +61,14 @@ def measure(
 ) -> dict[str, Any]:
     pipeline, _ = load_pipeline(checkpoint)
     lfw = load_lfw(data_dir)
+    if bad := [s for s in lfw_sets if not 1 <= s <= len(lfw.people_sets)]:
+        raise ConfigError(
+            f"LFW people sets {bad} do not exist; choose among 1..{len(lfw.people_sets)}"
+        )
     chips = dataset_chips("lfw", data_dir).chips
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in KINDS}
     for s in lfw_sets:
-        names = set(lfw.people_sets[s - 1])
-        rows = np.flatnonzero(np.array([lfw.names[k] in names for k in lfw.identity]))
+        rows = lfw_train_rows(lfw, [s - 1])  # every image of the people in set s
         colour = np.asarray(pipeline.embed_faces(chips[rows]), np.float32)
         gray = np.asarray(pipeline.embed_faces(as_gray_rgb(chips[rows])), np.float32)
         for kind, pair in pair_scores(colour, gray, lfw.identity[rows]).items():
@@ -73,18 +77,18 @@ def measure(
         k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]))
         for k, v in parts.items()
     }
-    thresholds = {k: tar_at_far(*pooled[k], far)[1] for k in ("colour", "gray")}
+    at_far = {k: tar_at_far(scores, same, far) for k, (scores, same) in pooled.items()}
     result: dict[str, Any] = {}
     for kind, (scores, same) in pooled.items():
-        tar, threshold = tar_at_far(scores, same, far)
         impostor = scores[~same]
         result[kind] = {
             "genuine_pairs": int(same.sum()),
             "impostor_pairs": len(impostor),
-            "threshold": threshold,
-            "tar": tar,
+            "threshold": at_far[kind][1],
+            "tar": at_far[kind][0],
             **{
-                f"far_at_{k}_threshold": float(np.mean(impostor > t)) for k, t in thresholds.items()
+                f"far_at_{k}_threshold": float(np.mean(impostor > at_far[k][1]))
+                for k in ("colour", "gray")
             },
         }
     return {
@@ -95,12 +99,23 @@ def measure(
     }
 
 
+def _sets(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected people set numbers like 4,5, got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.gray_pairs", description=__doc__.split("\n")[0]
     )
     p.add_argument("--checkpoint", type=Path, default=Path("models/facefed-face-v3.ckpt"))
-    p.add_argument("--lfw-sets", default="4,5", help="LFW people sets (never trained on)")
+    p.add_argument(
+        "--lfw-sets", type=_sets, default=[4, 5], help="LFW people sets (never trained on)"
+    )
     p.add_argument("--far", type=float, default=1e-4)
     p.add_argument("--data-dir", type=Path, help="dataset folder (default: $FACEFED_DATA)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -108,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    sets = [int(s) for s in args.lfw_sets.split(",")]
-    report = measure(args.checkpoint, sets, args.far, args.data_dir)
+    report = measure(args.checkpoint, args.lfw_sets, args.far, args.data_dir)
     for kind, r in report["kinds"].items():
         print(
             f"{kind:<7} threshold {r['threshold']:.4f} TAR {r['tar']:.3f} "
