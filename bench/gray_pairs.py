@@ -27,11 +27,11 @@ import numpy as np
 
 from client.recogniser.calibration import as_gray_rgb
 from client.recogniser.pipeline import load_pipeline
+from client.recogniser.site_cli import parse_lfw_sets
 from common.atomic import atomic_write_text
 from common.cli import configure_logging, report_errors
 from common.data.chips import dataset_chips
 from common.data.lfw import lfw_train_rows, load_lfw
-from common.errors import ConfigError
 from common.metrics import tar_at_far
 
 KINDS = ("colour", "gray", "mixed")
@@ -61,10 +61,6 @@ def measure(
 ) -> dict[str, Any]:
     pipeline, _ = load_pipeline(checkpoint)
     lfw = load_lfw(data_dir)
-    if bad := [s for s in lfw_sets if not 1 <= s <= len(lfw.people_sets)]:
-        raise ConfigError(
-            f"LFW people sets {bad} do not exist; choose among 1..{len(lfw.people_sets)}"
-        )
     chips = dataset_chips("lfw", data_dir).chips
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in KINDS}
     for s in lfw_sets:
@@ -99,23 +95,12 @@ def measure(
     }
 
 
-def _sets(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected people set numbers like 4,5, got {text!r}"
-        ) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.gray_pairs", description=__doc__.split("\n")[0]
     )
     p.add_argument("--checkpoint", type=Path, default=Path("models/facefed-face-v3.ckpt"))
-    p.add_argument(
-        "--lfw-sets", type=_sets, default=[4, 5], help="LFW people sets (never trained on)"
-    )
+    p.add_argument("--lfw-sets", default="4,5", help="LFW people sets (never trained on)")
     p.add_argument("--far", type=float, default=1e-4)
     p.add_argument("--data-dir", type=Path, help="dataset folder (default: $FACEFED_DATA)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -123,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = measure(args.checkpoint, args.lfw_sets, args.far, args.data_dir)
+    sets = parse_lfw_sets(args.lfw_sets) or ()
+    report = measure(args.checkpoint, sets, args.far, args.data_dir)
     for kind, r in report["kinds"].items():
         print(
             f"{kind:<7} threshold {r['threshold']:.4f} TAR {r['tar']:.3f} "

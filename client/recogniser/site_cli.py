@@ -287,7 +287,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lfw_sets(text: str | None) -> tuple[int, ...] | None:
+def parse_lfw_sets(text: str | None) -> tuple[int, ...] | None:
+    """``--lfw-sets`` (``"4,5"``) as 1-based LFW people sets; ``None`` (all sets) when not given."""
     if text is None:
         return None
     try:
@@ -302,7 +303,7 @@ def _lfw_sets(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    lfw_sets = _lfw_sets(args.lfw_sets)
+    lfw_sets = parse_lfw_sets(args.lfw_sets)
     pipeline, _ = _pipeline(args)
     with _open(args) as store:
         cal = calibrate_on_lfw(
