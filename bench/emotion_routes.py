@@ -40,7 +40,7 @@ from client.training.augment import flip
 from client.training.dp_random import SeededRandomness
 from client.training.fast_dp import FastDpSgd, poisson_indices
 from common.data.fer2013 import load_fer2013
-from common.data.preprocess import emotion_tensor
+from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.facenet.resnet import BLOCKS
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import load_pretrained
@@ -79,7 +79,9 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
 def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
     if args.route == "scratch":
         return faces
-    cache = Path(args.cache) / f"fer-training-{args.trunk_blocks}-{args.size}.pt"
+    cache = (
+        Path(args.cache) / f"fer-training-{args.trunk_blocks}-{args.size}-{EMOTION_SHARPNESS}.pt"
+    )
     if cache.is_file():
         return torch.load(cache).float()
     trunk, _ = load_pretrained().split(len(BLOCKS) - args.trunk_blocks)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data.archives import load_or_build
-from common.data.preprocess import emotion_tensor, face_tensor
+from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor, face_tensor
 from common.facenet.resnet import BLOCKS, chip_tensor
 from common.facenet.transfer import frozen_features, gray_to_chip
 from common.model_spec import ModelSpec, state_sha256
@@ -90,10 +90,12 @@ class ModelInputs:
         if self._emotion_trunk is None:
             return x
         s = self.spec
+        cut = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-sharp{EMOTION_SHARPNESS}"
         if s.emotion_head_width:  # a conv head reads the whole map: kept in half precision
-            key = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-map"
-            return self._cached(key, images, lambda: self._emotion_features(x, None)).float()
-        key = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-{s.emotion_pool}"
+            return self._cached(
+                f"{cut}-map", images, lambda: self._emotion_features(x, None)
+            ).float()
+        key = f"{cut}-{s.emotion_pool}"
         return self._cached(key, images, lambda: self._emotion_features(x, s.emotion_pool))
 
     def _face_features(self, chips: np.ndarray) -> torch.Tensor:
