@@ -126,6 +126,8 @@ def test_small_budget_stops_the_run_cleanly_and_no_site_exceeds_it(tmp_path: Pat
         "--set",
         "face-batch=64",  # the sampling rate this budget was sized for (the default samples less)
         "--set",
+        "emotion-batch=256",  # likewise (the default's 2,048 takes a quarter of a site a step)
+        "--set",
         "face-steps=3",
         "--set",
         "emotion-steps=3",
