@@ -56,11 +56,14 @@ def standardize(images: np.ndarray) -> torch.Tensor:
     """Per-image standardisation of ``(N,H,W)`` uint8 gray images into a ``(N,1,H,W)`` float32 tensor."""
     if images.ndim != 3:
         raise ValueError(f"expected (N,H,W) gray images, got shape {images.shape}")
-    x = images.astype(np.float32)
-    mean = x.mean(axis=(1, 2), keepdims=True)
-    std = x.std(axis=(1, 2), keepdims=True)
-    x = (x - mean) / np.maximum(std, _MIN_STD)
-    return torch.from_numpy(x).unsqueeze(1)
+    return torch.from_numpy(_unit(images.astype(np.float32))).unsqueeze(1)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """``(..., H, W)`` float32 images, each brought to zero mean and unit variance."""
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    std = x.std(axis=(-2, -1), keepdims=True)
+    return (x - mean) / np.maximum(std, _MIN_STD)
 
 
 def face_tensor(images: np.ndarray) -> torch.Tensor:
@@ -87,8 +90,7 @@ def match_sharpness(x: torch.Tensor, target: float = EMOTION_SHARPNESS) -> torch
             continue
         sigma = _BLUR_STEP
         while True:
-            blurred = cv2.GaussianBlur(image, (0, 0), sigma)
-            blurred = (blurred - blurred.mean()) / max(float(blurred.std()), _MIN_STD)
+            blurred = _unit(cv2.GaussianBlur(image, (0, 0), sigma))
             if sharpness(blurred) <= target or sigma >= _MAX_BLUR:
                 break
             sigma += _BLUR_STEP
