@@ -86,26 +86,27 @@ class ModelInputs:
 
     def emotion(self, images: np.ndarray) -> torch.Tensor:
         """uint8 gray (or RGB) faces of any size -> the emotion module's inputs."""
-        x = emotion_tensor(images)
         if self._emotion_trunk is None:
-            return x
+            return emotion_tensor(images)
         s = self.spec
         cut = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-sharp{EMOTION_SHARPNESS}"
         if s.emotion_head_width:  # a conv head reads the whole map: kept in half precision
             return self._cached(
-                f"{cut}-map", images, lambda: self._emotion_features(x, None)
+                f"{cut}-map", images, lambda: self._emotion_features(images, None)
             ).float()
         key = f"{cut}-{s.emotion_pool}"
-        return self._cached(key, images, lambda: self._emotion_features(x, s.emotion_pool))
+        return self._cached(key, images, lambda: self._emotion_features(images, s.emotion_pool))
 
     def _face_features(self, chips: np.ndarray) -> torch.Tensor:
         assert self._face_trunk is not None
         h = frozen_features(self._face_trunk, chip_tensor(chips))
         return h.mean(dim=(2, 3)) if self.spec.face_tail_blocks == 0 else h
 
-    def _emotion_features(self, x: torch.Tensor, pool: int | None) -> torch.Tensor:
+    def _emotion_features(self, images: np.ndarray, pool: int | None) -> torch.Tensor:
         """The trunk's map of each face: pooled to ``pool x pool``, or whole (float16) for ``None``."""
         assert self._emotion_trunk is not None
+        # here, not in emotion(): only when the maps are not cached (matching sharpness takes seconds)
+        x = emotion_tensor(images)
         chips = torch.cat([gray_to_chip(b, self.spec.emotion_input_size) for b in x.split(256)])
         if pool is None:
             return frozen_features(self._emotion_trunk, chips, dtype=torch.float16)
