@@ -38,6 +38,7 @@ from common.data.preprocess import (
     sharpness,
     standardize,
 )
+from common.evaluation import EmotionSet, evaluate_emotion
 from common.models import EmotionNet
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -49,10 +50,9 @@ def sharpness_quantiles(x: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in np.quantile(values, QUANTILES)]
 
 
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = torch.cat([model(b) for b in x.split(1000)])
-    return round(float((logits.argmax(1) == y).float().mean()), 3)
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) -> float:
+    """Scored as the coordinator scores a round (:func:`common.evaluation.evaluate_emotion`)."""
+    return round(evaluate_emotion(model, EmotionSet(x, labels))["accuracy"], 3)
 
 
 def _train(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, steps: int, seed: int) -> EmotionNet:
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result), flush=True)
     if args.train_steps:
         x, y = emotion_tensor(train.images), torch.from_numpy(train.labels).long()
-        y_test = torch.from_numpy(test.labels).long()
         val, rest = held_out_split(train.images)
         runs = []
         for seed in range(args.seeds):
@@ -98,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
             model = _train(x, y, rest, args.train_steps, seed)
             run = {
                 "seed": seed,
-                "held_out": _accuracy(model, x[val], y[val]),
-                "publictest_as_is": _accuracy(model, raw_test, y_test),
-                "publictest_matched": _accuracy(model, matched_test, y_test),
+                "held_out": _accuracy(model, x[val], train.labels[val]),
+                "publictest_as_is": _accuracy(model, raw_test, test.labels),
+                "publictest_matched": _accuracy(model, matched_test, test.labels),
                 "seconds": round(time.perf_counter() - start),
             }
             print(json.dumps(run), flush=True)
