@@ -1,6 +1,6 @@
 """Federated accuracy vs privacy (issue 2): epsilon 1, 3, 8, infinity and a centralised baseline, in one run.
 
-Run ``python -m bench.accuracy [--rounds N] [--epsilons 1,3,8,inf] [--out DIR] [--quick]``.
+Run ``python -m bench.accuracy [--rounds N] [--epsilons 1,3,8,inf] [--set KEY=VALUE] [--out DIR] [--quick]``.
 
 * Each finite epsilon is one ``facefed simulate --scenario bench --epsilon E`` run (every site's noise is
   calibrated to spend at most E over the run); ``inf`` is the same run with ``dp = false``.
@@ -49,7 +49,7 @@ from common.errors import ConfigError, FacefedError
 from common.features import ModelInputs
 from common.model_spec import ModelSpec
 from common.paths import data_dir as resolve_data_dir
-from simulations.scenarios import load_scenario, load_site_policies, resolve
+from simulations.scenarios import load_scenario, load_site_policies, parse_assignment, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated; inf = non-private (default: 1,3,8,inf; {QUICK_EPSILONS} with --quick)",
     )
     p.add_argument("--out", type=Path, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key of every setting, e.g. --set emotion-model=vgg (repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (numbers mean nothing)")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised baseline")
     p.add_argument("--data-dir", help="dataset folder (default: $FACEFED_DATA or ../shared/data)")
@@ -256,6 +263,9 @@ def bench_overrides(args: argparse.Namespace) -> dict[str, Scalar]:
         overrides["num-rounds"] = args.rounds
     if args.data_dir:
         overrides["data-dir"] = args.data_dir
+    for assignment in args.set:
+        key, value = parse_assignment(assignment)
+        overrides[key] = value
     return overrides
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from client.training.augment import flip
+from client.training.augment import augment, flip
 from client.training.dp_random import SeededRandomness
 from client.training.fast_dp import FastDpSgd, poisson_indices
 from common.data.fer2013 import load_fer2013
@@ -44,7 +44,7 @@ from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.facenet.resnet import BLOCKS
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import load_pretrained
-from common.models import EmotionNet
+from common.models import EmotionNet, EmotionVGG
 
 SITES = 4
 HELD_OUT = 2000
@@ -77,7 +77,7 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
 
 
 def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
-    if args.route == "scratch":
+    if args.route in ("scratch", "vgg"):
         return faces
     cache = (
         Path(args.cache) / f"fer-training-{args.trunk_blocks}-{args.size}-{EMOTION_SHARPNESS}.pt"
@@ -96,15 +96,23 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
     return maps.float()
 
 
+def _view(args: argparse.Namespace, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The training view: mirrored at random; the vgg route's faces also rotated, zoomed and shifted."""
+    return augment(x, generator, geometric=True) if args.route == "vgg" else flip(x, generator)
+
+
 def _model(args: argparse.Namespace, channels: int) -> nn.Module:
     if args.route == "scratch":
         return EmotionNet(width=32)
+    if args.route == "vgg":
+        return EmotionVGG(width=args.width)
     return EmotionHead(channels, args.pool, width=args.head_width)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--route", choices=("scratch", "transfer"), default="transfer")
+    p.add_argument("--route", choices=("scratch", "vgg", "transfer"), default="transfer")
+    p.add_argument("--width", type=int, default=16, help="vgg: channels of the first stage")
     p.add_argument("--sigma", type=float, required=True, help="noise multiplier; 0 = non-private")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=60, help="local steps per round")
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for _ in range(args.steps):
                 idx = poisson_indices(n, q, noise)
-                dp.step(flip(xs[idx], mirror), ys[idx])
+                dp.step(_view(args, xs[idx], mirror), ys[idx])
             states.append(model.state_dict())
         global_model.load_state_dict(
             {k: torch.stack([st[k].float() for st in states]).mean(0) for k in states[0]}

@@ -124,15 +124,16 @@ class RunSettings:
     face_tail_blocks: int = 0  # pretrained: residual blocks fine-tuned besides the embedding layer
     face_width: int = 16  # scratch
     # "transfer": a linear head on the frozen face trunk's features (cut after emotion-trunk-blocks
-    # blocks, at emotion-input-size pixels, pooled to emotion-pool x emotion-pool); "scratch": EmotionNet
-    emotion_model: Literal["transfer", "scratch"] = "scratch"
+    # blocks, at emotion-input-size pixels, pooled to emotion-pool x emotion-pool); "scratch": EmotionNet;
+    # "vgg": EmotionVGG, deeper, at full resolution, its faces also rotated, zoomed and shifted at random
+    emotion_model: Literal["transfer", "scratch", "vgg"] = "scratch"
     emotion_trunk_blocks: int = 10
     emotion_input_size: int = 96
     emotion_pool: int = 2
     # transfer: 0 = the linear head above; N > 0 = two 3x3 conv layers of N channels on the unpooled
     # feature map first (common/facenet/transfer.py)
     emotion_head_width: int = 0
-    emotion_width: int = 32  # scratch
+    emotion_width: int = 32  # scratch, vgg (the first stage's channels)
     face_steps: int = 25
     emotion_steps: int = 40
     face_batch: int = 64

@@ -1,7 +1,8 @@
 """Which networks a run federates, and how to build them: the one place that knows both model families.
 
 * ``scratch``: facefed's own small networks (``common.models``), trained from random weights on
-  112x112 gray faces and 48x48 gray emotion crops.
+  112x112 gray faces and 48x48 gray emotion crops; ``vgg`` (emotion): a deeper one,
+  :class:`EmotionVGG`, on the same crops.
 * ``pretrained`` (face) / ``transfer`` (emotion): dlib's public face ResNet (``common.facenet``) is
   frozen, and the federated models are small heads on its features: the :class:`FaceTail` (last
   residual blocks + embedding layer) and an :class:`EmotionHead`.
@@ -23,10 +24,10 @@ import torch
 from torch import nn
 
 from common.errors import IntegrityError
-from common.models import EmotionNet, FaceEmbedder
+from common.models import EmotionNet, EmotionVGG, FaceEmbedder
 
 FaceModel = Literal["pretrained", "scratch"]
-EmotionModel = Literal["transfer", "scratch"]
+EmotionModel = Literal["transfer", "scratch", "vgg"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class ModelSpec:
 
         if self.emotion_model == "scratch":
             return EmotionNet(width=self.emotion_width)
+        if self.emotion_model == "vgg":
+            return EmotionVGG(width=self.emotion_width)
         channels = BLOCKS[self.emotion_trunk_blocks - 1][0] if self.emotion_trunk_blocks else 32
         return EmotionHead(channels, self.emotion_pool, width=self.emotion_head_width)
 
@@ -139,7 +142,7 @@ class ModelSpec:
 
 
 FACE_MODELS = ("pretrained", "scratch")
-EMOTION_MODELS = ("transfer", "scratch")
+EMOTION_MODELS = ("transfer", "scratch", "vgg")
 _INT_RANGES = {
     "face_width": (1, 256),
     "emotion_width": (1, 256),

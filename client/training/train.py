@@ -375,11 +375,12 @@ def train_round(
             settings.emotion_steps,
             p.emotion_clip,
             F.cross_entropy,
-            # faces mirrored at random; for a conv head, its feature maps instead (the trunk is
-            # close to mirror-symmetric); a linear head's pooled maps not at all
+            # faces mirrored at random (vgg's also rotated, zoomed and shifted); for a conv head,
+            # its feature maps instead (the trunk is close to mirror-symmetric); a linear head's
+            # pooled maps not at all
             None
             if settings.emotion_model == "transfer" and not settings.emotion_head_width
-            else False,
+            else settings.emotion_model == "vgg",
         ),
     )
     for name, module, x, y, batch, lr, steps, clip, loss_fn, geometric in jobs:

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from bench.accuracy import (
+    bench_overrides,
+    build_parser,
     domain_gain_markdown,
     domain_gain_summary,
     federated_overrides,
@@ -211,6 +213,25 @@ def test_bad_epsilon_is_one_clear_line_not_a_traceback(capsys: pytest.CaptureFix
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert err.startswith("bench.accuracy: error: --epsilons entry '-3'")
+    assert "\n" not in err
+
+
+def test_set_overrides_a_run_config_key_of_every_setting() -> None:
+    args = build_parser().parse_args(["--set", "emotion-model=vgg", "--set", "emotion-steps=90"])
+
+    overrides = bench_overrides(args)
+    settings = resolve(load_scenario("bench"), overrides)
+
+    assert overrides == {"emotion-model": "vgg", "emotion-steps": 90}
+    assert (settings.emotion_model, settings.emotion_steps) == ("vgg", 90)
+
+
+def test_a_bad_set_is_one_clear_line_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--set", "emotion-model=vgg16", "--epsilons", "8"])
+
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("bench.accuracy: error:") and "emotion" in err
     assert "\n" not in err
 
 

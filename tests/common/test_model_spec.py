@@ -20,6 +20,7 @@ from common.facenet.resnet import ChipEmbedder, chip_tensor
 from common.facenet.transfer import EmotionTransfer, gray_to_chip
 from common.facenet.weights import default_pretrained_path, load_pretrained
 from common.model_spec import ModelSpec, state_sha256
+from common.models import EmotionVGG
 
 PRETRAINED = ModelSpec(face_model="pretrained", face_tail_blocks=1, emotion_model="transfer")
 
@@ -160,3 +161,17 @@ def test_a_transfer_spec_written_before_conv_heads_builds_the_linear_head() -> N
     assert [type(m).__name__ for m in emotion.children()] == ["Identity", "Linear"]
     with pytest.raises(ValueError, match="emotion_head_width"):
         ModelSpec(emotion_model="transfer", emotion_head_width=10**6)
+
+
+def test_a_vgg_emotion_checkpoint_rebuilds_the_same_network(tmp_path) -> None:
+    spec = ModelSpec(emotion_model="vgg", emotion_width=4)
+    face, emotion = spec.initial(seed=0)
+    path = save_checkpoint(tmp_path / "c.ckpt", face, emotion, spec, 0)
+
+    _, loaded, meta = load_models(path)
+
+    faces = torch.randn(3, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(faces), emotion.eval()(faces))
+    assert isinstance(loaded, EmotionVGG)
+    assert meta["model_spec"]["emotion_model"] == "vgg"

@@ -37,7 +37,14 @@ from common.errors import ConfigError
 from common.facenet.resnet import BLOCKS, FaceTail, chip_tensor
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import default_pretrained_path, load_pretrained
-from common.models import CosineHead, EmotionNet, FaceEmbedder, FaceTrainer, cosface_loss
+from common.models import (
+    CosineHead,
+    EmotionNet,
+    EmotionVGG,
+    FaceEmbedder,
+    FaceTrainer,
+    cosface_loss,
+)
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,6 +116,10 @@ def model_and_batch(kind: str, n: int = 8) -> tuple[nn.Module, Loss, torch.Tenso
         features, labels = _emotion_features(n)
         torch.manual_seed(0)  # the head's init, whether or not the features were cached
         return EmotionHead(64, 3, width=16), F.cross_entropy, features, labels
+    if (
+        kind == "emotion-vgg"
+    ):  # dropout off: Opacus's forward pass and ours would drop different units
+        return EmotionVGG(4, dropout=0.0), F.cross_entropy, site.emotion_x[:n], site.emotion_y[:n]
     return EmotionNet(16), F.cross_entropy, site.emotion_x[:n], site.emotion_y[:n]
 
 
@@ -173,7 +184,9 @@ def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> Non
 # --- noise 0: the clipped sum is Opacus's -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail", "emotion-head"])
+@pytest.mark.parametrize(
+    "kind", ["face", "emotion", "emotion-vgg", "pretrained-tail", "emotion-head"]
+)
 @pytest.mark.parametrize(
     ("clip", "conv_method"),
     [(1.0, "grouped"), (1.0, "unfold"), (1e6, None)],
@@ -193,7 +206,9 @@ def test_clipped_sum_equals_opacus_per_sample_reference(
     assert (batch.per_sample_norms > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["face", "emotion", "pretrained-tail", "emotion-head"])
+@pytest.mark.parametrize(
+    "kind", ["face", "emotion", "emotion-vgg", "pretrained-tail", "emotion-head"]
+)
 def test_equivalence_check_detects_a_wrong_clip(kind: str) -> None:
     reference = list(clipped_reference(kind, 1.0))
     model, loss, x, y = model_and_batch(kind)
