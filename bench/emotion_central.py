@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="the one-cycle schedule's peak")
     p.add_argument("--shift", type=int, default=4, help="largest random shift in pixels (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="train on this many images only (0: all)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     val, rest = held_out_split(train.images)
     x, y = emotion_tensor(train.images), torch.from_numpy(train.labels).long()
     x_public, y_public = emotion_tensor(public.images), torch.from_numpy(public.labels).long()
+    rest = rest[: args.limit or None]
     x_train, y_train = x[rest], y[rest]
     model = EmotionVGG(args.width) if args.arch == "vgg" else EmotionNet(args.width)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

@@ -11,15 +11,18 @@ import torch
 from bench.emotion_routes import HELD_OUT, held_out_split, main
 
 
+@pytest.mark.parametrize("route", ["scratch", "vgg"])
 def test_one_round_reports_a_held_out_accuracy_per_round(
-    capsys: pytest.CaptureFixture[str],
+    route: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     threads = torch.get_num_threads()
     try:
         main(
             [
                 "--route",
-                "scratch",
+                route,
+                "--width",
+                "4",
                 "--sigma",
                 "1.0",
                 "--batch",
@@ -37,7 +40,7 @@ def test_one_round_reports_a_held_out_accuracy_per_round(
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert lines[0].startswith("round 1: held-out Training accuracy ")
     assert len(result["val"]) == 1 and 0.0 <= result["val"][0] <= 1.0
-    assert (result["route"], result["sigma"], result["steps"]) == ("scratch", 1.0, 2)
+    assert (result["route"], result["sigma"], result["steps"]) == (route, 1.0, 2)
 
 
 def test_a_held_out_face_that_repeats_a_training_face_is_not_scored() -> None:
