@@ -76,12 +76,13 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
     return F.normalize(x - x.mean(1, keepdim=True), dim=1)
 
 
-def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
+def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
     if args.route in ("scratch", "vgg"):
         return faces
-    cache = (
-        Path(args.cache) / f"fer-training-{args.trunk_blocks}-{args.size}-{EMOTION_SHARPNESS}.pt"
-    )
+    name = f"fer-training-{args.trunk_blocks}-{args.size}-{EMOTION_SHARPNESS}"
+    cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}.pt"
+    if mirrored:
+        faces = faces.flip(-1)
     if cache.is_file():
         return torch.load(cache).float()
     trunk, _ = load_pretrained().split(len(BLOCKS) - args.trunk_blocks)
@@ -96,9 +97,35 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor) -> torch.Tensor:
     return maps.float()
 
 
-def _view(args: argparse.Namespace, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The training view: mirrored at random; the vgg route's faces also rotated, zoomed and shifted."""
-    return augment(x, generator, geometric=True) if args.route == "vgg" else flip(x, generator)
+def _view(
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    mirrored: torch.Tensor | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The training view: mirrored at random; the vgg route's faces also rotated, zoomed and shifted.
+
+    For the transfer route ``--mirror`` says how: ``map`` flips the trunk's map, ``face`` takes the
+    trunk's map of the mirrored face (``mirrored``), ``none`` does not mirror.
+    """
+    if args.route == "vgg":
+        return augment(x, generator, geometric=True)
+    if args.route == "scratch" or args.mirror == "map":
+        return flip(x, generator)
+    if args.mirror == "none" or mirrored is None:
+        return x
+    mask = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], mirrored, x)
+
+
+def _lr(args: argparse.Namespace, step: int) -> float:
+    """The learning rate of local step ``step`` (counted over all rounds)."""
+    local = step % args.steps
+    if local < args.warmup:  # each round's first steps: up from lr / warmup
+        return float(args.lr) * (local + 1) / args.warmup
+    if args.schedule == "constant":
+        return float(args.lr)
+    return float(args.lr) * (1 - step / (args.rounds * args.steps))
 
 
 def _model(args: argparse.Namespace, channels: int) -> nn.Module:
@@ -118,23 +145,61 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="local steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "linear"),
+        default="constant",
+        help="linear: the learning rate falls linearly to 0 over all rounds' local steps",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=0, help="each round's first N steps ramp the rate up"
+    )
+    p.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="each site keeps its Adam moments from round to round (fresh by default)",
+    )
     p.add_argument("--trunk-blocks", type=int, default=7)
     p.add_argument("--size", type=int, default=96)
+    p.add_argument(
+        "--extra-blocks",
+        type=int,
+        default=0,
+        help="transfer: also the map after this many blocks, pooled to the main map's size",
+    )
     p.add_argument("--pool", type=int, default=3)
     p.add_argument("--head-width", type=int, default=64)
+    p.add_argument(
+        "--mirror",
+        choices=("map", "face", "none"),
+        default="map",
+        help="transfer: mirror the trunk's map, use the map of the mirrored face, or neither",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
     train = load_fer2013("Training")
     val, rest = held_out_split(train.images)
-    x = _inputs(args, emotion_tensor(train.images))
+    faces = emotion_tensor(train.images)
+    x = _inputs(args, faces)
+    if args.route == "transfer" and args.extra_blocks:
+        early = _inputs(
+            argparse.Namespace(**(vars(args) | {"trunk_blocks": args.extra_blocks})), faces
+        )
+        x = torch.cat([x, F.adaptive_avg_pool2d(early, x.shape[-1])], 1)
+    x_mirrored = (
+        _inputs(args, faces, mirrored=True)
+        if args.route == "transfer" and args.mirror == "face"
+        else None
+    )
     y = torch.from_numpy(train.labels).long()
     torch.manual_seed(0)
     global_model = _model(args, x.shape[1])
     mirror = torch.Generator().manual_seed(0)
     scores: list[float] = []
     start = time.perf_counter()
+    moments: dict[int, dict[str, object]] = {}  # each site's Adam state after its last round
     for r in range(args.rounds):
         states = []
         for s, part in enumerate(np.array_split(rest, SITES)):
@@ -142,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
             model.load_state_dict(global_model.state_dict())
             model.train()
             opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+            if args.keep_optimizer and s in moments:
+                opt.load_state_dict(moments[s])
             xs, ys, n = x[part], y[part], len(part)
+            xm = None if x_mirrored is None else x_mirrored[part]
             q = 1.0 / math.ceil(n / args.batch)
             noise = SeededRandomness(torch.Generator().manual_seed(10 * r + s))
             dp = FastDpSgd(
@@ -156,10 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                 accountant=RDPAccountant(),
                 randomness=noise,
             )
-            for _ in range(args.steps):
+            for t in range(args.steps):
+                opt.param_groups[0]["lr"] = _lr(args, r * args.steps + t)
                 idx = poisson_indices(n, q, noise)
-                dp.step(_view(args, xs[idx], mirror), ys[idx])
+                dp.step(_view(args, xs[idx], None if xm is None else xm[idx], mirror), ys[idx])
             states.append(model.state_dict())
+            moments[s] = opt.state_dict()
         global_model.load_state_dict(
             {k: torch.stack([st[k].float() for st in states]).mean(0) for k in states[0]}
         )

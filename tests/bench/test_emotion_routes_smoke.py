@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from bench.emotion_routes import HELD_OUT, held_out_split, main
+from bench.emotion_routes import HELD_OUT, _lr, _view, held_out_split, main
 
 
 @pytest.mark.parametrize("route", ["scratch", "vgg"])
@@ -55,3 +57,54 @@ def test_a_held_out_face_that_repeats_a_training_face_is_not_scored() -> None:
 
     assert rest_after.tolist() == rest.tolist()  # the training part does not change
     assert sorted(val_after.tolist()) == sorted(val[4:].tolist())
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    defaults = {
+        "route": "transfer",
+        "mirror": "map",
+        "lr": 0.002,
+        "schedule": "constant",
+        "warmup": 0,
+    }
+    return argparse.Namespace(**(defaults | {"rounds": 3, "steps": 10} | overrides))
+
+
+def test_the_linear_schedule_falls_from_the_learning_rate_to_zero_over_all_rounds() -> None:
+    args = _args(schedule="linear")
+
+    rates = [_lr(args, step) for step in range(30)]
+
+    assert rates[0] == pytest.approx(0.002)
+    assert rates[15] == pytest.approx(0.001)
+    assert rates[-1] == pytest.approx(0.002 / 30)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert {_lr(_args(), step) for step in range(30)} == {0.002}
+
+
+def test_a_warmup_ramps_the_rate_up_at_the_start_of_every_round() -> None:
+    args = _args(warmup=4)
+
+    rates = [_lr(args, step) for step in range(30)]
+
+    assert rates[:5] == pytest.approx([0.0005, 0.001, 0.0015, 0.002, 0.002])
+    assert rates[10:14] == rates[20:24] == rates[:4]
+
+
+@pytest.mark.parametrize("mirror", ["map", "face", "none"])
+def test_a_transfer_view_mirrors_as_the_mirror_option_says(mirror: str) -> None:
+    maps = torch.arange(4 * 2 * 3 * 3, dtype=torch.float32).view(4, 2, 3, 3)
+    of_mirrored_faces = -maps
+    generator = torch.Generator().manual_seed(0)
+
+    view = _view(_args(mirror=mirror), maps, of_mirrored_faces, generator)
+
+    rows = list(zip(view, maps, of_mirrored_faces, strict=True))
+    if mirror == "none":
+        assert torch.equal(view, maps)
+    elif mirror == "map":
+        assert all(torch.equal(v, m) or torch.equal(v, m.flip(-1)) for v, m, _ in rows)
+        assert any(torch.equal(v, m.flip(-1)) for v, m, _ in rows)
+    else:
+        assert all(torch.equal(v, m) or torch.equal(v, f) for v, m, f in rows)
+        assert any(torch.equal(v, f) for v, _, f in rows)
