@@ -97,6 +97,18 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
     return maps.float()
 
 
+def _features(
+    args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False
+) -> torch.Tensor:
+    """The route's inputs; with ``--extra-blocks``, an earlier map pooled to the main map's size too."""
+    x = _inputs(args, faces, mirrored)
+    if args.route != "transfer" or not args.extra_blocks:
+        return x
+    early_args = argparse.Namespace(**(vars(args) | {"trunk_blocks": args.extra_blocks}))
+    early = _inputs(early_args, faces, mirrored)
+    return torch.cat([x, F.adaptive_avg_pool2d(early, x.shape[-1])], 1)
+
+
 def _view(
     args: argparse.Namespace,
     x: torch.Tensor,
@@ -182,14 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     train = load_fer2013("Training")
     val, rest = held_out_split(train.images)
     faces = emotion_tensor(train.images)
-    x = _inputs(args, faces)
-    if args.route == "transfer" and args.extra_blocks:
-        early = _inputs(
-            argparse.Namespace(**(vars(args) | {"trunk_blocks": args.extra_blocks})), faces
-        )
-        x = torch.cat([x, F.adaptive_avg_pool2d(early, x.shape[-1])], 1)
+    x = _features(args, faces)
     x_mirrored = (
-        _inputs(args, faces, mirrored=True)
+        _features(args, faces, mirrored=True)
         if args.route == "transfer" and args.mirror == "face"
         else None
     )
