@@ -24,6 +24,7 @@ from bench.emotion_routes import held_out_split
 from client.training.augment import flip
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
+from common.evaluation import EmotionSet, evaluate_emotion
 from common.models import EmotionNet, EmotionVGG
 
 
@@ -40,11 +41,10 @@ def shift(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(b).argmax(1) for b in x.split(1024)])
+    """Scored as the coordinator scores a round (:func:`common.evaluation.evaluate_emotion`)."""
+    score = evaluate_emotion(model, EmotionSet(x, y.numpy()))["accuracy"]
     model.train()
-    return round(float((predicted == y).float().mean()), 3)
+    return round(score, 3)
 
 
 def main(argv: list[str] | None = None) -> None:
