@@ -2,11 +2,12 @@
 
 The ceiling the federated runs are measured against: one process, all of Training less the held-out
 images of :func:`bench.emotion_routes.held_out_split`, Adam with a one-cycle learning rate over
-``--epochs`` epochs of batch ``--batch``, each face mirrored and shifted (up to ``--shift`` pixels, the
-border repeated) at random. After every epoch it prints accuracy on the held-out Training images and,
-for the record only (never for a choice), on PublicTest at Training's sharpness.
+``--epochs`` epochs of batch ``--batch``, each face mirrored, rotated, zoomed and shifted at random as
+federated ``vgg`` training does (:func:`client.training.augment.augment`; ``--no-geometric``: mirrored
+only). After every epoch it prints accuracy on the held-out Training images and, for the record only
+(never for a choice), on PublicTest at Training's sharpness.
 
-Example: ``python -m bench.emotion_central --arch vgg --width 16 --epochs 15 --shift 4``.
+Example: ``python -m bench.emotion_central --arch vgg --width 16 --epochs 15``.
 Results of 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
 """
 
@@ -21,23 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.emotion_routes import held_out_split
-from client.training.augment import flip
+from client.training.augment import augment
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
 from common.evaluation import EmotionSet, evaluate_emotion
 from common.models import EmotionNet, EmotionVGG
-
-
-def shift(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
-    """Each face of an ``(N,1,H,W)`` batch moved by its own random whole-pixel offset in ``[-pad, pad]``."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad,) * 4, mode="replicate")
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    out = torch.empty_like(x)
-    for i in range(n):
-        out[i] = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    return out
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -54,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="the one-cycle schedule's peak")
-    p.add_argument("--shift", type=int, default=4, help="largest random shift in pixels (0: none)")
+    p.add_argument(
+        "--geometric",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rotate, zoom and shift each face at random too, as federated vgg training does",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="train on this many images only (0: all)")
     args = p.parse_args(argv)
@@ -80,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(per_epoch):
             rows = order[i * args.batch : (i + 1) * args.batch]
-            faces = flip(x_train[rows], generator)
-            if args.shift:
-                faces = shift(faces, generator, args.shift)
+            faces = augment(x_train[rows], generator, args.geometric)
             loss = F.cross_entropy(model(faces), y_train[rows])
             optimizer.zero_grad()
             loss.backward()
