@@ -25,7 +25,7 @@ from torch import nn
 
 import client.training.train as train
 from client.training.dp_random import SecretRandomness, SeededRandomness
-from client.training.fast_dp import FastDpSgd, poisson_indices
+from client.training.fast_dp import FastDpSgd, Units, physical_chunks, poisson_indices
 from client.training.privacy_state import SitePrivacyState
 from client.training.train import SiteTensors, train_round
 from common.config import parse_run_config
@@ -204,6 +204,46 @@ def test_clipped_sum_equals_opacus_per_sample_reference(
     # Assert
     assert_same(batch.grads, reference)
     assert (batch.per_sample_norms > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["emotion", "emotion-vgg", "emotion-head", "face"])
+@pytest.mark.parametrize("physical_batch", [1, 3, 8])
+def test_a_batch_clipped_in_physical_chunks_sums_to_opacus_per_sample_reference(
+    kind: str, physical_batch: int
+) -> None:
+    # Arrange: 8 examples in chunks of 1, 3 (uneven: 3 + 3 + 2) and 8 (one chunk)
+    reference = list(clipped_reference(kind, 1.0))
+    model, loss, x, y = model_and_batch(kind)
+    whole = fast_dp(model, loss, clip=1.0, physical_batch=1024).clipped_sum(x, y)
+    # Act
+    batch = fast_dp(model, loss, clip=1.0, physical_batch=physical_batch).clipped_sum(x, y)
+    # Assert: the same sum, and each example's norm in the batch's own order
+    assert_same(batch.grads, reference)
+    torch.testing.assert_close(batch.per_sample_norms, whole.per_sample_norms)
+    assert batch.loss == pytest.approx(whole.loss, rel=1e-5)
+
+
+def test_physical_chunks_keep_every_unit_whole_and_stay_within_the_size() -> None:
+    # 9 examples of 5 people, interleaved; person 3 has none; person 4 alone exceeds the size
+    people = torch.tensor([2, 0, 2, 4, 0, 4, 1, 4, 4])
+    chunks = physical_chunks(len(people), 3, Units(people, 5))
+
+    rows = torch.cat([c.rows for c in chunks])
+    assert sorted(rows.tolist()) == list(range(9))  # every example exactly once
+    ids = torch.cat([c.unit_ids for c in chunks if c.unit_ids is not None])
+    assert ids.tolist() == [0, 1, 2, 3, 4]  # every person in exactly one chunk
+    for c in chunks:
+        assert c.units is not None and c.unit_ids is not None
+        assert torch.equal(c.unit_ids[c.units.index], people[c.rows])  # local ids map back
+        assert len(c.rows) <= 3 or len(c.unit_ids) == 1  # only a lone person may exceed it
+    assert [len(c.rows) for c in chunks] == [3, 2, 4]  # {0, 1}, {2, 3}, {4}
+    assert [len(c.rows) for c in physical_chunks(7, 3)] == [3, 3, 1]
+
+
+def test_a_physical_batch_below_one_is_refused() -> None:
+    model, loss, _, _ = model_and_batch("emotion")
+    with pytest.raises(ValueError, match="physical_batch"):
+        fast_dp(model, loss, clip=1.0, physical_batch=0)
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,9 @@ def scratch_model() -> FaceTrainer:
     return FaceTrainer(FaceEmbedder(8), CosineHead(6))
 
 
-def step_of(model: torch.nn.Module, clip: float, loss=cosface_loss) -> FastDpSgd:
+def step_of(
+    model: torch.nn.Module, clip: float, loss=cosface_loss, physical_batch: int = 128
+) -> FastDpSgd:
     """A noise-free step of ``model`` clipping at ``clip`` (only its clipped sums are used)."""
     return FastDpSgd(
         model,
@@ -69,6 +71,7 @@ def step_of(model: torch.nn.Module, clip: float, loss=cosface_loss) -> FastDpSgd
         sample_rate=0.5,
         accountant=RDPAccountant(),
         randomness=SeededRandomness(torch.Generator().manual_seed(0)),
+        physical_batch=physical_batch,
     )
 
 

@@ -117,12 +117,17 @@ class _Zoo(nn.Module):
         return self.fc(h.mean(1))
 
 
+@pytest.mark.parametrize("physical_batch", [1, 2, 4, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_brute_force(
-    dtype: torch.dtype,
+    dtype: torch.dtype, physical_batch: int
 ) -> None:
     """Non-contiguous unit ids, people with a single image, every layer kind with biases, float32 and
-    float64: each person's summed gradient is clipped exactly as autograd computes it."""
+    float64: each person's summed gradient is clipped exactly as autograd computes it.
+
+    Also when the batch is clipped in physical chunks smaller than a person's images: a chunking
+    that split a person's interleaved images (rows 0, 2, 6 are person 2) would clip each part to C on
+    its own, and the person would add up to 3 C."""
     x_all, y_all = orl_faces()
     rows = torch.tensor([0, 10, 1, 20, 11, 30, 2, 40, 12])
     x = F.avg_pool2d(x_all[rows], 4).to(dtype)  # (9, 1, 28, 28) real faces, smaller
@@ -132,7 +137,7 @@ def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_b
     model = _Zoo().to(dtype)
     clip = 0.05
     units = Units(people, 5)
-    batch = step_of(model, clip, F.cross_entropy).clipped_sum(x, labels, units)
+    batch = step_of(model, clip, F.cross_entropy, physical_batch).clipped_sum(x, labels, units)
     params = [p for p in model.parameters()]
     expected = torch.zeros(sum(p.numel() for p in params), dtype=dtype)
     for person in range(5):
@@ -147,7 +152,7 @@ def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_b
     for removed in range(5):
         keep = people != removed
         index = torch.unique(people[keep], return_inverse=True)[1]
-        without = step_of(model, clip, F.cross_entropy).clipped_sum(
+        without = step_of(model, clip, F.cross_entropy, physical_batch).clipped_sum(
             x[keep], labels[keep], Units(index, int(index.max()) + 1)
         )
         change = float((flat(batch.grads) - flat(without.grads)).norm())
