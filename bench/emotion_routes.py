@@ -38,7 +38,7 @@ from torch import nn
 
 from client.training.augment import augment, flip
 from client.training.dp_random import SeededRandomness
-from client.training.fast_dp import FastDpSgd, poisson_indices
+from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, poisson_indices
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.facenet.resnet import BLOCKS
@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
         default="map",
         help="transfer: mirror the trunk's map, use the map of the mirrored face, or neither",
     )
+    p.add_argument(
+        "--physical-batch",
+        type=int,
+        default=PHYSICAL_BATCH,
+        help="examples whose per-sample gradients are formed at once (speed only)",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                 sample_rate=q,
                 accountant=RDPAccountant(),
                 randomness=noise,
+                physical_batch=args.physical_batch,
             )
             for t in range(args.steps):
                 opt.param_groups[0]["lr"] = _lr(args, r * args.steps + t)
