@@ -146,9 +146,9 @@ def physical_chunks(n: int, size: int, units: Units | None = None) -> list[Physi
     counts = torch.bincount(units.index, minlength=units.count).tolist()
     rows_by_unit = torch.argsort(units.index, stable=True)  # rows grouped by unit id
     chunks: list[PhysicalChunk] = []
-    first, start, filled = 0, 0, 0  # first unit and first grouped row of the open chunk
+    first, start, filled = 0, 0, 0  # the open chunk's first unit, first grouped row, and rows
     for unit, count in enumerate([*counts, None]):
-        if unit > first and (count is None or (count > 0 and filled + count > size)):
+        if count is None or (count > 0 and filled > 0 and filled + count > size):
             rows = rows_by_unit[start : start + filled]
             ids = torch.arange(first, unit)
             chunks.append(PhysicalChunk(rows, Units(units.index[rows] - first, unit - first), ids))

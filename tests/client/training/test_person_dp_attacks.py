@@ -159,6 +159,23 @@ def test_interleaved_people_single_images_biases_groupnorm_and_sequences_match_b
         assert change <= clip * (1 + tol)
 
 
+def test_people_without_images_before_one_larger_than_a_chunk_change_nothing() -> None:
+    """Found by an attack review: ids without examples ahead of a person with more images than a
+    physical chunk made the packing emit a chunk without rows, and the step crashed."""
+    x_all, y_all = orl_faces()
+    x, labels = F.avg_pool2d(x_all[:3], 4), y_all[:3] % 5
+    people = torch.tensor([2, 2, 2])  # persons 0 and 1 have no images; person 2 has 3 > 2
+    torch.manual_seed(0)
+    model = _Zoo()
+
+    whole = step_of(model, 0.05, F.cross_entropy, 10**6).clipped_sum(x, labels, Units(people, 3))
+    chunked = step_of(model, 0.05, F.cross_entropy, 2).clipped_sum(x, labels, Units(people, 3))
+
+    torch.testing.assert_close(flat(chunked.grads), flat(whole.grads))
+    torch.testing.assert_close(chunked.per_sample_norms, whole.per_sample_norms)
+    assert chunked.loss == pytest.approx(whole.loss)
+
+
 # --- sampling -----------------------------------------------------------------------------------
 
 
