@@ -110,9 +110,9 @@ class ClippedBatch:
     loss: float
 
 
-# Per-sample gradients of 128 examples at a time: on 2 CPU threads the fast DP step of the default
-# emotion head at batch 2,048 and of EmotionVGG(16) at 512 run about twice as fast as in one piece
-# (BENCHMARKS.md, issue 6, "Physical chunks").
+# Per-sample gradients of 128 examples at a time: on 2 CPU threads, DP training of the default emotion
+# head at batch 2,048 runs 1.3x and of EmotionVGG(16) at 512 1.8x as fast as in one piece, on real
+# FER2013 faces (BENCHMARKS.md, issue 6, "Physical chunks").
 PHYSICAL_BATCH = 128
 
 
