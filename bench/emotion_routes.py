@@ -14,12 +14,19 @@ The noise here is seeded: a research measurement, not a release.
 Routes:
 
 * ``scratch``: :class:`common.models.EmotionNet` on the 48x48 faces, mirrored at random;
+* ``vgg``: :class:`common.models.EmotionVGG` (``--width``) on the 48x48 faces, mirrored, rotated,
+  zoomed and shifted at random (:mod:`client.training.augment`);
 * ``transfer``: :class:`common.facenet.transfer.EmotionHead` on the frozen map of dlib's trunk after
   ``--trunk-blocks`` blocks of a ``--size``-pixel face (computed once, cached under ``--cache``),
-  the maps mirrored at random.
+  the maps mirrored at random; with ``--tune-blocks N`` the trunk's last N blocks are trained with the
+  head, from their pretrained weights.
+
+DP-SGD practice from the literature, each a flag: ``--augmult K`` (augmentation multiplicity: K views of
+each example, their gradients averaged before clipping), ``--ema D`` (each site sends the moving average
+of its iterates), ``--warmup``, ``--schedule``, ``--keep-optimizer``.
 
 Example: ``python -m bench.emotion_routes --route transfer --sigma 1.344 --batch 1024 --steps 60``.
-Results of 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
+Results since 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from torch import nn
 
 from client.training.augment import augment, flip
 from client.training.dp_random import SeededRandomness
-from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, poisson_indices
+from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, Units, poisson_indices
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.facenet.resnet import BLOCKS
@@ -79,13 +86,14 @@ def _thumbnails(images: np.ndarray) -> torch.Tensor:
 def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False) -> torch.Tensor:
     if args.route in ("scratch", "vgg"):
         return faces
-    name = f"fer-training-{args.trunk_blocks}-{args.size}-{EMOTION_SHARPNESS}"
+    blocks = args.trunk_blocks - args.tune_blocks  # the frozen part ends here
+    name = f"fer-training-{blocks}-{args.size}-{EMOTION_SHARPNESS}"
     cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}.pt"
     if mirrored:
         faces = faces.flip(-1)
     if cache.is_file():
         return torch.load(cache).float()
-    trunk, _ = load_pretrained().split(len(BLOCKS) - args.trunk_blocks)
+    trunk, _ = load_pretrained().split(len(BLOCKS) - blocks)
     maps = torch.cat(
         [
             frozen_features(trunk, gray_to_chip(b, args.size), dtype=torch.float16)
@@ -104,7 +112,9 @@ def _features(
     x = _inputs(args, faces, mirrored)
     if args.route != "transfer" or not args.extra_blocks:
         return x
-    early_args = argparse.Namespace(**(vars(args) | {"trunk_blocks": args.extra_blocks}))
+    early_args = argparse.Namespace(
+        **(vars(args) | {"trunk_blocks": args.extra_blocks, "tune_blocks": 0})
+    )
     early = _inputs(early_args, faces, mirrored)
     return torch.cat([x, F.adaptive_avg_pool2d(early, x.shape[-1])], 1)
 
@@ -130,6 +140,43 @@ def _view(
     return torch.where(mask[:, None, None, None], mirrored, x)
 
 
+def _multiplied(
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    mirrored: torch.Tensor | None,
+    y: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, Units | None]:
+    """The batch to clip: with ``--augmult K``, K views of every example, side by side, as one unit.
+
+    Augmentation multiplicity (De et al. 2022, https://arxiv.org/abs/2204.13650): the gradients of an
+    example's K views are averaged before clipping (the loss is divided by K, see :func:`main`), so
+    each example still moves the clipped sum by at most C. For the transfer route the views alternate
+    between the map and its mirror image (the only augmentation of a map); otherwise each is drawn
+    independently by :func:`_view`.
+    """
+    k = args.augmult
+    if k == 1:
+        return _view(args, x, mirrored, generator), y, None
+    if args.route == "transfer":
+        flipped = x.flip(-1) if mirrored is None else mirrored
+        views = [x if i % 2 == 0 else flipped for i in range(k)]
+    else:
+        views = [_view(args, x, mirrored, generator) for _ in range(k)]
+    stacked = torch.stack(views, 1).flatten(0, 1)  # example 0's K views, then example 1's, ...
+    units = Units(torch.arange(len(y)).repeat_interleave(k), len(y))
+    return stacked, y.repeat_interleave(k), units
+
+
+def _track(average: dict[str, torch.Tensor], state: dict[str, torch.Tensor], decay: float) -> None:
+    """Move the moving average of a site's iterates towards its model's ``state``, in place.
+
+    Post-processing of the noised steps, so it costs no privacy; ``decay`` 0 keeps the last iterate.
+    """
+    for k, v in state.items():
+        average[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+
+
 def _lr(args: argparse.Namespace, step: int) -> float:
     """The learning rate of local step ``step`` (counted over all rounds)."""
     local = step % args.steps
@@ -145,7 +192,12 @@ def _model(args: argparse.Namespace, channels: int) -> nn.Module:
         return EmotionNet(width=32)
     if args.route == "vgg":
         return EmotionVGG(width=args.width)
-    return EmotionHead(channels, args.pool, width=args.head_width)
+    if not args.tune_blocks:
+        return EmotionHead(channels, args.pool, width=args.head_width)
+    # the trunk's last --tune-blocks blocks, from their pretrained weights, trained with the head
+    _, tail = load_pretrained().split(len(BLOCKS) - args.trunk_blocks + args.tune_blocks)
+    head = EmotionHead(BLOCKS[args.trunk_blocks - 1][0], args.pool, width=args.head_width)
+    return nn.Sequential(*tail.blocks[: args.tune_blocks], head)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
         help="each site keeps its Adam moments from round to round (fresh by default)",
     )
     p.add_argument("--trunk-blocks", type=int, default=7)
+    p.add_argument(
+        "--tune-blocks",
+        type=int,
+        default=0,
+        help="transfer: train the trunk's last N blocks (from their pretrained weights) with the head",
+    )
     p.add_argument("--size", type=int, default=96)
     p.add_argument(
         "--extra-blocks",
@@ -193,8 +251,24 @@ def main(argv: list[str] | None = None) -> None:
         default=PHYSICAL_BATCH,
         help="examples whose per-sample gradients are formed at once (speed only)",
     )
+    p.add_argument(
+        "--augmult",
+        type=int,
+        default=1,
+        help="augmentation multiplicity: views of each example, gradients averaged before clipping",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="a site sends the exponential moving average of its local iterates at this decay",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
+    if args.augmult < 1 or not 0 <= args.ema < 1:
+        p.error("--augmult must be >= 1 and --ema in [0, 1)")
+    if not 0 <= args.tune_blocks < args.trunk_blocks or (args.tune_blocks and args.extra_blocks):
+        p.error("--tune-blocks must be below --trunk-blocks, and without --extra-blocks")
     torch.set_num_threads(2)
 
     train = load_fer2013("Training")
@@ -229,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             dp = FastDpSgd(
                 model,
                 opt,
-                F.cross_entropy,
+                lambda out, t: F.cross_entropy(out, t) / args.augmult,
                 noise_multiplier=args.sigma,
                 max_grad_norm=1.0 if args.sigma > 0 else 1e9,
                 expected_batch_size=int(n * q),
@@ -238,11 +312,15 @@ def main(argv: list[str] | None = None) -> None:
                 randomness=noise,
                 physical_batch=args.physical_batch,
             )
+            average = {k: v.detach().clone() for k, v in model.state_dict().items()}
             for t in range(args.steps):
                 opt.param_groups[0]["lr"] = _lr(args, r * args.steps + t)
                 idx = poisson_indices(n, q, noise)
-                dp.step(_view(args, xs[idx], None if xm is None else xm[idx], mirror), ys[idx])
-            states.append(model.state_dict())
+                dp.step(
+                    *_multiplied(args, xs[idx], None if xm is None else xm[idx], ys[idx], mirror)
+                )
+                _track(average, model.state_dict(), args.ema)
+            states.append(average)
             moments[s] = opt.state_dict()
         global_model.load_state_dict(
             {k: torch.stack([st[k].float() for st in states]).mean(0) for k in states[0]}

@@ -10,7 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from bench.emotion_routes import HELD_OUT, _lr, _view, held_out_split, main
+from bench.emotion_routes import (
+    HELD_OUT,
+    _lr,
+    _model,
+    _multiplied,
+    _track,
+    _view,
+    held_out_split,
+    main,
+)
+from common.facenet.resnet import BLOCKS
+from common.facenet.transfer import EmotionHead, gray_to_chip
+from common.facenet.weights import load_pretrained
 
 
 @pytest.mark.parametrize("route", ["scratch", "vgg"])
@@ -66,6 +78,7 @@ def _args(**overrides: object) -> argparse.Namespace:
         "lr": 0.002,
         "schedule": "constant",
         "warmup": 0,
+        "augmult": 1,
     }
     return argparse.Namespace(**(defaults | {"rounds": 3, "steps": 10} | overrides))
 
@@ -108,3 +121,102 @@ def test_a_transfer_view_mirrors_as_the_mirror_option_says(mirror: str) -> None:
     else:
         assert all(torch.equal(v, m) or torch.equal(v, f) for v, m, f in rows)
         assert any(torch.equal(v, f) for v, _, f in rows)
+
+
+def test_augmentation_multiplicity_puts_an_examples_views_side_by_side_as_one_unit() -> None:
+    maps = torch.arange(3 * 2 * 3 * 3, dtype=torch.float32).view(3, 2, 3, 3)
+    labels = torch.tensor([4, 0, 6])
+
+    x, y, units = _multiplied(
+        _args(augmult=4), maps, None, labels, torch.Generator().manual_seed(0)
+    )
+
+    assert units is not None and units.count == 3
+    assert units.index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert y.tolist() == [4, 4, 4, 4, 0, 0, 0, 0, 6, 6, 6, 6]
+    for i, m in enumerate(maps):  # a map's views alternate between it and its mirror image
+        assert [
+            torch.equal(v, m if k % 2 == 0 else m.flip(-1))
+            for k, v in enumerate(x[4 * i : 4 * i + 4])
+        ] == [True] * 4
+
+
+def test_without_multiplicity_each_example_is_its_own_unit() -> None:
+    maps = torch.zeros(5, 2, 3, 3)
+
+    x, y, units = _multiplied(
+        _args(augmult=1), maps, None, torch.arange(5), torch.Generator().manual_seed(0)
+    )
+
+    assert units is None and x.shape == maps.shape and y.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_the_harness_runs_with_multiplicity_and_a_moving_average(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    threads = torch.get_num_threads()
+    try:
+        main(
+            [
+                "--route",
+                "vgg",
+                "--width",
+                "4",
+                "--sigma",
+                "1.0",
+                "--batch",
+                "64",
+                "--steps",
+                "2",
+                "--rounds",
+                "1",
+                "--augmult",
+                "2",
+                "--ema",
+                "0.5",
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    result = json.loads(capsys.readouterr().out.splitlines()[-1].removeprefix("RESULT "))
+    assert (result["augmult"], result["ema"]) == (2, 0.5) and 0.0 <= result["val"][0] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "--augmult 0",
+        "--ema 1.0",
+        "--ema -0.1",
+        "--tune-blocks 7",
+        "--tune-blocks 1 --extra-blocks 3",
+    ],
+)
+def test_out_of_range_options_are_refused(flags: str) -> None:
+    with pytest.raises(SystemExit):
+        main(f"--sigma 1.0 {flags}".split())
+
+
+def test_the_moving_average_weighs_recent_iterates_more_and_decay_0_keeps_the_last() -> None:
+    iterates = [torch.tensor([4.0]), torch.tensor([0.0]), torch.tensor([8.0])]
+    for decay, expected in ((0.5, 5.0), (0.0, 8.0)):  # 0.5: (4 * 0.5 + 0) * 0.5 + 8 * 0.5 = 5
+        average = {"w": torch.tensor([4.0])}
+        for w in iterates[1:]:
+            _track(average, {"w": w}, decay)
+        assert average["w"].item() == expected
+
+
+def test_tuned_blocks_start_from_the_pretrained_trunk_and_continue_its_map() -> None:
+    faces = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 1, 48, 48))).float()
+    chips = gray_to_chip(faces, 48)
+    model = _model(_args(route="transfer", trunk_blocks=7, tune_blocks=2, pool=3, head_width=8), 64)
+    six_blocks, _ = load_pretrained().split(len(BLOCKS) - 5)
+    seven_blocks, _ = load_pretrained().split(len(BLOCKS) - 7)
+
+    with torch.no_grad():
+        continued = model[1](model[0](six_blocks(chips)))
+
+    assert isinstance(model[2], EmotionHead)
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(continued, seven_blocks(chips), rtol=1e-4, atol=1e-5)
