@@ -1,11 +1,16 @@
 """Federated accuracy vs privacy (issue 2): epsilon 1, 3, 8, infinity and a centralised baseline, in one run.
 
-Run ``python -m bench.accuracy [--rounds N] [--epsilons 1,3,8,inf] [--set KEY=VALUE] [--out DIR] [--quick]``.
+Run ``python -m bench.accuracy [--rounds N] [--epsilons 1,3,8,inf] [--set KEY=VALUE]
+[--set-at EPSILON:KEY=VALUE] [--out DIR] [--quick]``.
 
 * Each finite epsilon is one ``facefed simulate --scenario bench --epsilon E`` run (every site's noise is
   calibrated to spend at most E over the run); ``inf`` is the same run with ``dp = false``.
 * The centralised baseline trains the same models on the union of all sites' data without DP, with as
   many training examples processed as the non-private federated run (see :mod:`bench.centralised`).
+* ``--set`` changes a run-config key of every setting; ``--set-at E:KEY=VALUE`` of the epsilon-E
+  setting only (``inf:...`` also of the centralised baseline, which matches the non-private run), so that
+  each budget can train at the batch and steps chosen for it (on held-out Training images, never on
+  an evaluation split).
 * Every setting is scored by the coordinator's code on the held-out LFW people sets and FER2013
   PublicTest.
 * Domain gain (:mod:`bench.domain_gain`): the bench scenario keeps the last ``domain-holdout`` people of
@@ -248,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a run-config key of every setting, e.g. --set emotion-model=vgg (repeatable)",
     )
+    p.add_argument(
+        "--set-at",
+        action="append",
+        default=[],
+        metavar="EPSILON:KEY=VALUE",
+        help="override a run-config key of one setting, e.g. --set-at inf:emotion-batch=256 "
+        "(inf: the non-private run and the centralised baseline; repeatable)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (numbers mean nothing)")
     p.add_argument("--no-baseline", action="store_true", help="skip the centralised baseline")
     p.add_argument("--data-dir", help="dataset folder (default: $FACEFED_DATA or ../shared/data)")
@@ -269,12 +282,37 @@ def bench_overrides(args: argparse.Namespace) -> dict[str, Scalar]:
     return overrides
 
 
+def setting_overrides(
+    args: argparse.Namespace, epsilons: Sequence[float]
+) -> dict[str, dict[str, Scalar]]:
+    """``--set-at`` by setting label (``"8"``, ``"inf"``): the overrides of that setting alone.
+
+    Raises:
+        ConfigError: an entry that is not ``EPSILON:KEY=VALUE``, or names a setting this run skips.
+    """
+    runs = {label(e) for e in epsilons} | (set() if args.no_baseline else {"inf"})
+    at: dict[str, dict[str, Scalar]] = {}
+    for entry in args.set_at:
+        where, sep, assignment = entry.partition(":")
+        if not sep:
+            raise ConfigError(f"--set-at expects EPSILON:KEY=VALUE, got {entry!r}")
+        name = label(parse_epsilons(where)[0])
+        if name not in runs:
+            raise ConfigError(f"--set-at names epsilon {where!r}, which this run does not train")
+        key, value = parse_assignment(assignment)
+        at.setdefault(name, {})[key] = value
+    return at
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from simulations.runner import simulate  # heavy imports (flwr, ray) only when running
 
     epsilons = parse_epsilons(args.epsilons or (QUICK_EPSILONS if args.quick else "1,3,8,inf"))
     shared = bench_overrides(args)
     settings = resolve(load_scenario(SCENARIO), shared)
+    at = setting_overrides(args, epsilons)
+    for overrides in at.values():  # a bad key fails now, not after hours of the other settings
+        resolve(load_scenario(SCENARIO), {**shared, **overrides})
     out: Path = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     runs_dir = out / "runs"
     cpus = args.num_cpus or os.cpu_count() or 1
@@ -284,6 +322,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "quick": bool(args.quick),
         "scenario": f"simulations/{SCENARIO}.toml",
         "config": settings.to_flat(),
+        "set_at": at,
         "machine": machine(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {},
@@ -313,7 +352,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         central_dir = runs_dir / "centralised"
         started = time.monotonic()
         try:
-            result = run_centralised(settings, central_dir, num_threads=cpus)
+            central = resolve(load_scenario(SCENARIO), {**shared, **at.get("inf", {})})
+            result = run_centralised(central, central_dir, num_threads=cpus)
             report["settings"]["centralised"] = {"kind": "centralised", "epsilon": "inf", **result}
         except FacefedError as exc:
             failed += 1
@@ -323,7 +363,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         save()
     for epsilon in epsilons:
         name = f"eps-{label(epsilon)}"
-        overrides = {**shared, **federated_overrides(epsilon, runs_dir / name)}
+        overrides = {
+            **shared,
+            **at.get(label(epsilon), {}),
+            **federated_overrides(epsilon, runs_dir / name),
+        }
         cmd = simulate_command(overrides)
         logger.info("federated %s: %s", name, cmd)
         started = time.monotonic()

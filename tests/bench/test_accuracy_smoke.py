@@ -17,6 +17,7 @@ from bench.accuracy import (
     federated_overrides,
     main,
     parse_epsilons,
+    setting_overrides,
     summarise_federated,
 )
 from bench.centralised import matched_steps, union_tensors
@@ -224,6 +225,58 @@ def test_set_overrides_a_run_config_key_of_every_setting() -> None:
 
     assert overrides == {"emotion-model": "vgg", "emotion-steps": 90}
     assert (settings.emotion_model, settings.emotion_steps) == ("vgg", 90)
+
+
+def test_set_at_overrides_a_key_of_one_setting_only() -> None:
+    args = build_parser().parse_args(
+        [
+            "--set-at",
+            "inf:emotion-batch=256",
+            "--set-at",
+            "inf:emotion-steps=200",
+            "--set-at",
+            "1:emotion-batch=512",
+        ]
+    )
+
+    at = setting_overrides(args, parse_epsilons("1,3,8,inf"))
+
+    assert at == {"inf": {"emotion-batch": 256, "emotion-steps": 200}, "1": {"emotion-batch": 512}}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("emotion-batch=256", "EPSILON:KEY=VALUE"),
+        ("2:emotion-batch=256", "does not train"),
+        ("x:emotion-batch=256", "not a positive number"),
+        ("inf:emotion-batch", "key=value"),
+    ],
+)
+def test_a_bad_set_at_is_refused_with_the_reason(entry: str, message: str) -> None:
+    args = build_parser().parse_args(["--set-at", entry])
+
+    with pytest.raises(ConfigError, match=message):
+        setting_overrides(args, parse_epsilons("1,3,8,inf"))
+
+
+def test_set_at_inf_needs_the_non_private_run_or_the_baseline() -> None:
+    args = build_parser().parse_args(["--set-at", "inf:emotion-batch=256", "--no-baseline"])
+
+    with pytest.raises(ConfigError, match="does not train"):
+        setting_overrides(args, parse_epsilons("8"))
+    assert setting_overrides(args, parse_epsilons("8,inf")) == {"inf": {"emotion-batch": 256}}
+
+
+def test_a_bad_set_at_value_is_one_clear_line_before_any_training(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["--set-at", "inf:emotion-model=vgg16", "--epsilons", "8,inf"])
+
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("bench.accuracy: error:") and "emotion" in err
+    assert "\n" not in err
 
 
 def test_a_bad_set_is_one_clear_line_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
