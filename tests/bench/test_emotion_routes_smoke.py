@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from bench.emotion_routes import (
     HELD_OUT,
@@ -25,33 +27,24 @@ from common.facenet.transfer import EmotionHead, gray_to_chip
 from common.facenet.weights import load_pretrained
 
 
+def _run(capsys: pytest.CaptureFixture[str], *flags: str) -> tuple[list[str], dict[str, Any]]:
+    """One tiny harness run (width 4, batch 64, 2 steps, 1 round): its output lines and RESULT."""
+    threads = torch.get_num_threads()
+    tiny = ["--width", "4", "--sigma", "1.0", "--batch", "64", "--steps", "2", "--rounds", "1"]
+    try:
+        main([*tiny, *flags])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    return lines, json.loads(lines[-1].removeprefix("RESULT "))
+
+
 @pytest.mark.parametrize("route", ["scratch", "vgg"])
 def test_one_round_reports_a_held_out_accuracy_per_round(
     route: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    threads = torch.get_num_threads()
-    try:
-        main(
-            [
-                "--route",
-                route,
-                "--width",
-                "4",
-                "--sigma",
-                "1.0",
-                "--batch",
-                "64",
-                "--steps",
-                "2",
-                "--rounds",
-                "1",
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    lines, result = _run(capsys, "--route", route)
 
-    lines = capsys.readouterr().out.splitlines()
-    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert lines[0].startswith("round 1: held-out Training accuracy ")
     assert len(result["val"]) == 1 and 0.0 <= result["val"][0] <= 1.0
     assert (result["route"], result["sigma"], result["steps"]) == (route, 1.0, 2)
@@ -154,32 +147,8 @@ def test_without_multiplicity_each_example_is_its_own_unit() -> None:
 def test_the_harness_runs_with_multiplicity_and_a_moving_average(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    threads = torch.get_num_threads()
-    try:
-        main(
-            [
-                "--route",
-                "vgg",
-                "--width",
-                "4",
-                "--sigma",
-                "1.0",
-                "--batch",
-                "64",
-                "--steps",
-                "2",
-                "--rounds",
-                "1",
-                "--augmult",
-                "2",
-                "--ema",
-                "0.5",
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    _, result = _run(capsys, "--route", "vgg", "--augmult", "2", "--ema", "0.5")
 
-    result = json.loads(capsys.readouterr().out.splitlines()[-1].removeprefix("RESULT "))
     assert (result["augmult"], result["ema"]) == (2, 0.5) and 0.0 <= result["val"][0] <= 1.0
 
 
@@ -211,6 +180,7 @@ def test_tuned_blocks_start_from_the_pretrained_trunk_and_continue_its_map() -> 
     faces = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 1, 48, 48))).float()
     chips = gray_to_chip(faces, 48)
     model = _model(_args(route="transfer", trunk_blocks=7, tune_blocks=2, pool=3, head_width=8), 64)
+    assert isinstance(model, nn.Sequential)
     six_blocks, _ = load_pretrained().split(len(BLOCKS) - 5)
     seven_blocks, _ = load_pretrained().split(len(BLOCKS) - 7)
 
