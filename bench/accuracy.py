@@ -78,19 +78,23 @@ DOMAIN_REFERENCE = "eps-8"  # the setting whose gain over the pretrained start i
 START = "start"
 
 
+def parse_epsilon(item: str, flag: str, example: str) -> float:
+    """One epsilon of ``flag``; it must be > 0 (``inf`` = non-private)."""
+    try:
+        value = float(item)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ConfigError(f"{flag} entry {item!r} is not a positive number; use e.g. {example}")
+    return value
+
+
 def parse_epsilons(text: str) -> list[float]:
     """``"1,3,8,inf"`` -> ``[1.0, 3.0, 8.0, inf]``; each must be > 0 (``inf`` = non-private)."""
-    values: list[float] = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            value = float(item)
-        except ValueError:
-            value = math.nan
-        if not value > 0:
-            raise ConfigError(
-                f"--epsilons entry {item!r} is not a positive number; use e.g. --epsilons 1,3,8,inf"
-            )
-        values.append(value)
+    values = [
+        parse_epsilon(item, "--epsilons", "--epsilons 1,3,8,inf")
+        for item in filter(None, (s.strip() for s in text.split(",")))
+    ]
     if not values:
         raise ConfigError("--epsilons is empty; use e.g. --epsilons 1,3,8,inf")
     return values
@@ -296,7 +300,7 @@ def setting_overrides(
         where, sep, assignment = entry.partition(":")
         if not sep:
             raise ConfigError(f"--set-at expects EPSILON:KEY=VALUE, got {entry!r}")
-        name = label(parse_epsilons(where)[0])
+        name = label(parse_epsilon(where.strip(), "--set-at", "--set-at inf:emotion-batch=256"))
         if name not in runs:
             raise ConfigError(f"--set-at names epsilon {where!r}, which this run does not train")
         key, value = parse_assignment(assignment)

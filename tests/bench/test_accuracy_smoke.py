@@ -249,7 +249,8 @@ def test_set_at_overrides_a_key_of_one_setting_only() -> None:
     [
         ("emotion-batch=256", "EPSILON:KEY=VALUE"),
         ("2:emotion-batch=256", "does not train"),
-        ("x:emotion-batch=256", "not a positive number"),
+        ("x:emotion-batch=256", "--set-at entry 'x' is not a positive number"),
+        ("1,3:emotion-batch=256", "--set-at entry '1,3' is not a positive number"),
         ("inf:emotion-batch", "key=value"),
     ],
 )
