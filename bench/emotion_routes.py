@@ -23,7 +23,8 @@ Routes:
 
 DP-SGD practice from the literature, each a flag: ``--augmult K`` (augmentation multiplicity: K views of
 each example, their gradients averaged before clipping), ``--ema D`` (each site sends the moving average
-of its iterates), ``--warmup``, ``--schedule``, ``--keep-optimizer``.
+of its iterates), ``--warmup``, ``--schedule``, ``--keep-optimizer``; ``--center`` (the transfer head
+subtracts each map's own mean first).
 
 Example: ``python -m bench.emotion_routes --route transfer --sigma 1.344 --batch 1024 --steps 60``.
 Results since 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
@@ -187,13 +188,22 @@ def _lr(args: argparse.Namespace, step: int) -> float:
     return float(args.lr) * (1 - step / (args.rounds * args.steps))
 
 
+class _Centered(nn.Module):
+    """Subtracts each map's own mean (over channels and positions): no other face's statistic enters,
+    so it is an example-level DP-safe input transform, and it has no parameters."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h - h.mean((1, 2, 3), keepdim=True)
+
+
 def _model(args: argparse.Namespace, channels: int) -> nn.Module:
     if args.route == "scratch":
         return EmotionNet(width=32)
     if args.route == "vgg":
         return EmotionVGG(width=args.width)
     if not args.tune_blocks:
-        return EmotionHead(channels, args.pool, width=args.head_width)
+        head = EmotionHead(channels, args.pool, width=args.head_width)
+        return nn.Sequential(_Centered(), head) if args.center else head
     # the trunk's last --tune-blocks blocks, from their pretrained weights, trained with the head
     _, tail = load_pretrained().split(len(BLOCKS) - args.trunk_blocks + args.tune_blocks)
     head = EmotionHead(BLOCKS[args.trunk_blocks - 1][0], args.pool, width=args.head_width)
@@ -263,12 +273,19 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="a site sends the exponential moving average of its local iterates at this decay",
     )
+    p.add_argument(
+        "--center",
+        action="store_true",
+        help="transfer: the head subtracts each map's own mean before its first layer",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
     if args.augmult < 1 or not 0 <= args.ema < 1:
         p.error("--augmult must be >= 1 and --ema in [0, 1)")
     if not 0 <= args.tune_blocks < args.trunk_blocks or (args.tune_blocks and args.extra_blocks):
         p.error("--tune-blocks must be below --trunk-blocks, and without --extra-blocks")
+    if args.center and (args.route != "transfer" or args.tune_blocks):
+        p.error("--center applies to the transfer head alone (--route transfer, no --tune-blocks)")
     torch.set_num_threads(2)
 
     train = load_fer2013("Training")

@@ -72,6 +72,7 @@ def _args(**overrides: object) -> argparse.Namespace:
         "schedule": "constant",
         "warmup": 0,
         "augmult": 1,
+        "center": False,
     }
     return argparse.Namespace(**(defaults | {"rounds": 3, "steps": 10} | overrides))
 
@@ -160,6 +161,8 @@ def test_the_harness_runs_with_multiplicity_and_a_moving_average(
         "--ema -0.1",
         "--tune-blocks 7",
         "--tune-blocks 1 --extra-blocks 3",
+        "--route vgg --center",
+        "--tune-blocks 1 --center",
     ],
 )
 def test_out_of_range_options_are_refused(flags: str) -> None:
@@ -190,3 +193,19 @@ def test_tuned_blocks_start_from_the_pretrained_trunk_and_continue_its_map() -> 
     assert isinstance(model[2], EmotionHead)
     assert all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(continued, seven_blocks(chips), rtol=1e-4, atol=1e-5)
+
+
+def test_a_centered_head_sees_each_map_less_its_own_mean_and_nothing_of_other_faces() -> None:
+    maps = torch.rand(3, 64, 5, 5) + torch.tensor([0.0, 1.0, 5.0]).view(3, 1, 1, 1)
+    model = _model(_args(route="transfer", tune_blocks=0, pool=3, head_width=8, center=True), 64)
+    assert isinstance(model, nn.Sequential) and isinstance(model[1], EmotionHead)
+
+    centered = model[0](maps)
+
+    torch.testing.assert_close(centered.mean((1, 2, 3)), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(centered, maps - maps.mean((1, 2, 3), keepdim=True))
+    # a face's logits do not depend on which other faces share its batch
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(maps)[:1], model(maps[:1]))
+    assert not list(model[0].parameters())
