@@ -12,9 +12,12 @@ Feature sets (``--features``, several joined with ``+``, each pooled to the firs
   ``SIZE``-pixel face (the default emotion model's is ``dlib:7@48``), cached as the routes harness does;
 * ``mesh:LAYER``: a layer of MediaPipe's face-mesh network (``face_landmark.tflite``, Apache-2.0, inside
   the ``mediapipe==0.10.14`` wheel on the package index; run with OpenCV's TFLite reader, so mediapipe
-  itself is not needed). ``mesh:landmarks`` is its 468 3-D landmarks as one vector, each face's less
-  their centroid and scaled to unit size (the face's shape, not its position or size). Give the file with
-  ``--mesh-model``. Each face is padded by a quarter of its side and scaled to 192 pixels.
+  itself is not needed; fetch the file once with ``pip download --no-deps --only-binary=:all:
+  --python-version 3.11 mediapipe==0.10.14`` and ``unzip -j mediapipe-0.10.14-*.whl
+  mediapipe/modules/face_landmark/face_landmark.tflite``). ``mesh:landmarks`` is its 468 3-D
+  landmarks as one vector, each face's less their centroid and scaled to unit size (the face's shape,
+  not its position or size). Give the file with ``--mesh-model``. Each face is padded by a quarter of
+  its side and scaled to 192 pixels.
 
 ``--center`` subtracts each map's own mean before the head (per face: no statistic of other faces, so a
 DP-SGD site could do it too). ``--standardize`` scales every channel to zero mean and unit variance
