@@ -31,6 +31,7 @@ Example: ``python -m bench.emotion_features --features dlib:7@48 --features dlib
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.emotion_routes import _inputs, held_out_split
+from bench.emotion_routes import _inputs, centered, held_out_split
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
 from common.facenet.transfer import GRAY_CONTRAST, GRAY_LEVEL, EmotionHead
@@ -83,8 +84,17 @@ def _shape(landmarks: torch.Tensor) -> torch.Tensor:
     return (points / size[:, None, None]).reshape(landmarks.shape).half()
 
 
-def _feature_set(args: argparse.Namespace, spec: str, faces: torch.Tensor) -> torch.Tensor:
-    kind, _, what = spec.partition(":")
+def parse_part(part: str) -> tuple[str, str]:
+    """``dlib:BLOCKS@SIZE`` or ``mesh:LAYER`` -> ``(kind, what)``; ValueError for anything else."""
+    kind, _, what = part.partition(":")
+    blocks, at, size = what.partition("@")
+    if (kind == "mesh" and what) or (kind == "dlib" and at and blocks.isdigit() and size.isdigit()):
+        return kind, what
+    raise ValueError(f"{part!r} is neither dlib:BLOCKS@SIZE nor mesh:LAYER")
+
+
+def _feature_set(args: argparse.Namespace, part: str, faces: torch.Tensor) -> torch.Tensor:
+    kind, what = parse_part(part)
     if kind == "dlib":
         blocks, _, size = what.partition("@")
         routes = argparse.Namespace(
@@ -96,8 +106,9 @@ def _feature_set(args: argparse.Namespace, spec: str, faces: torch.Tensor) -> to
         )
         return _inputs(routes, faces)
     if args.mesh_model is None:
-        raise SystemExit(f"{spec}: give the face-mesh network with --mesh-model")
-    cache = Path(args.cache) / f"fer-training-mesh-{what}-{MESH_PAD}.pt"
+        raise SystemExit(f"{part}: give the face-mesh network with --mesh-model")
+    network = hashlib.sha256(Path(args.mesh_model).read_bytes()).hexdigest()[:16]
+    cache = Path(args.cache) / f"fer-training-mesh-{network}-{what}-{MESH_PAD}.pt"
     if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_mesh(args.mesh_model, faces, what), cache)
@@ -159,13 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds < 1 or args.steps < 1 or args.batch < 1:
         p.error("--seeds, --steps and --batch must be positive")
     for spec in args.features:
-        for part in spec.split("+"):
-            kind, _, what = part.partition(":")
-            blocks, at, size = what.partition("@")
-            if not (kind == "mesh" and what) and not (
-                kind == "dlib" and at and blocks.isdigit() and size.isdigit()
-            ):
-                p.error(f"--features {spec!r}: each part is dlib:BLOCKS@SIZE or mesh:LAYER")
+        try:
+            for part in spec.split("+"):
+                parse_part(part)
+        except ValueError as err:
+            p.error(f"--features {spec!r}: {err}")
     torch.set_num_threads(2)
 
     train = load_fer2013("Training")
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         x = features(args, spec, faces)
         if args.center:
-            x = x - x.mean((1, 2, 3), keepdim=True)
+            x = centered(x)
         if args.standardize:
             fit = x[torch.from_numpy(rest)]
             x = (x - fit.mean((0, 2, 3), keepdim=True)) / fit.std((0, 2, 3), keepdim=True).add(1e-5)

@@ -188,12 +188,17 @@ def _lr(args: argparse.Namespace, step: int) -> float:
     return float(args.lr) * (1 - step / (args.rounds * args.steps))
 
 
+def centered(maps: torch.Tensor) -> torch.Tensor:
+    """Each ``(N, C, H, W)`` map less its own mean over channels and positions: no other face's
+    statistic enters, so it is an example-level DP-safe input transform."""
+    return maps - maps.mean((1, 2, 3), keepdim=True)
+
+
 class _Centered(nn.Module):
-    """Subtracts each map's own mean (over channels and positions): no other face's statistic enters,
-    so it is an example-level DP-safe input transform, and it has no parameters."""
+    """:func:`centered` as the head's first, parameter-free layer."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h - h.mean((1, 2, 3), keepdim=True)
+        return centered(h)
 
 
 def _model(args: argparse.Namespace, channels: int) -> nn.Module:
