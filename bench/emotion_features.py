@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.emotion_routes import _inputs, centered, held_out_split
+from client.training.augment import flip
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
 from common.facenet.transfer import GRAY_CONTRAST, GRAY_LEVEL, EmotionHead
@@ -140,8 +141,7 @@ def probe(
         idx = train[torch.randint(len(train), (args.batch,), generator=draw)]
         xb = x[idx]
         if xb.shape[-1] > 1:  # mirror half the maps (a flat vector has no left and right)
-            flip = torch.rand(len(idx), generator=draw) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            xb = flip(xb, draw)
         opt.zero_grad()
         F.cross_entropy(head(xb), y[idx]).backward()
         opt.step()
