@@ -47,6 +47,7 @@ from torch import nn
 from client.training.augment import augment, flip
 from client.training.dp_random import SeededRandomness
 from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, Units, poisson_indices
+from client.training.train import make_optimizer
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.facenet.resnet import BLOCKS
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="local steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     p.add_argument(
         "--schedule",
         choices=("constant", "linear"),
@@ -283,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="transfer: the head subtracts each map's own mean before its first layer",
     )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also score with flip test-time augmentation: the mean of the probabilities of a "
+        "face and of its mirror image (transfer: the trunk's map of the mirrored face)",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
     if args.augmult < 1 or not 0 <= args.ema < 1:
@@ -302,11 +311,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.route == "transfer" and args.mirror == "face"
         else None
     )
+    x_tta = None
+    if args.tta:
+        x_tta = faces.flip(-1) if args.route != "transfer" else x_mirrored
+        if x_tta is None:
+            x_tta = _features(args, faces, mirrored=True)
     y = torch.from_numpy(train.labels).long()
     torch.manual_seed(0)
     global_model = _model(args, x.shape[1])
     mirror = torch.Generator().manual_seed(0)
     scores: list[float] = []
+    tta_scores: list[float] = []
     start = time.perf_counter()
     moments: dict[int, dict[str, object]] = {}  # each site's Adam state after its last round
     for r in range(args.rounds):
@@ -315,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             model = _model(args, x.shape[1])
             model.load_state_dict(global_model.state_dict())
             model.train()
-            opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+            opt = make_optimizer(model, args.optimizer, args.lr, args.momentum)
             if args.keep_optimizer and s in moments:
                 opt.load_state_dict(moments[s])
             xs, ys, n = x[part], y[part], len(part)
@@ -352,7 +367,18 @@ def main(argv: list[str] | None = None) -> None:
             logits = torch.cat([global_model(b) for b in x[val].split(1000)])
         scores.append(round(float((logits.argmax(1) == y[val]).float().mean()), 3))
         print(f"round {r + 1}: held-out Training accuracy {scores[-1]:.3f}", flush=True)
-    result = vars(args) | {"val": scores, "seconds": round(time.perf_counter() - start)}
+        if x_tta is not None:
+            with torch.no_grad():
+                probs = logits.softmax(1) + torch.cat(
+                    [global_model(b) for b in x_tta[val].split(1000)]
+                ).softmax(1)
+            tta_scores.append(round(float((probs.argmax(1) == y[val]).float().mean()), 3))
+            print(f"round {r + 1}: with flip test-time augmentation {tta_scores[-1]:.3f}")
+    result = vars(args) | {
+        "val": scores,
+        **({"val_tta": tta_scores} if args.tta else {}),
+        "seconds": round(time.perf_counter() - start),
+    }
     print("RESULT", json.dumps(result), flush=True)
 
 

@@ -153,6 +153,16 @@ def test_the_harness_runs_with_multiplicity_and_a_moving_average(
     assert (result["augmult"], result["ema"]) == (2, 0.5) and 0.0 <= result["val"][0] <= 1.0
 
 
+def test_flip_test_time_augmentation_is_scored_beside_the_single_view_with_sgd(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines, result = _run(capsys, "--route", "scratch", "--tta", "--optimizer", "sgd", "--lr", "0.1")
+
+    assert lines[1].startswith("round 1: with flip test-time augmentation ")
+    assert len(result["val_tta"]) == 1 and 0.0 <= result["val_tta"][0] <= 1.0
+    assert (result["optimizer"], result["momentum"]) == ("sgd", 0.9)
+
+
 @pytest.mark.parametrize(
     "flags",
     [
