@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 HEADER = (
-    "| setting | target ε | final ε per site (δ) | FER2013 acc | FER2013 macro-F1 | "
-    "LFW acc ± std | FER acc / central | LFW acc / central | wall time |"
+    "| setting | target ε | final ε per site (δ) | FER2013 acc | FER2013 acc, single view | "
+    "FER2013 macro-F1 | LFW acc ± std | FER acc / central | LFW acc / central | wall time |"
 )
-RULE = "|---|---|---|---|---|---|---|---|---|"
+RULE = "|---|---|---|---|---|---|---|---|---|---|"
 
 
 def _ratio(value: float, baseline: float | None) -> str:
@@ -48,14 +48,17 @@ def markdown_table(report: dict[str, Any]) -> str:
         if "error" in entry:
             error = entry["error"] if len(entry["error"]) <= 100 else entry["error"][:99] + "…"
             rows.append(
-                f"| {name} | {target} | failed: {error} | | | | | | "
+                f"| {name} | {target} | failed: {error} | | | | | | | "
                 f"{_minutes(entry['wall_time_s'])} |"
             )
             continue
         fer, face = entry["emotion"], entry["face"]
         eps = "– (no DP)" if entry["kind"] == "centralised" else _epsilons(entry, delta)
+        single = fer.get("single_view_accuracy")  # absent before flip test-time augmentation
+        one_view = "–" if single is None else f"{single:.3f}"
         rows.append(
-            f"| {name} | {target} | {eps} | {fer['accuracy']:.3f} | {fer['macro_f1']:.3f} | "
+            f"| {name} | {target} | {eps} | {fer['accuracy']:.3f} | {one_view} | "
+            f"{fer['macro_f1']:.3f} | "
             f"{face['lfw_accuracy']:.3f} ± {face['lfw_std']:.3f} | "
             f"{_ratio(fer['accuracy'], base_fer)} | {_ratio(face['lfw_accuracy'], base_lfw)} | "
             f"{_minutes(entry['wall_time_s'])} |"

@@ -96,6 +96,7 @@ class RunRecorder:
             "emotion": {
                 "accuracy": emotion_metrics["accuracy"],
                 "macro_f1": emotion_metrics["macro_f1"],
+                "single_view_accuracy": emotion_metrics["single_view_accuracy"],
             },
             "face": {
                 "lfw_accuracy": face_metrics["lfw_accuracy"],

@@ -29,6 +29,9 @@ the model has ever seen). Three methods, best first:
 **Outcomes** are explicit (:class:`FaceStatus`): no face, more than one face (an error unless the
 policy is ``"largest"``), a face too small to embed reliably. Faces smaller than ``min_face`` do not
 count as "another face", so background false positives of the cascade do not block a clear photo.
+
+**Emotion** is decided as ``facefed evaluate`` scores it: the mean of the class probabilities of the
+face and of its mirror image (:func:`common.evaluation.emotion_probabilities`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from torch import nn
 from common.data.chips import open_yunet
 from common.data.preprocess import FACE_SIZE, emotion_tensor, face_tensor
 from common.errors import ConfigError, DataError
+from common.evaluation import emotion_probabilities
 from common.facenet.chips import (
     CHIP_TEMPLATE,
     as_rgb,
@@ -383,7 +387,7 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class EmotionResult:
-    """The emotion model's verdict on one face."""
+    """The emotion model's verdict on one face (probabilities averaged with its mirror image's)."""
 
     label: str
     index: int
@@ -490,8 +494,8 @@ class FacePipeline:
             raise ConfigError("this pipeline has no emotion model; load a checkpoint that has one")
         aligned = self.aligned_face(rgb, name)
         face = emotion_crop_of_chip(aligned) if self.chips else aligned[EMOTION_CROP]
-        logits = self.emotion_net(emotion_tensor(face[None]))
-        probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        x = emotion_tensor(face[None])
+        probs = emotion_probabilities(self.emotion_net, x, x.flip(-1))[0].cpu().numpy()
         names = emotion_names()
         index = int(np.argmax(probs))
         return EmotionResult(

@@ -14,6 +14,7 @@ from client.recogniser.calibration import Calibration, calibrate, is_gray
 from client.recogniser.imageio import decode_image
 from client.recogniser.pipeline import (
     EMOTION_CHIP_BOX,
+    EMOTION_CROP,
     LFW112_TEMPLATE,
     YUNET_ENV,
     ChipAligner,
@@ -27,6 +28,7 @@ from client.recogniser.pipeline import (
     emotion_names,
     load_pipeline,
 )
+from common.data.preprocess import emotion_tensor
 from common.errors import ConfigError, DataError
 from common.facenet.chips import CHIP_SIZE, align_chip, refine_landmarks
 from common.facenet.resnet import ChipEmbedder, DlibResNet, chip_tensor
@@ -143,6 +145,24 @@ def test_emotion_gives_one_of_seven_labels(pipeline: FacePipeline, yale_rgb: Yal
     result = pipeline.emotion(yale_rgb(5, "happy"))
     assert result.label in emotion_names() and len(result.probabilities) == 7
     assert abs(sum(result.probabilities.values()) - 1) < 1e-2
+
+
+@torch.no_grad()
+def test_emotion_averages_the_probabilities_of_the_face_and_its_mirror_image(
+    pipeline: FacePipeline, yale_rgb: YaleRgb
+) -> None:
+    photo = yale_rgb(5, "happy")
+    net = pipeline.emotion_net
+    assert net is not None and not pipeline.chips
+    x = emotion_tensor(pipeline.aligned_face(photo, "photo")[EMOTION_CROP][None])
+    alone = net(x).softmax(1)[0].numpy()
+    expected = (alone + net(x.flip(-1)).softmax(1)[0].numpy()) / 2
+    assert np.abs(alone - expected).max() > 1e-3  # else the test could not tell them apart
+
+    result = pipeline.emotion(photo)
+
+    assert np.allclose(list(result.probabilities.values()), expected, atol=1e-4)
+    assert result.index == int(np.argmax(expected))
 
 
 def test_model_tag_changes_with_the_weights(small_models: tuple[FaceEmbedder, EmotionNet]) -> None:
