@@ -107,6 +107,26 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
     return maps.float()
 
 
+def shifted(faces: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``(N,1,H,W)`` faces moved ``dx`` pixels right and ``dy`` down, the border repeated."""
+    pad = max(abs(dx), abs(dy))
+    h, w = faces.shape[-2:]
+    padded = F.pad(faces, (pad, pad, pad, pad), mode="replicate")
+    return padded[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w]
+
+
+def _shift_views(args: argparse.Namespace, faces: torch.Tensor) -> list[torch.Tensor]:
+    """The trunk's maps of the faces moved ``--tta-shift`` pixels each way, and of their mirrors."""
+    trunk, _ = load_pretrained().split(len(BLOCKS) - args.trunk_blocks)
+    s = args.tta_shift
+    views = []
+    for dx, dy in ((s, 0), (-s, 0), (0, s), (0, -s)):
+        moved = shifted(faces, dx, dy)
+        for x in (moved, moved.flip(-1)):
+            views.append(frozen_features(trunk, gray_to_chip(x, args.size)))
+    return views
+
+
 def _features(
     args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False
 ) -> torch.Tensor:
@@ -292,12 +312,23 @@ def main(argv: list[str] | None = None) -> None:
         help="also score with flip test-time augmentation: the mean of the probabilities of a "
         "face and of its mirror image (transfer: the trunk's map of the mirrored face)",
     )
+    p.add_argument(
+        "--tta-shift",
+        type=int,
+        default=0,
+        help="with --tta, transfer: also score the mean over the face and its mirror moved this "
+        "many pixels left, right, up and down (10 views)",
+    )
     p.add_argument("--cache", default="/tmp/facefed-emotion-routes")
     args = p.parse_args(argv)
     if args.augmult < 1 or not 0 <= args.ema < 1:
         p.error("--augmult must be >= 1 and --ema in [0, 1)")
     if not 0 <= args.tune_blocks < args.trunk_blocks or (args.tune_blocks and args.extra_blocks):
         p.error("--tune-blocks must be below --trunk-blocks, and without --extra-blocks")
+    if args.tta_shift and not (
+        args.tta and args.route == "transfer" and not args.tune_blocks and not args.extra_blocks
+    ):
+        p.error("--tta-shift needs --tta on the plain transfer head")
     if args.center and (args.route != "transfer" or args.tune_blocks):
         p.error("--center applies to the transfer head alone (--route transfer, no --tune-blocks)")
     torch.set_num_threads(2)
@@ -316,12 +347,14 @@ def main(argv: list[str] | None = None) -> None:
         x_tta = faces.flip(-1) if args.route != "transfer" else x_mirrored
         if x_tta is None:
             x_tta = _features(args, faces, mirrored=True)
+    shift_views = _shift_views(args, faces[val]) if args.tta_shift else []
     y = torch.from_numpy(train.labels).long()
     torch.manual_seed(0)
     global_model = _model(args, x.shape[1])
     mirror = torch.Generator().manual_seed(0)
     scores: list[float] = []
     tta_scores: list[float] = []
+    shift_scores: list[float] = []
     start = time.perf_counter()
     moments: dict[int, dict[str, object]] = {}  # each site's Adam state after its last round
     for r in range(args.rounds):
@@ -374,9 +407,15 @@ def main(argv: list[str] | None = None) -> None:
                 ).softmax(1)
             tta_scores.append(round(float((probs.argmax(1) == y[val]).float().mean()), 3))
             print(f"round {r + 1}: with flip test-time augmentation {tta_scores[-1]:.3f}")
+        if shift_views:
+            with torch.no_grad():
+                probs = probs + sum(global_model(v).softmax(1) for v in shift_views)
+            shift_scores.append(round(float((probs.argmax(1) == y[val]).float().mean()), 3))
+            print(f"round {r + 1}: with shifted views too {shift_scores[-1]:.3f}")
     result = vars(args) | {
         "val": scores,
         **({"val_tta": tta_scores} if args.tta else {}),
+        **({"val_tta_shift": shift_scores} if shift_views else {}),
         "seconds": round(time.perf_counter() - start),
     }
     print("RESULT", json.dumps(result), flush=True)

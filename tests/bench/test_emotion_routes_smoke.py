@@ -21,6 +21,7 @@ from bench.emotion_routes import (
     _view,
     held_out_split,
     main,
+    shifted,
 )
 from common.facenet.resnet import BLOCKS
 from common.facenet.transfer import EmotionHead, gray_to_chip
@@ -163,10 +164,25 @@ def test_flip_test_time_augmentation_is_scored_beside_the_single_view_with_sgd(
     assert (result["optimizer"], result["momentum"]) == ("sgd", 0.9)
 
 
+def test_a_shifted_view_moves_the_face_and_repeats_its_border() -> None:
+    faces = torch.arange(2 * 36, dtype=torch.float32).view(2, 1, 6, 6)
+
+    right = shifted(faces, 2, 0)
+    up = shifted(faces, 0, -1)
+
+    assert torch.equal(right[..., 2:], faces[..., :4])  # moved 2 pixels right
+    assert torch.equal(right[..., 0], faces[..., 0]) and torch.equal(right[..., 1], faces[..., 0])
+    assert torch.equal(up[..., :5, :], faces[..., 1:, :])  # moved 1 pixel up
+    assert torch.equal(up[..., 5, :], faces[..., 5, :])
+    assert torch.equal(shifted(faces, 0, 0), faces)
+
+
 @pytest.mark.parametrize(
     "flags",
     [
         "--augmult 0",
+        "--tta-shift 2",
+        "--route vgg --tta --tta-shift 2",
         "--ema 1.0",
         "--ema -0.1",
         "--tune-blocks 7",
