@@ -138,13 +138,17 @@ def evaluate_face(face: nn.Module, data: VerificationSet) -> dict[str, float]:
     return {"lfw_accuracy": result.accuracy, "lfw_std": result.std}
 
 
+def _probabilities(emotion: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return emotion(x).float().softmax(dim=1)
+
+
 def emotion_probabilities(
     emotion: nn.Module, x: torch.Tensor, flipped: torch.Tensor
 ) -> torch.Tensor:
     """Flip test-time augmentation: the mean of the class probabilities of the faces (the emotion
     module's inputs ``x``) and of their mirror images (``flipped``). A face and its mirror image get
     the same verdict."""
-    return (emotion(x).float().softmax(dim=1) + emotion(flipped).float().softmax(dim=1)) / 2
+    return (_probabilities(emotion, x) + _probabilities(emotion, flipped)) / 2
 
 
 @torch.no_grad()
@@ -152,15 +156,11 @@ def evaluate_emotion(emotion: nn.Module, data: EmotionSet, batch: int = 512) -> 
     """Accuracy and macro-F1 of the verdicts; with ``data.flipped``, of the flip-augmented verdicts
     (:func:`emotion_probabilities`), with the single view's accuracy as ``single_view_accuracy``."""
     emotion.eval()
-    single = torch.cat([emotion(x).argmax(dim=1) for x in data.images.split(batch)]).numpy()
+    alone = torch.cat([_probabilities(emotion, x) for x in data.images.split(batch)])
+    single = alone.argmax(dim=1).numpy()
     if data.flipped is None:
         return emotion_metrics(single, data.labels)
-    preds = torch.cat(
-        [
-            emotion_probabilities(emotion, x, xf).argmax(dim=1)
-            for x, xf in zip(data.images.split(batch), data.flipped.split(batch), strict=True)
-        ]
-    ).numpy()
-    metrics = emotion_metrics(preds, data.labels)
+    mirrored = torch.cat([_probabilities(emotion, x) for x in data.flipped.split(batch)])
+    metrics = emotion_metrics(((alone + mirrored) / 2).argmax(dim=1).numpy(), data.labels)
     metrics["single_view_accuracy"] = float(np.mean(single == data.labels))
     return metrics
