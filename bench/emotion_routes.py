@@ -50,6 +50,7 @@ from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, Units, poisson_in
 from client.training.train import make_optimizer
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
+from common.evaluation import emotion_probabilities
 from common.facenet.resnet import BLOCKS
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import load_pretrained
@@ -401,10 +402,13 @@ def main(argv: list[str] | None = None) -> None:
         scores.append(round(float((logits.argmax(1) == y[val]).float().mean()), 3))
         print(f"round {r + 1}: held-out Training accuracy {scores[-1]:.3f}", flush=True)
         if x_tta is not None:
-            with torch.no_grad():
-                probs = logits.softmax(1) + torch.cat(
-                    [global_model(b) for b in x_tta[val].split(1000)]
-                ).softmax(1)
+            with torch.no_grad():  # the face and its mirror weigh 2 each, a shifted view 1
+                probs = 2 * torch.cat(
+                    [
+                        emotion_probabilities(global_model, a, b)
+                        for a, b in zip(x[val].split(1000), x_tta[val].split(1000), strict=True)
+                    ]
+                )
             tta_scores.append(round(float((probs.argmax(1) == y[val]).float().mean()), 3))
             print(f"round {r + 1}: with flip test-time augmentation {tta_scores[-1]:.3f}")
         if shift_views:

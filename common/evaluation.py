@@ -157,10 +157,9 @@ def evaluate_emotion(emotion: nn.Module, data: EmotionSet, batch: int = 512) -> 
     (:func:`emotion_probabilities`), with the single view's accuracy as ``single_view_accuracy``."""
     emotion.eval()
     alone = torch.cat([_probabilities(emotion, x) for x in data.images.split(batch)])
-    single = alone.argmax(dim=1).numpy()
+    single = emotion_metrics(alone.argmax(dim=1).numpy(), data.labels)
     if data.flipped is None:
-        return emotion_metrics(single, data.labels)
+        return single
     mirrored = torch.cat([_probabilities(emotion, x) for x in data.flipped.split(batch)])
     metrics = emotion_metrics(((alone + mirrored) / 2).argmax(dim=1).numpy(), data.labels)
-    metrics["single_view_accuracy"] = float(np.mean(single == data.labels))
-    return metrics
+    return metrics | {"single_view_accuracy": single["accuracy"]}
