@@ -1,8 +1,9 @@
 """Emotion routes under federated DP-SGD, in one process: which network and batch to choose.
 
 Four IID sites split FER2013 Training (less 2,000 images held out for validation, seed 0); each round
-every site takes ``--steps`` fast DP-SGD steps from the global model (Adam, clip 1, Poisson batches of
-expected size ``--batch``, noise multiplier ``--sigma``), and the coordinator averages the four models.
+every site takes ``--steps`` fast DP-SGD steps from the global model (Adam, clip ``--clip``, default 1,
+Poisson batches of expected size ``--batch``, noise multiplier ``--sigma``), and the coordinator
+averages the four models.
 The score is accuracy on the held-out Training images after each round (2,000 drawn, less those that
 nearly repeat a training face, as no PublicTest face does: :func:`held_out_split`): no evaluation split
 (PublicTest, PrivateTest) is looked at, so the choice it informs is not tuned on them.
@@ -24,7 +25,9 @@ Routes:
 DP-SGD practice from the literature, each a flag: ``--augmult K`` (augmentation multiplicity: K views of
 each example, their gradients averaged before clipping), ``--ema D`` (each site sends the moving average
 of its iterates), ``--warmup``, ``--schedule``, ``--keep-optimizer``; ``--center`` (the transfer head
-subtracts each map's own mean first).
+subtracts each map's own mean first), ``--label-smoothing``, ``--crop`` (the transfer trunk sees each
+face's centre, enlarged), ``--equalize`` (each face's histogram equalised first). ``--seed`` changes
+the head's initialisation, the mirroring and the noise together, so settings compare over seeds.
 
 Example: ``python -m bench.emotion_routes --route transfer --sigma 1.344 --batch 1024 --steps 60``.
 Results since 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
@@ -38,6 +41,7 @@ import math
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,6 +95,11 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
         return faces
     blocks = args.trunk_blocks - args.tune_blocks  # the frozen part ends here
     name = f"fer-training-{blocks}-{args.size}-{EMOTION_SHARPNESS}"
+    if args.crop != 1.0:
+        name += f"-crop{args.crop}"
+        faces = cropped(faces, args.crop)
+    if args.equalize:
+        name += "-equalized"
     cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}.pt"
     if mirrored:
         faces = faces.flip(-1)
@@ -106,6 +115,20 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(maps, cache)
     return maps.float()
+
+
+def cropped(faces: torch.Tensor, keep: float) -> torch.Tensor:
+    """The central ``keep`` fraction of each ``(N,1,H,W)`` face, resized back to ``H x W``."""
+    h, w = faces.shape[-2:]
+    ch, cw = round(h * keep), round(w * keep)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    centre = faces[..., top : top + ch, left : left + cw]
+    return F.interpolate(centre, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def equalized(images: np.ndarray) -> np.ndarray:
+    """Each uint8 gray face with its histogram equalised (OpenCV)."""
+    return np.stack([cv2.equalizeHist(np.ascontiguousarray(im)) for im in images])
 
 
 def shifted(faces: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -246,6 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="local steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm C")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the head's init, the mirroring and the noise"
+    )
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument(
+        "--crop", type=float, default=1.0, help="transfer: the central fraction of each face kept"
+    )
+    p.add_argument(
+        "--equalize", action="store_true", help="equalise each face's histogram before all else"
+    )
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     p.add_argument(
@@ -324,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.augmult < 1 or not 0 <= args.ema < 1:
         p.error("--augmult must be >= 1 and --ema in [0, 1)")
+    if args.clip <= 0 or not 0 <= args.label_smoothing < 1 or not 0 < args.crop <= 1:
+        p.error("--clip must be > 0, --label-smoothing in [0, 1) and --crop in (0, 1]")
+    if args.crop != 1.0 and args.route != "transfer":
+        p.error("--crop applies to the transfer route's trunk input alone")
     if not 0 <= args.tune_blocks < args.trunk_blocks or (args.tune_blocks and args.extra_blocks):
         p.error("--tune-blocks must be below --trunk-blocks, and without --extra-blocks")
     if args.tta_shift and not (
@@ -336,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train = load_fer2013("Training")
     val, rest = held_out_split(train.images)
-    faces = emotion_tensor(train.images)
+    faces = emotion_tensor(equalized(train.images) if args.equalize else train.images)
     x = _features(args, faces)
     x_mirrored = (
         _features(args, faces, mirrored=True)
@@ -350,9 +388,9 @@ def main(argv: list[str] | None = None) -> None:
             x_tta = _features(args, faces, mirrored=True)
     shift_views = _shift_views(args, faces[val]) if args.tta_shift else []
     y = torch.from_numpy(train.labels).long()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     global_model = _model(args, x.shape[1])
-    mirror = torch.Generator().manual_seed(0)
+    mirror = torch.Generator().manual_seed(args.seed)
     scores: list[float] = []
     tta_scores: list[float] = []
     shift_scores: list[float] = []
@@ -370,13 +408,15 @@ def main(argv: list[str] | None = None) -> None:
             xs, ys, n = x[part], y[part], len(part)
             xm = None if x_mirrored is None else x_mirrored[part]
             q = 1.0 / math.ceil(n / args.batch)
-            noise = SeededRandomness(torch.Generator().manual_seed(10 * r + s))
+            noise = SeededRandomness(torch.Generator().manual_seed(1000 * args.seed + 10 * r + s))
             dp = FastDpSgd(
                 model,
                 opt,
-                lambda out, t: F.cross_entropy(out, t) / args.augmult,
+                lambda out, t: (
+                    F.cross_entropy(out, t, label_smoothing=args.label_smoothing) / args.augmult
+                ),
                 noise_multiplier=args.sigma,
-                max_grad_norm=1.0 if args.sigma > 0 else 1e9,
+                max_grad_norm=args.clip if args.sigma > 0 else 1e9,
                 expected_batch_size=int(n * q),
                 sample_rate=q,
                 accountant=RDPAccountant(),

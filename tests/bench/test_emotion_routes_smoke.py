@@ -19,6 +19,8 @@ from bench.emotion_routes import (
     _multiplied,
     _track,
     _view,
+    cropped,
+    equalized,
     held_out_split,
     main,
     shifted,
@@ -164,6 +166,44 @@ def test_flip_test_time_augmentation_is_scored_beside_the_single_view_with_sgd(
     assert (result["optimizer"], result["momentum"]) == ("sgd", 0.9)
 
 
+def test_a_run_takes_its_seed_clipping_norm_and_label_smoothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, result = _run(
+        capsys,
+        "--route",
+        "scratch",
+        "--equalize",
+        *["--seed", "3", "--clip", "0.5", "--label-smoothing", "0.1"],
+    )
+
+    assert (result["seed"], result["clip"], result["label_smoothing"]) == (3, 0.5, 0.1)
+    assert result["equalize"] and 0.0 <= result["val"][0] <= 1.0
+
+
+def test_a_cropped_face_is_its_centre_at_the_full_size() -> None:
+    faces = torch.zeros(2, 1, 8, 8)
+    faces[..., 2:6, 2:6] = 1.0  # the central half is bright, the border dark
+
+    centre = cropped(faces, 0.5)
+
+    assert centre.shape == faces.shape and torch.allclose(centre, torch.ones_like(centre))
+    assert torch.equal(cropped(faces, 1.0), faces)
+
+
+def test_an_equalized_face_spans_the_full_range_in_the_same_order() -> None:
+    rng = np.random.default_rng(0)
+    faces = rng.integers(100, 140, size=(3, 12, 12), dtype=np.uint8)  # a narrow range of grays
+
+    out = equalized(faces)
+
+    assert out.dtype == np.uint8 and out.shape == faces.shape
+    for face, eq in zip(faces, out, strict=True):
+        assert eq.max() == 255 and eq.min() < 30
+        order = np.argsort(face, axis=None, kind="stable")
+        assert np.all(np.diff(eq.ravel()[order].astype(int)) >= 0)  # brighter stays brighter
+
+
 def test_a_shifted_view_moves_the_face_and_repeats_its_border() -> None:
     faces = torch.arange(2 * 36, dtype=torch.float32).view(2, 1, 6, 6)
 
@@ -189,6 +229,11 @@ def test_a_shifted_view_moves_the_face_and_repeats_its_border() -> None:
         "--tune-blocks 1 --extra-blocks 3",
         "--route vgg --center",
         "--tune-blocks 1 --center",
+        "--clip 0",
+        "--label-smoothing 1.0",
+        "--crop 0",
+        "--crop 1.2",
+        "--route scratch --crop 0.8",
     ],
 )
 def test_out_of_range_options_are_refused(flags: str) -> None:
