@@ -103,6 +103,8 @@ def _feature_set(args: argparse.Namespace, part: str, faces: torch.Tensor) -> to
             trunk_blocks=int(blocks),
             tune_blocks=0,
             size=int(size),
+            crop=1.0,
+            equalize=False,
             cache=args.cache,
         )
         return _inputs(routes, faces)
@@ -110,9 +112,12 @@ def _feature_set(args: argparse.Namespace, part: str, faces: torch.Tensor) -> to
         raise SystemExit(f"{part}: give the face-mesh network with --mesh-model")
     network = hashlib.sha256(Path(args.mesh_model).read_bytes()).hexdigest()[:16]
     cache = Path(args.cache) / f"fer-training-mesh-{network}-{what}-{MESH_PAD}.pt"
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_mesh(args.mesh_model, faces, what), cache)
+    if cache.is_file():
+        maps = torch.load(cache)
+        if len(maps) == len(faces):  # a cache of other faces is computed afresh
+            return maps.float()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_mesh(args.mesh_model, faces, what), cache)
     return torch.load(cache).float()
 
 

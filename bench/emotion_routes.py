@@ -104,7 +104,9 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
     if mirrored:
         faces = faces.flip(-1)
     if cache.is_file():
-        return torch.load(cache).float()
+        maps = torch.load(cache)
+        if len(maps) == len(faces):  # a cache of other faces is computed afresh
+            return maps.float()
     trunk, _ = load_pretrained().split(len(BLOCKS) - blocks)
     maps = torch.cat(
         [

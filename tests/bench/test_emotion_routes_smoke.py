@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 
 from bench.emotion_routes import (
     HELD_OUT,
+    _inputs,
     _lr,
     _model,
     _multiplied,
@@ -179,6 +181,20 @@ def test_a_run_takes_its_seed_clipping_norm_and_label_smoothing(
 
     assert (result["seed"], result["clip"], result["label_smoothing"]) == (3, 0.5, 0.1)
     assert result["equalize"] and 0.0 <= result["val"][0] <= 1.0
+
+
+def test_a_cached_map_of_other_faces_is_computed_afresh(tmp_path: Path) -> None:
+    args = _args(trunk_blocks=7, tune_blocks=0, size=48, crop=1.0, equalize=False)
+    args.cache = str(tmp_path)
+    faces = torch.randn(3, 1, 48, 48)
+    first = _inputs(args, faces)
+    (cache,) = tmp_path.iterdir()
+    torch.save(torch.zeros(5, *first.shape[1:], dtype=torch.float16), cache)  # another face set's
+
+    again = _inputs(args, faces)
+
+    assert again.shape == first.shape and torch.equal(again, first)
+    assert torch.equal(_inputs(args, faces), first)  # the rewritten cache now serves them
 
 
 def test_a_cropped_face_is_its_centre_at_the_full_size() -> None:
