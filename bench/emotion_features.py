@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.emotion_routes import _inputs, centered, held_out_split
+from bench.emotion_routes import _inputs, cached, centered, held_out_split
 from client.training.augment import flip
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
@@ -112,13 +112,7 @@ def _feature_set(args: argparse.Namespace, part: str, faces: torch.Tensor) -> to
         raise SystemExit(f"{part}: give the face-mesh network with --mesh-model")
     network = hashlib.sha256(Path(args.mesh_model).read_bytes()).hexdigest()[:16]
     cache = Path(args.cache) / f"fer-training-mesh-{network}-{what}-{MESH_PAD}.pt"
-    if cache.is_file():
-        maps = torch.load(cache)
-        if len(maps) == len(faces):  # a cache of other faces is computed afresh
-            return maps.float()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(_mesh(args.mesh_model, faces, what), cache)
-    return torch.load(cache).float()
+    return cached(cache, len(faces), lambda: _mesh(args.mesh_model, faces, what))
 
 
 def features(args: argparse.Namespace, spec: str, faces: torch.Tensor) -> torch.Tensor:

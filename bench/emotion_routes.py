@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -103,19 +104,29 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
     cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}.pt"
     if mirrored:
         faces = faces.flip(-1)
-    if cache.is_file():
-        maps = torch.load(cache)
-        if len(maps) == len(faces):  # a cache of other faces is computed afresh
+
+    def compute() -> torch.Tensor:
+        trunk, _ = load_pretrained().split(len(BLOCKS) - blocks)
+        return torch.cat(
+            [
+                frozen_features(trunk, gray_to_chip(b, args.size), dtype=torch.float16)
+                for b in faces.split(512)
+            ]
+        )
+
+    return cached(cache, len(faces), compute)
+
+
+def cached(path: Path, count: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The ``count`` maps stored at ``path`` as float32; computed and stored afresh where the file is
+    missing or holds another number of faces (another face set's)."""
+    if path.is_file():
+        maps = torch.load(path)
+        if len(maps) == count:
             return maps.float()
-    trunk, _ = load_pretrained().split(len(BLOCKS) - blocks)
-    maps = torch.cat(
-        [
-            frozen_features(trunk, gray_to_chip(b, args.size), dtype=torch.float16)
-            for b in faces.split(512)
-        ]
-    )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(maps, cache)
+    maps = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(maps, path)
     return maps.float()
 
 
