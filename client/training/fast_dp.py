@@ -595,10 +595,11 @@ class FastDpSgd:
     ) -> ClippedBatch:
         """:meth:`clipped_sum` of one physical chunk, all its per-sample gradients at once."""
         zeros = [torch.zeros_like(p) for p in self.params]
-        if len(y) == 0:  # Poisson sampling drew nobody: the sum is zero, the step still happens
-            return ClippedBatch(zeros, torch.zeros(0, device=x.device), float("nan"))
         if units is not None and len(units.index) != len(y):
             raise ValueError(f"Expected one unit per example, got {len(units.index)} for {len(y)}")
+        if len(y) == 0:  # Poisson sampling drew nobody: the sum is zero, the step still happens
+            count = 0 if units is None else units.count  # a unit without examples has norm 0
+            return ClippedBatch(zeros, torch.zeros(count, device=x.device), float("nan"))
         capture = _Capture(self._layers)
         try:
             loss = self.loss_fn(self.module(x), y)

@@ -315,6 +315,18 @@ def test_each_step_records_sigma_and_q_once_even_for_an_empty_batch() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dp.params)
 
 
+def test_an_empty_batch_of_units_has_a_zero_norm_per_unit_and_a_zero_sum() -> None:
+    model, loss, x, y = model_and_batch("emotion")
+    dp = fast_dp(model, loss, clip=1.0, sigma=1.1, expected=8, accountant=RDPAccountant())
+
+    batch = dp.clipped_sum(x[:0], y[:0], Units(torch.zeros(0, dtype=torch.long), 2))
+
+    assert torch.equal(batch.per_sample_norms, torch.zeros(2))
+    assert all(g.abs().sum() == 0 for g in batch.grads)
+    with pytest.raises(ValueError, match="one unit per example"):
+        dp.clipped_sum(x[:0], y[:0], Units(torch.zeros(1, dtype=torch.long), 1))
+
+
 def test_poisson_sampling_includes_each_example_with_probability_q() -> None:
     rng = SecretRandomness()
     sizes = [len(poisson_indices(1000, 0.05, rng)) for _ in range(200)]
