@@ -111,8 +111,8 @@ def _feature_set(args: argparse.Namespace, part: str, faces: torch.Tensor) -> to
     if args.mesh_model is None:
         raise SystemExit(f"{part}: give the face-mesh network with --mesh-model")
     network = hashlib.sha256(Path(args.mesh_model).read_bytes()).hexdigest()[:16]
-    cache = Path(args.cache) / f"fer-training-mesh-{network}-{what}-{MESH_PAD}.pt"
-    return cached(cache, len(faces), lambda: _mesh(args.mesh_model, faces, what))
+    cache = Path(args.cache) / f"fer-training-mesh-{network}-{what}-{MESH_PAD}"
+    return cached(cache, faces, lambda: _mesh(args.mesh_model, faces, what))
 
 
 def features(args: argparse.Namespace, spec: str, faces: torch.Tensor) -> torch.Tensor:

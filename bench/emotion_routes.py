@@ -36,6 +36,7 @@ Results since 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -53,6 +54,7 @@ from client.training.augment import augment, flip
 from client.training.dp_random import SeededRandomness
 from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, Units, poisson_indices
 from client.training.train import make_optimizer
+from common.data.archives import load_or_build
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.evaluation import emotion_probabilities
@@ -101,7 +103,7 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
         faces = cropped(faces, args.crop)
     if args.equalize:
         name += "-equalized"
-    cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}.pt"
+    cache = Path(args.cache) / f"{name}{'-mirrored' if mirrored else ''}"
     if mirrored:
         faces = faces.flip(-1)
 
@@ -114,20 +116,17 @@ def _inputs(args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = Fals
             ]
         )
 
-    return cached(cache, len(faces), compute)
+    return cached(cache, faces, compute)
 
 
-def cached(path: Path, count: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The ``count`` maps stored at ``path`` as float32; computed and stored afresh where the file is
-    missing or holds another number of faces (another face set's)."""
-    if path.is_file():
-        maps = torch.load(path)
-        if len(maps) == count:
-            return maps.float()
-    maps = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(maps, path)
-    return maps.float()
+def cached(stem: Path, faces: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``'s maps of ``faces`` as float32, stored beside ``stem`` under a digest of the
+    faces themselves (:func:`common.data.archives.load_or_build`: atomic, an unreadable file
+    rebuilt), so another face set never reads these maps."""
+    digest = hashlib.sha256(faces.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    path = stem.with_name(f"{stem.name}-{digest}.npz")
+    arrays = load_or_build(path, lambda: {"x": compute().numpy()})
+    return torch.from_numpy(arrays["x"]).float()
 
 
 def cropped(faces: torch.Tensor, keep: float) -> torch.Tensor:

@@ -186,15 +186,14 @@ def test_a_run_takes_its_seed_clipping_norm_and_label_smoothing(
 def test_a_cached_map_of_other_faces_is_computed_afresh(tmp_path: Path) -> None:
     args = _args(trunk_blocks=7, tune_blocks=0, size=48, crop=1.0, equalize=False)
     args.cache = str(tmp_path)
-    faces = torch.randn(3, 1, 48, 48)
+    faces, others = torch.randn(3, 1, 48, 48), torch.randn(3, 1, 48, 48)  # as many, other faces
     first = _inputs(args, faces)
-    (cache,) = tmp_path.iterdir()
-    torch.save(torch.zeros(5, *first.shape[1:], dtype=torch.float16), cache)  # another face set's
 
-    again = _inputs(args, faces)
+    theirs = _inputs(args, others)
 
-    assert again.shape == first.shape and torch.equal(again, first)
-    assert torch.equal(_inputs(args, faces), first)  # the rewritten cache now serves them
+    assert theirs.shape == first.shape and not torch.equal(theirs, first)
+    assert torch.equal(_inputs(args, faces), first)  # each set's cache serves it alone
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_cropped_face_is_its_centre_at_the_full_size() -> None:
