@@ -89,32 +89,30 @@ def facefed_describer(checkpoint: Path) -> Describe:
     return describe
 
 
+def _photos(pair: LfwPair) -> tuple[str, str]:
+    return photo_member(pair.name1, pair.num1), photo_member(pair.name2, pair.num2)
+
+
+def both_found(pairs: Sequence[LfwPair], descriptors: dict[str, np.ndarray | None]) -> np.ndarray:
+    """Whether a face was found in both photos of each pair."""
+    return np.array([all(descriptors[m] is not None for m in _photos(p)) for p in pairs])
+
+
 def pair_scores(
     pairs: Sequence[LfwPair],
     descriptors: dict[str, np.ndarray | None],
     similarity: Callable[[np.ndarray, np.ndarray], float],
 ) -> np.ndarray:
     """Each pair's similarity; a pair missing a face scores 1 below the lowest pair with both faces."""
-    scores = np.full(len(pairs), np.nan)
-    for i, p in enumerate(pairs):
-        a = descriptors[photo_member(p.name1, p.num1)]
-        b = descriptors[photo_member(p.name2, p.num2)]
-        if a is not None and b is not None:
-            scores[i] = similarity(a, b)
-    found = ~np.isnan(scores)
-    floor = float(scores[found].min()) - 1.0 if found.any() else 0.0
-    return np.where(found, scores, floor)
-
-
-def both_found(pairs: Sequence[LfwPair], descriptors: dict[str, np.ndarray | None]) -> np.ndarray:
-    """Whether a face was found in both photos of each pair."""
-    return np.array(
+    found = both_found(pairs, descriptors)
+    scores = np.array(
         [
-            descriptors[photo_member(p.name1, p.num1)] is not None
-            and descriptors[photo_member(p.name2, p.num2)] is not None
-            for p in pairs
+            similarity(*(descriptors[m] for m in _photos(p))) if ok else np.nan
+            for p, ok in zip(pairs, found, strict=True)
         ]
     )
+    floor = float(scores[found].min()) - 1.0 if found.any() else 0.0
+    return np.where(found, scores, floor)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
