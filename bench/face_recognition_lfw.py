@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.timing import load_average, machine
+from common.atomic import atomic_write_text
 from common.data.lfw import ARCHIVE, LfwPair, archive_pair_photos, photo_member
 from common.metrics import lfw_verification
 from common.paths import REPO_ROOT, data_dir
@@ -193,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs, jpegs = archive_pair_photos(
         data_dir() / ARCHIVE, lambda all_pairs: [p for p in all_pairs if p.fold in folds]
     )
+    checkpoint = args.checkpoint.resolve()
     theirs = face_recognition_describer(args.fr_upsample)
-    ours = facefed_describer(args.checkpoint)
+    ours = facefed_describer(checkpoint)
     runs: dict[str, list[tuple[dict[str, np.ndarray | None], float]]] = {"facefed": [], "fr": []}
     for _ in range(args.repeats):  # interleaved, so a slower spell of the machine hits both
         runs["facefed"].append(describe_all(ours, jpegs))
@@ -212,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": args.threads,
         "face_recognition_upsample": args.fr_upsample,
         "checkpoint": str(
-            args.checkpoint.resolve().relative_to(REPO_ROOT)
-            if args.checkpoint.resolve().is_relative_to(REPO_ROOT)
-            else args.checkpoint
+            checkpoint.relative_to(REPO_ROOT)
+            if checkpoint.is_relative_to(REPO_ROOT)
+            else checkpoint
         ),
         "rows": rows,
         "time_ratio_face_recognition_over_facefed": round(
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

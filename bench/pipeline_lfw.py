@@ -22,6 +22,7 @@ import torch
 
 from client.recogniser.imageio import decode_image
 from client.recogniser.pipeline import load_pipeline
+from common.atomic import atomic_write_text
 from common.data.lfw import ARCHIVE, archive_pair_photos, photo_member
 from common.metrics import lfw_verification
 from common.paths import REPO_ROOT, data_dir
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 
