@@ -56,6 +56,7 @@ from client.training.fast_dp import PHYSICAL_BATCH, FastDpSgd, Units, poisson_in
 from client.training.train import make_optimizer
 from common.data.archives import load_or_build
 from common.data.fer2013 import load_fer2013
+from common.data.orl import load_orl
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor
 from common.evaluation import emotion_probabilities
 from common.facenet.resnet import BLOCKS
@@ -163,11 +164,34 @@ def _shift_views(args: argparse.Namespace, faces: torch.Tensor) -> list[torch.Te
     return views
 
 
+def _scattering(
+    args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False
+) -> torch.Tensor:
+    """The log wavelet scattering coefficients (kymatio, ``J = --scatter``, 8 angles) of each face."""
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    cache = (
+        Path(args.cache) / f"fer-training-scatter{args.scatter}{'-mirrored' if mirrored else ''}"
+    )
+    if mirrored:
+        faces = faces.flip(-1)
+
+    def compute() -> torch.Tensor:
+        net = ScatteringTorch2D(J=args.scatter, shape=tuple(faces.shape[-2:]), L=8)
+        return torch.cat([net(b.float())[:, 0].half() for b in faces.split(512)])
+
+    return torch.log(cached(cache, faces, compute).abs() + 1e-3)
+
+
 def _features(
     args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False
 ) -> torch.Tensor:
     """The route's inputs; with ``--extra-blocks``, an earlier map pooled to the main map's size too."""
     x = _inputs(args, faces, mirrored)
+    if args.route == "transfer" and args.scatter:
+        x = torch.cat(
+            [x, F.adaptive_avg_pool2d(_scattering(args, faces, mirrored), x.shape[-1])], 1
+        )
     if args.route != "transfer" or not args.extra_blocks:
         return x
     early_args = argparse.Namespace(
@@ -322,6 +346,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="transfer: also the map after this many blocks, pooled to the main map's size",
     )
+    p.add_argument(
+        "--scatter",
+        type=int,
+        default=0,
+        help="transfer: also the log wavelet scattering of each face at this scale J, pooled",
+    )
+    p.add_argument(
+        "--standardize",
+        choices=("training", "orl"),
+        help="every input channel to zero mean, unit variance over the training faces, or over "
+        "ORL's public faces (no site's data)",
+    )
     p.add_argument("--pool", type=int, default=3)
     p.add_argument("--head-width", type=int, default=64)
     p.add_argument(
@@ -398,6 +434,14 @@ def main(argv: list[str] | None = None) -> None:
         x_tta = faces.flip(-1) if args.route != "transfer" else x_mirrored
         if x_tta is None:
             x_tta = _features(args, faces, mirrored=True)
+    if args.standardize:
+        fit = x[torch.from_numpy(rest)]
+        if args.standardize == "orl":
+            fit = _features(args, emotion_tensor(load_orl().images))
+        mean, std = fit.mean((0, 2, 3), keepdim=True), fit.std((0, 2, 3), keepdim=True) + 1e-5
+        x = (x - mean) / std
+        x_mirrored = None if x_mirrored is None else (x_mirrored - mean) / std
+        x_tta = None if x_tta is None else (x_tta - mean) / std
     shift_views = _shift_views(args, faces[val]) if args.tta_shift else []
     y = torch.from_numpy(train.labels).long()
     torch.manual_seed(args.seed)

@@ -137,7 +137,8 @@ def load_models(
 def _with_trunk(
     face: nn.Module, emotion: nn.Module, spec: ModelSpec, pretrained: str | os.PathLike[str] | None
 ) -> tuple[nn.Module, nn.Module]:
-    from common.facenet.resnet import BLOCKS, ChipEmbedder, FaceTail
+    from common.facenet.emotion_input import emotion_features
+    from common.facenet.resnet import ChipEmbedder, FaceTail
     from common.facenet.transfer import EmotionHead, EmotionTransfer
     from common.facenet.weights import default_pretrained_path, load_pretrained
 
@@ -148,6 +149,5 @@ def _with_trunk(
         trunk, _ = network.split(spec.face_tail_blocks)
         face = ChipEmbedder(trunk, face).eval()
     if isinstance(emotion, EmotionHead):
-        trunk, _ = network.split(len(BLOCKS) - spec.emotion_trunk_blocks)
-        emotion = EmotionTransfer(trunk, emotion, spec.emotion_input_size).eval()
+        emotion = EmotionTransfer(emotion_features(spec, network), emotion).eval()
     return face, emotion

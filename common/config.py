@@ -133,6 +133,9 @@ class RunSettings:
     # transfer: 0 = the linear head above; N > 0 = two 3x3 conv layers of N channels on the unpooled
     # feature map first (common/facenet/transfer.py)
     emotion_head_width: int = 0
+    # transfer with a conv head: > 0 = also the face's log wavelet scattering at this many scales
+    # (common/scattering.py), standardised with the shipped public statistics
+    emotion_scatter: int = 0
     emotion_width: int = 32  # scratch, vgg (the first stage's channels)
     face_steps: int = 25
     emotion_steps: int = 40
@@ -206,6 +209,14 @@ class RunSettings:
         if not 0 <= self.emotion_head_width <= 256:
             raise ConfigError(
                 f"emotion-head-width must be in 0..256 channels, got {self.emotion_head_width}"
+            )
+        if not 0 <= self.emotion_scatter <= 3:
+            raise ConfigError(f"emotion-scatter must be in 0..3 scales, got {self.emotion_scatter}")
+        if self.emotion_scatter and (
+            self.emotion_model != "transfer" or not self.emotion_head_width
+        ):
+            raise ConfigError(
+                'emotion-scatter needs emotion-model = "transfer" with emotion-head-width > 0'
             )
         try:
             from common.model_spec import ModelSpec

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from common.data.archives import load_or_build
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor, face_tensor
-from common.facenet.resnet import BLOCKS, chip_tensor
-from common.facenet.transfer import frozen_features, gray_to_chip
+from common.facenet.emotion_input import emotion_features
+from common.facenet.resnet import chip_tensor
+from common.facenet.transfer import EmotionFeatures, frozen_features
 from common.model_spec import ModelSpec, state_sha256
 from common.paths import cache_dir
 
@@ -53,7 +54,7 @@ class ModelInputs:
         self.spec = spec
         self.disk_cache = disk_cache
         self._face_trunk: torch.nn.Module | None = None
-        self._emotion_trunk: torch.nn.Module | None = None
+        self._emotion_input: EmotionFeatures | None = None
         if spec.pretrained:
             from common.facenet.weights import default_pretrained_path, load_pretrained
 
@@ -64,7 +65,7 @@ class ModelInputs:
             if spec.face_model == "pretrained":
                 self._face_trunk = network.split(spec.face_tail_blocks)[0]
             if spec.emotion_model == "transfer":
-                self._emotion_trunk = network.split(len(BLOCKS) - spec.emotion_trunk_blocks)[0]
+                self._emotion_input = emotion_features(self.spec, network)
 
     @property
     def face_needs_chips(self) -> bool:
@@ -86,10 +87,12 @@ class ModelInputs:
 
     def emotion(self, images: np.ndarray) -> torch.Tensor:
         """uint8 gray (or RGB) faces of any size -> the emotion module's inputs."""
-        if self._emotion_trunk is None:
+        if self._emotion_input is None:
             return emotion_tensor(images)
         s = self.spec
         cut = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-sharp{EMOTION_SHARPNESS}"
+        if s.emotion_scatter:
+            cut += f"-scatter{s.emotion_scatter}"
         if s.emotion_head_width:  # a conv head reads the whole map: kept in half precision
             return self._cached(
                 f"{cut}-map", images, lambda: self._emotion_features(images, None)
@@ -97,20 +100,35 @@ class ModelInputs:
         key = f"{cut}-{s.emotion_pool}"
         return self._cached(key, images, lambda: self._emotion_features(images, s.emotion_pool))
 
+    def emotion_training(self, images: np.ndarray) -> torch.Tensor:
+        """The emotion module's training inputs: :meth:`emotion`'s, or with ``emotion-scatter``
+        ``(N, 2, C, H, W)``, each face's map and its mirror image's.
+
+        Training mirrors faces at random. A trunk map can simply be flipped (the trunk is close to
+        mirror-symmetric), but a scattering map cannot: its orientation channels do not follow the
+        flip, and the flipped map of a 48-pixel face is misaligned with its 12x12 grid. So a site
+        keeps the mirror image's own map, and training takes one of the two at random
+        (:func:`client.training.train.run_fast_steps`).
+        """
+        x = self.emotion(images)
+        if not self.spec.emotion_scatter:
+            return x
+        return torch.stack([x, self.emotion(np.ascontiguousarray(images[:, :, ::-1]))], 1)
+
     def _face_features(self, chips: np.ndarray) -> torch.Tensor:
         assert self._face_trunk is not None
         h = frozen_features(self._face_trunk, chip_tensor(chips))
         return h.mean(dim=(2, 3)) if self.spec.face_tail_blocks == 0 else h
 
     def _emotion_features(self, images: np.ndarray, pool: int | None) -> torch.Tensor:
-        """The trunk's map of each face: pooled to ``pool x pool``, or whole (float16) for ``None``."""
-        assert self._emotion_trunk is not None
+        """The input map of each face (:class:`EmotionFeatures`): pooled to ``pool x pool``, or
+        whole (float16) for ``None``."""
+        assert self._emotion_input is not None
         # here, not in emotion(): only when the maps are not cached (matching sharpness takes seconds)
         x = emotion_tensor(images)
-        chips = torch.cat([gray_to_chip(b, self.spec.emotion_input_size) for b in x.split(256)])
         if pool is None:
-            return frozen_features(self._emotion_trunk, chips, dtype=torch.float16)
-        return F.adaptive_avg_pool2d(frozen_features(self._emotion_trunk, chips), pool)
+            return frozen_features(self._emotion_input, x, dtype=torch.float16)
+        return F.adaptive_avg_pool2d(frozen_features(self._emotion_input, x), pool)
 
     def _cached(self, key: str, images: np.ndarray, build: object) -> torch.Tensor:
         if not self.disk_cache:

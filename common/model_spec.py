@@ -44,6 +44,8 @@ class ModelSpec:
     emotion_pool: int = 2
     # transfer: 0 = a linear head, > 0 = two conv layers this wide first
     emotion_head_width: int = 0
+    # transfer: > 0 = the face's log wavelet scattering at this many scales beside the trunk's map
+    emotion_scatter: int = 0
     pretrained_sha256: str = ""
 
     def __post_init__(self) -> None:
@@ -68,6 +70,10 @@ class ModelSpec:
                 f"{self.emotion_trunk_blocks} trunk blocks; use a larger emotion-input-size or fewer "
                 "emotion-trunk-blocks"
             )
+        if self.emotion_scatter and (
+            self.emotion_model != "transfer" or not self.emotion_head_width
+        ):
+            raise ValueError("emotion_scatter needs the transfer emotion model with a conv head")
 
     @classmethod
     def from_settings(cls, settings: Any, pretrained_sha256: str = "") -> ModelSpec:
@@ -113,6 +119,10 @@ class ModelSpec:
         if self.emotion_model == "vgg":
             return EmotionVGG(width=self.emotion_width)
         channels = BLOCKS[self.emotion_trunk_blocks - 1][0] if self.emotion_trunk_blocks else 32
+        if self.emotion_scatter:
+            from common.scattering import scatter_channels
+
+            channels += scatter_channels(self.emotion_scatter)
         return EmotionHead(channels, self.emotion_pool, width=self.emotion_head_width)
 
     def initial(
@@ -151,6 +161,7 @@ _INT_RANGES = {
     "emotion_input_size": (48, 150),
     "emotion_pool": (1, 4),
     "emotion_head_width": (0, 256),
+    "emotion_scatter": (0, 3),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -269,7 +269,7 @@ def load_site_tensors(settings: RunSettings, site: SiteSpec) -> SiteTensors:
 
     fer = _fer_training(root)
     emo = _subsample(emo_idx[site.partition_id], settings.emotion_train_limit, rng)
-    emotion_x = inputs.emotion(fer.images[emo])
+    emotion_x = inputs.emotion_training(fer.images[emo])
     emotion_y = torch.from_numpy(fer.labels[emo].astype(np.int64))
     logger.info(
         "site %d: %d face images of %d people, %d emotion images",

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteTensors:
-    """A site's training data, already preprocessed: ``(N,1,H,W)`` float32 and int64 labels."""
+    """A site's training data, already preprocessed: ``(N,1,H,W)`` float32 (or frozen features:
+    :class:`common.features.ModelInputs`) and int64 labels."""
 
     face_x: torch.Tensor
     face_y: torch.Tensor
@@ -219,7 +220,14 @@ def run_fast_steps(
 
 
 def _augmented(x: torch.Tensor, generator: torch.Generator, geometric: bool | None) -> torch.Tensor:
-    """Images mirrored (and with ``geometric``, jittered) at random; frozen features (None) as they are."""
+    """Images mirrored (and with ``geometric``, jittered) at random; frozen features (None) as they are.
+
+    A ``(N, 2, C, H, W)`` batch holds each example's map and its mirror image's
+    (:meth:`common.features.ModelInputs.emotion_training`): one of the two, at random.
+    """
+    if x.ndim == 5:
+        mirror = torch.rand(x.shape[0], generator=generator) < 0.5
+        return torch.where(mirror[:, None, None, None], x[:, 1], x[:, 0])
     return x if geometric is None else augment(x, generator, geometric)
 
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.facenet.resnet import CHIP_MEAN, CHIP_SCALE, Trunk
+from common.facenet.resnet import CHIP_MEAN, CHIP_SCALE
 from common.models import conv_gn
+from common.scattering import log_scattering
 
 # A standardised gray face (zero mean, unit variance per image) becomes a gray "photo" with this
 # brightness and contrast before the chip normalisation: typical values of an aligned face chip.
@@ -60,17 +61,52 @@ class EmotionHead(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(self.convs(h), self.pool).flatten(1))
 
 
+class EmotionFeatures(nn.Module):
+    """Standardised gray faces ``(N, 1, 48, 48)`` -> the emotion head's input map.
+
+    The frozen trunk's map of a ``size``-pixel face; with ``scatter`` > 0 also the face's log wavelet
+    scattering at ``scatter`` scales (:mod:`common.scattering`), pooled to the trunk map's side and
+    joined as more channels. Every channel is then standardised with fixed public statistics
+    (``mean``, ``std``: :mod:`common.facenet.input_stats`, computed once from ORL's faces, never from
+    a site's), so the input of every face is a function of that face alone.
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        size: int,
+        scatter: int = 0,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.size = size
+        self.scatter = scatter
+        self.standardise = mean is not None and std is not None
+        self.register_buffer(
+            "mean", (mean if mean is not None else torch.zeros(1)).view(1, -1, 1, 1)
+        )
+        self.register_buffer("std", (std if std is not None else torch.ones(1)).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(gray_to_chip(x, self.size))
+        if self.scatter:
+            s = log_scattering(x, self.scatter)
+            h = torch.cat([h, F.adaptive_avg_pool2d(s, h.shape[-1])], 1)
+        return (h - self.mean) / self.std if self.standardise else h
+
+
 class EmotionTransfer(nn.Module):
     """On device: standardised 48x48 gray faces ``(N, 1, 48, 48)`` -> emotion logits."""
 
-    def __init__(self, trunk: Trunk, head: EmotionHead, size: int) -> None:
+    def __init__(self, features: EmotionFeatures, head: EmotionHead) -> None:
         super().__init__()
-        self.trunk = trunk
+        self.features = features
         self.head = head
-        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(gray_to_chip(x, self.size)))
+        return self.head(self.features(x))
 
 
 @torch.no_grad()  # not inference_mode: the features are training inputs

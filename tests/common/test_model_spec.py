@@ -149,7 +149,9 @@ def test_a_transfer_emotion_head_with_convolutions_round_trips_a_checkpoint(tmp_
 
     assert isinstance(device, EmotionTransfer) and device.head.linear.in_features == 16 * 2 * 2
     faces = torch.randn(3, 1, 48, 48)  # shapes only
-    torch.testing.assert_close(device(faces), emotion(device.trunk(gray_to_chip(faces, 96))))
+    torch.testing.assert_close(
+        device(faces), emotion(device.features.trunk(gray_to_chip(faces, 96)))
+    )
 
 
 def test_a_transfer_spec_written_before_conv_heads_builds_the_linear_head() -> None:

@@ -139,3 +139,19 @@ def test_face_augment_changes_what_local_training_sees(dp: bool, dp_path: str) -
 
     assert loss(True) != loss(False)
     assert loss(True) == loss(True)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("geometric", [None, False, True])
+def test_a_batch_of_two_views_trains_on_one_of_each_examples_views(geometric: bool | None) -> None:
+    # each example's map and its mirror image's map (ModelInputs.emotion_training): shapes only
+    from client.training.train import _augmented
+
+    views = torch.randn(64, 2, 3, 5, 5)
+
+    picked = _augmented(views, seeded(), geometric)
+
+    assert picked.shape == (64, 3, 5, 5)
+    first = (picked == views[:, 0]).flatten(1).all(1)
+    second = (picked == views[:, 1]).flatten(1).all(1)
+    assert (first ^ second).all()  # exactly one view of every example, never a blend or a flip
+    assert 16 < int(second.sum()) < 48  # both views are drawn, about half each
