@@ -28,6 +28,11 @@ of its iterates), ``--warmup``, ``--schedule``, ``--keep-optimizer``; ``--center
 subtracts each map's own mean first), ``--label-smoothing``, ``--crop`` (the transfer trunk sees each
 face's centre, enlarged), ``--equalize`` (each face's histogram equalised first). ``--seed`` changes
 the head's initialisation, the mirroring and the noise together, so settings compare over seeds.
+``--scatter J`` joins the face's log wavelet scattering (:mod:`common.scattering`) to the trunk's map;
+``--standardize training|orl`` standardises every channel with statistics of the training faces (an
+upper bound: not a transform a DP site could use as it is) or of ORL's public faces (what the default
+ships); with the scattering, ``--mirror face`` is what the default does (see BENCHMARKS.md, "Wavelet
+scattering beside the trunk (twelfth session)").
 
 Example: ``python -m bench.emotion_routes --route transfer --sigma 1.344 --batch 1024 --steps 60``.
 Results since 2026-12-02: ``bench/results/pretrained/emotion_routes.txt``.

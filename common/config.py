@@ -133,8 +133,8 @@ class RunSettings:
     # transfer: 0 = the linear head above; N > 0 = two 3x3 conv layers of N channels on the unpooled
     # feature map first (common/facenet/transfer.py)
     emotion_head_width: int = 0
-    # transfer with a conv head: > 0 = also the face's log wavelet scattering at this many scales
-    # (common/scattering.py), standardised with the shipped public statistics
+    # transfer with a conv head (ignored otherwise): > 0 = also the face's log wavelet scattering at
+    # this many scales (common/scattering.py), standardised with the shipped public statistics
     emotion_scatter: int = 0
     emotion_width: int = 32  # scratch, vgg (the first stage's channels)
     face_steps: int = 25
@@ -212,12 +212,16 @@ class RunSettings:
             )
         if not 0 <= self.emotion_scatter <= 3:
             raise ConfigError(f"emotion-scatter must be in 0..3 scales, got {self.emotion_scatter}")
-        if self.emotion_scatter and (
-            self.emotion_model != "transfer" or not self.emotion_head_width
-        ):
-            raise ConfigError(
-                'emotion-scatter needs emotion-model = "transfer" with emotion-head-width > 0'
-            )
+        if self.emotion_scatter and self.emotion_model == "transfer" and self.emotion_head_width:
+            from common.facenet.emotion_input import shipped_cuts
+
+            cut = (self.emotion_trunk_blocks, self.emotion_input_size, self.emotion_scatter)
+            if cut not in shipped_cuts():
+                raise ConfigError(
+                    f"emotion-scatter {cut[2]} with {cut[0]} trunk blocks at {cut[1]} px has no shipped "
+                    "input statistics (models/emotion-input-stats-v1.json; python -m "
+                    "bench.emotion_input_stats makes them)"
+                )
         try:
             from common.model_spec import ModelSpec
 

@@ -22,13 +22,22 @@ import torch.nn.functional as F
 
 from common.data.archives import load_or_build
 from common.data.preprocess import EMOTION_SHARPNESS, emotion_tensor, face_tensor
-from common.facenet.emotion_input import emotion_features
+from common.facenet.emotion_input import STATS_SHA256, emotion_features
 from common.facenet.resnet import chip_tensor
 from common.facenet.transfer import EmotionFeatures, frozen_features
 from common.model_spec import ModelSpec, state_sha256
 from common.paths import cache_dir
 
 logger = logging.getLogger(__name__)
+
+
+def _kymatio_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kymatio")
+    except PackageNotFoundError:
+        return "none"
 
 
 @dataclass(frozen=True)
@@ -91,8 +100,8 @@ class ModelInputs:
             return emotion_tensor(images)
         s = self.spec
         cut = f"emotion{s.emotion_trunk_blocks}-{s.emotion_input_size}-sharp{EMOTION_SHARPNESS}"
-        if s.emotion_scatter:
-            cut += f"-scatter{s.emotion_scatter}"
+        if s.emotion_scatter:  # the maps change with the statistics and the transform's version
+            cut += f"-scatter{s.emotion_scatter}-{STATS_SHA256[:12]}-kymatio{_kymatio_version()}"
         if s.emotion_head_width:  # a conv head reads the whole map: kept in half precision
             return self._cached(
                 f"{cut}-map", images, lambda: self._emotion_features(images, None)

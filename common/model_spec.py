@@ -80,6 +80,8 @@ class ModelSpec:
         """The spec of a run's :class:`~common.config.RunSettings`."""
         names = {f.name for f in dataclasses.fields(cls)} - {"pretrained_sha256"}
         values = {name: getattr(settings, name) for name in names}
+        if values["emotion_model"] != "transfer" or not values["emotion_head_width"]:
+            values["emotion_scatter"] = 0  # only the transfer conv head reads the scattering
         return cls(
             **values, pretrained_sha256=pretrained_sha256 if _uses_pretrained(values) else ""
         )

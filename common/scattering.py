@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from common.errors import ConfigError
+
 ANGLES = 8
 LOG_FLOOR = 1e-3  # log(|S| + floor): coefficients span decades, and a blank face scatters to 0
 
@@ -29,7 +31,12 @@ def scatter_channels(scales: int) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _transform(scales: int, height: int, width: int) -> torch.nn.Module:
-    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+    try:
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+    except ImportError:
+        raise ConfigError(
+            "emotion-scatter needs kymatio (pip install 'kymatio>=0.3,<0.4'), which is not installed"
+        ) from None
 
     return ScatteringTorch2D(J=scales, shape=(height, width), L=ANGLES)
 

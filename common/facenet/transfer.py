@@ -67,7 +67,7 @@ class EmotionFeatures(nn.Module):
     The frozen trunk's map of a ``size``-pixel face; with ``scatter`` > 0 also the face's log wavelet
     scattering at ``scatter`` scales (:mod:`common.scattering`), pooled to the trunk map's side and
     joined as more channels. Every channel is then standardised with fixed public statistics
-    (``mean``, ``std``: :mod:`common.facenet.input_stats`, computed once from ORL's faces, never from
+    (``mean``, ``std``: :mod:`common.facenet.emotion_input`, computed once from ORL's faces, never from
     a site's), so the input of every face is a function of that face alone.
     """
 

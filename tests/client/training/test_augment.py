@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -155,3 +156,57 @@ def test_a_batch_of_two_views_trains_on_one_of_each_examples_views(geometric: bo
     second = (picked == views[:, 1]).flatten(1).all(1)
     assert (first ^ second).all()  # exactly one view of every example, never a blend or a flip
     assert 16 < int(second.sum()) < 48  # both views are drawn, about half each
+
+
+@pytest.mark.parametrize(("dp", "dp_path"), [(False, "fast"), (True, "fast"), (True, "opacus")])
+def test_a_site_with_two_views_per_face_trains_and_accounts_one_unit_per_face(
+    dp: bool, dp_path: str
+) -> None:
+    # the default emotion model's inputs: each face's map and its mirror image's, (N, 2, C, 5, 5)
+    from common.data.fer2013 import load_fer2013
+    from common.facenet.transfer import EmotionHead
+    from common.features import ModelInputs
+    from common.model_spec import ModelSpec
+
+    orl = load_orl()
+    keep = orl.labels < 4
+    fer = load_fer2013("Training")
+    spec = ModelSpec(
+        emotion_model="transfer",
+        emotion_trunk_blocks=7,
+        emotion_input_size=48,
+        emotion_pool=3,
+        emotion_head_width=8,
+        emotion_scatter=2,
+    )
+    views = ModelInputs(spec, disk_cache=False).emotion_training(fer.images[:40])
+    site = SiteTensors(
+        face_x=face_tensor(orl.images[keep]),
+        face_y=torch.from_numpy(orl.labels[keep]),
+        emotion_x=views,
+        emotion_y=torch.from_numpy(fer.labels[:40]).long(),
+    )
+    settings = parse_run_config(
+        {"face-steps": 1, "emotion-steps": 3, "emotion-batch": 10, "dp": dp, "dp-path": dp_path}
+    )
+    torch.manual_seed(0)
+    emotion = EmotionHead(145, 3, width=8)
+    before = [p.detach().clone() for p in emotion.parameters()]
+
+    outcome = train_round(
+        FaceEmbedder(width=8),
+        CosineHead(4),
+        emotion,
+        site,
+        settings,
+        SitePrivacyState("rdp", noise_multiplier=1.0),
+        seeded(),
+        SeededRandomness(seeded()),
+    )
+
+    assert views.shape == (40, 2, 145, 5, 5)
+    assert math.isfinite(outcome.emotion_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, emotion.parameters(), strict=True))
+    if dp:  # 40 faces at batch 10: q = 1/4, not the 1/8 that 80 views would give
+        (event,) = [e for e in outcome.events if e.name == "emotion"]
+        assert event.sample_rate == pytest.approx(0.25) and event.steps == 3

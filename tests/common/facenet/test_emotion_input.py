@@ -127,18 +127,89 @@ def test_the_device_model_sees_what_training_saw(tmp_path, network, fer_images) 
     torch.testing.assert_close(on_device, trained, atol=2e-2, rtol=1e-2)  # maps kept in float16
 
 
-def test_a_scatter_without_the_transfer_conv_head_is_refused() -> None:
+def test_the_scattering_is_read_only_by_the_transfer_conv_head() -> None:
     from common.config import parse_run_config
 
-    with pytest.raises(ConfigError, match="emotion-scatter needs"):
-        parse_run_config({"emotion-model": "scratch", "emotion-scatter": 2})
+    vgg = parse_run_config({"emotion-model": "vgg", "emotion-scatter": 2})
+    linear = parse_run_config({"emotion-model": "transfer", "emotion-scatter": 2})
+
+    assert ModelSpec.from_settings(vgg).emotion_scatter == 0  # ignored, as emotion-head-width is
+    assert ModelSpec.from_settings(linear).emotion_scatter == 0
     with pytest.raises(ConfigError, match=r"emotion-scatter must be in 0\.\.3"):
         parse_run_config({"emotion-scatter": 9})
-    with pytest.raises(ValueError, match="emotion_scatter"):
-        ModelSpec(emotion_model="transfer", emotion_scatter=2)  # a linear head
+    with pytest.raises(ValueError, match="emotion_scatter"):  # a checkpoint that says otherwise
+        ModelSpec(emotion_model="transfer", emotion_scatter=2)
 
 
 def test_the_statistics_file_is_pinned() -> None:
     from common.facenet import emotion_input
 
     assert hashlib.sha256(Path(STATS_FILE).read_bytes()).hexdigest() == emotion_input.STATS_SHA256
+
+
+def _rewritten(tmp_path: Path, change) -> tuple[Path, str]:
+    """The shipped file with ``change(sets)`` applied, and the SHA-256 of the result."""
+    document = json.loads(STATS_FILE.read_text())
+    change(document["sets"])
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(document))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _first(sets: dict) -> dict:
+    return next(iter(sets.values()))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda sets: _first(sets).update(mean=[0.0]), "does not hold 145"),
+        (lambda sets: _first(sets)["std"].__setitem__(3, 0.0), "deviation <= 0"),
+        (lambda sets: _first(sets)["mean"].__setitem__(3, float("nan")), "non-finite"),
+        (lambda sets: _first(sets).update(mean="2.0"), "no numeric mean and std"),
+        (lambda sets: _first(sets).pop("std"), "no numeric mean and std"),
+    ],
+    ids=["short", "zero-std", "nan", "string", "missing"],
+)
+def test_statistics_that_do_not_fit_the_cut_are_refused_even_with_a_matching_hash(
+    tmp_path, network, change, message
+) -> None:
+    # a future regenerated file is checked for what it holds, not only for its pinned hash
+    path, sha = _rewritten(tmp_path, change)
+
+    with pytest.raises(IntegrityError, match=message):
+        load_stats(7, 48, 2, state_sha256(network), path=path, sha256=sha)
+
+
+def test_a_file_of_another_format_is_refused(tmp_path, network) -> None:
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"format": "something/9", "sets": {}}))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    with pytest.raises(IntegrityError, match="is not a facefed-emotion-input-stats/1 file"):
+        load_stats(7, 48, 2, state_sha256(network), path=path, sha256=sha)
+
+
+def test_a_run_asking_for_a_cut_without_statistics_is_refused_before_any_site_trains() -> None:
+    from common.config import parse_run_config
+
+    conv_head = {"emotion-model": "transfer", "emotion-head-width": 64, "emotion-input-size": 48}
+    with pytest.raises(ConfigError, match="emotion-scatter 1 with 7 trunk blocks at 48 px"):
+        parse_run_config(conv_head | {"emotion-trunk-blocks": 7, "emotion-scatter": 1})
+    with pytest.raises(ConfigError, match="no shipped input statistics"):
+        parse_run_config(conv_head | {"emotion-trunk-blocks": 6, "emotion-scatter": 2})
+    parse_run_config(conv_head | {"emotion-trunk-blocks": 7, "emotion-scatter": 2})  # shipped
+
+
+def test_without_kymatio_the_scattering_is_one_line(monkeypatch) -> None:
+    import sys
+
+    from common import scattering
+
+    scattering._transform.cache_clear()
+    monkeypatch.setitem(sys.modules, "kymatio.scattering2d.frontend.torch_frontend", None)
+    try:
+        with pytest.raises(ConfigError, match="emotion-scatter needs kymatio"):
+            scattering.log_scattering(torch.zeros(1, 1, 48, 48), 2)
+    finally:
+        scattering._transform.cache_clear()
