@@ -68,6 +68,7 @@ from common.facenet.resnet import BLOCKS
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import load_pretrained
 from common.models import EmotionNet, EmotionVGG
+from common.scattering import log_scattering
 
 SITES = 4
 HELD_OUT = 2000
@@ -172,20 +173,14 @@ def _shift_views(args: argparse.Namespace, faces: torch.Tensor) -> list[torch.Te
 def _scattering(
     args: argparse.Namespace, faces: torch.Tensor, mirrored: bool = False
 ) -> torch.Tensor:
-    """The log wavelet scattering coefficients (kymatio, ``J = --scatter``, 8 angles) of each face."""
-    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
+    """The log wavelet scattering (:func:`common.scattering.log_scattering`, ``J = --scatter``) of
+    each face."""
     cache = (
-        Path(args.cache) / f"fer-training-scatter{args.scatter}{'-mirrored' if mirrored else ''}"
+        Path(args.cache) / f"fer-training-logscatter{args.scatter}{'-mirrored' if mirrored else ''}"
     )
     if mirrored:
         faces = faces.flip(-1)
-
-    def compute() -> torch.Tensor:
-        net = ScatteringTorch2D(J=args.scatter, shape=tuple(faces.shape[-2:]), L=8)
-        return torch.cat([net(b.float())[:, 0].half() for b in faces.split(512)])
-
-    return torch.log(cached(cache, faces, compute).abs() + 1e-3)
+    return cached(cache, faces, lambda: log_scattering(faces, args.scatter).half())
 
 
 def _features(
