@@ -135,9 +135,9 @@ class ModelInputs:
         assert self._emotion_input is not None
         # here, not in emotion(): only when the maps are not cached (matching sharpness takes seconds)
         x = emotion_tensor(images)
-        if pool is None:
-            return frozen_features(self._emotion_input, x, dtype=torch.float16)
-        return F.adaptive_avg_pool2d(frozen_features(self._emotion_input, x), pool)
+        if pool is None:  # 256 at a time: the scattering runs about a tenth faster than at 64
+            return frozen_features(self._emotion_input, x, batch=256, dtype=torch.float16)
+        return F.adaptive_avg_pool2d(frozen_features(self._emotion_input, x, batch=256), pool)
 
     def _cached(self, key: str, images: np.ndarray, build: object) -> torch.Tensor:
         if not self.disk_cache:
