@@ -21,6 +21,7 @@ from client.training.app import build_client_app
 from client.training.site_policy import SitePolicies
 from common.atomic import atomic_write_text
 from common.config import RunSettings
+from common.data.chips import dataset_chips
 from common.data.fer2013 import load_fer2013
 from common.data.lfw import load_lfw
 from common.data.npz_sets import load_extended_yale_b
@@ -35,7 +36,8 @@ POLICY_FILE = "site-policies.json"
 
 
 def warm_caches(settings: RunSettings) -> Path:
-    """Check every dataset the run needs and build its decoded cache; return the data directory."""
+    """Check every dataset the run needs and build its decoded cache (with the pretrained face
+    model, the sources' aligned chips too); return the data directory."""
     root = resolve_data_dir(settings.data_dir or None)
     load_fer2013("Training", data_dir=root)
     load_fer2013("PublicTest", data_dir=root)
@@ -44,6 +46,11 @@ def warm_caches(settings: RunSettings) -> Path:
         load_orl(data_dir=root)
     if "eyaleb" in settings.face_source_list:
         load_extended_yale_b(data_dir=root)
+    if settings.face_model == "pretrained":
+        # Every site trains on aligned chips of these faces. Built here once, with both cores,
+        # rather than by each simulation worker at once in round 1.
+        for source in settings.face_source_list:
+            dataset_chips(source, data_dir=root)
     return root
 
 

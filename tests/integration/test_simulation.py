@@ -152,3 +152,22 @@ def test_small_budget_stops_the_run_cleanly_and_no_site_exceeds_it(tmp_path: Pat
     assert ledger.ok
     for site in ledger.sites:
         assert all(r.epsilon_cumulative <= 2.0 for r in site.rounds)
+
+
+@pytest.mark.parametrize(
+    ("face_model", "expected"),
+    [("pretrained", ["lfw", "orl", "eyaleb"]), ("scratch", [])],
+)
+def test_the_aligned_chips_of_every_face_source_are_built_before_any_site_starts(
+    face_model: str, expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each simulation worker would otherwise build the same chips at once in round 1
+    from simulations import runner
+    from simulations.scenarios import load_scenario, resolve
+
+    built: list[str] = []
+    monkeypatch.setattr(runner, "dataset_chips", lambda source, data_dir: built.append(source))
+
+    runner.warm_caches(resolve(load_scenario("default"), {"face-model": face_model}))
+
+    assert built == expected
