@@ -288,7 +288,9 @@ def _model(args: argparse.Namespace, channels: int) -> nn.Module:
     if args.route == "vgg":
         return EmotionVGG(width=args.width)
     if not args.tune_blocks:
-        head = EmotionHead(channels, args.pool, width=args.head_width)
+        head = EmotionHead(
+            channels, args.pool, width=args.head_width, first_kernel=args.head_first_kernel
+        )
         return nn.Sequential(_Centered(), head) if args.center else head
     # the trunk's last --tune-blocks blocks, from their pretrained weights, trained with the head
     _, tail = load_pretrained().split(len(BLOCKS) - args.trunk_blocks + args.tune_blocks)
@@ -360,6 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--pool", type=int, default=3)
     p.add_argument("--head-width", type=int, default=64)
+    p.add_argument(
+        "--head-first-kernel",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="transfer: the kernel of the head's first convolution (1: a per-position mix of the "
+        "input channels)",
+    )
     p.add_argument(
         "--mirror",
         choices=("map", "face", "none"),

@@ -21,9 +21,11 @@ EMBEDDING_DIM = 128
 NUM_EMOTIONS = 7
 
 
-def conv_gn(c_in: int, c_out: int, stride: int = 1, groups: int = 8) -> nn.Sequential:
+def conv_gn(
+    c_in: int, c_out: int, stride: int = 1, groups: int = 8, kernel: int = 3
+) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
         nn.GroupNorm(min(groups, c_out), c_out),
         nn.SiLU(),
     )

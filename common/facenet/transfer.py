@@ -47,11 +47,18 @@ class EmotionHead(nn.Module):
     (mouth vs brows).
     """
 
-    def __init__(self, channels: int, pool: int, num_classes: int = 7, width: int = 0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        pool: int,
+        num_classes: int = 7,
+        width: int = 0,
+        first_kernel: int = 3,
+    ) -> None:
         super().__init__()
         self.pool = pool
         self.convs = (
-            nn.Sequential(conv_gn(channels, width), conv_gn(width, width))
+            nn.Sequential(conv_gn(channels, width, kernel=first_kernel), conv_gn(width, width))
             if width
             else nn.Identity()
         )

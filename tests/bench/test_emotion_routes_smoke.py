@@ -78,6 +78,7 @@ def _args(**overrides: object) -> argparse.Namespace:
         "warmup": 0,
         "augmult": 1,
         "center": False,
+        "head_first_kernel": 3,
     }
     return argparse.Namespace(**(defaults | {"rounds": 3, "steps": 10} | overrides))
 
@@ -295,3 +296,20 @@ def test_a_centered_head_sees_each_map_less_its_own_mean_and_nothing_of_other_fa
     with torch.no_grad():
         torch.testing.assert_close(model(maps)[:1], model(maps[:1]))
     assert not list(model[0].parameters())
+
+
+def test_a_first_kernel_of_1_mixes_the_channels_of_each_position_alone() -> None:
+    model = _model(_args(tune_blocks=0, pool=3, head_width=8, head_first_kernel=1), 145)
+    assert isinstance(model, EmotionHead)
+    first = model.convs[0][0]
+    assert first.kernel_size == (1, 1) and first.weight.shape == (8, 145, 1, 1)
+    maps = torch.randn(2, 145, 5, 5)
+    moved = maps.clone()
+    moved[:, :, 0, 0] += 1.0  # one position changes
+
+    with torch.no_grad():
+        a, b = first(maps), first(moved)
+
+    assert a.shape == (2, 8, 5, 5)
+    changed = (a != b).any(1)  # (N, H, W): where the first layer's output moved
+    assert changed[:, 0, 0].all() and changed.sum() == 2
