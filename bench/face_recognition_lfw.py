@@ -172,7 +172,7 @@ def score(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", type=Path, default=REPO_ROOT / "models/facefed-face-v3.ckpt"
+        "--checkpoint", type=Path, default=REPO_ROOT / "models/facefed-face-v4.ckpt"
     )
     parser.add_argument("--sets", default="4,5", help="1-based LFW people sets (pairs-file folds)")
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,6 +1,6 @@
 """Which threshold a gray enrolment needs: colour, gray and mixed pairs of held-out LFW people at one FAR.
 
-    python -m bench.gray_pairs [--checkpoint models/facefed-face-v3.ckpt] [--lfw-sets 4,5] [--far 1e-4]
+    python -m bench.gray_pairs [--checkpoint models/facefed-face-v4.ckpt] [--lfw-sets 4,5] [--far 1e-4]
 
 ``facefed site verify`` decides a gray probe by the gray threshold and a colour probe by the colour one;
 the template store does not record whether an enrolment came from gray photos. So a colour probe against
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.gray_pairs", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--checkpoint", type=Path, default=Path("models/facefed-face-v3.ckpt"))
+    p.add_argument("--checkpoint", type=Path, default=Path("models/facefed-face-v4.ckpt"))
     p.add_argument("--lfw-sets", default="4,5", help="LFW people sets (never trained on)")
     p.add_argument("--far", type=float, default=1e-4)
     p.add_argument("--data-dir", type=Path, help="dataset folder (default: $FACEFED_DATA)")

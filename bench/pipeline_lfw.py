@@ -1,6 +1,6 @@
 """The on-device pipeline from JPEG on LFW View 2 pairs: decode, detect, landmarks, align, embed.
 
-    python -m bench.pipeline_lfw [--checkpoint models/facefed-face-v3.ckpt] [--sets 4,5] [--json OUT]
+    python -m bench.pipeline_lfw [--checkpoint models/facefed-face-v4.ckpt] [--sets 4,5] [--json OUT]
 
 Every image of the chosen people sets' pairs is read as the JPEG bytes stored in the LFW archive and
 goes through :class:`client.recogniser.pipeline.FacePipeline` exactly as ``facefed site`` uses it
@@ -31,7 +31,7 @@ from common.paths import REPO_ROOT, data_dir
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", type=Path, default=REPO_ROOT / "models/facefed-face-v3.ckpt"
+        "--checkpoint", type=Path, default=REPO_ROOT / "models/facefed-face-v4.ckpt"
     )
     parser.add_argument("--sets", default="4,5", help="1-based LFW people sets (pairs-file folds)")
     parser.add_argument("--json", type=Path, default=None)

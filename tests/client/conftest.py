@@ -3,7 +3,7 @@
 Real faces: the uncropped Yale photos (``yalefaces_243x320.npz``) and a few LFW JPEGs read straight
 from the shipped archive. Plumbing tests use small random-initialised networks (seeded); tests that
 need recognition accuracy use the trained checkpoint in ``FACEFED_TEST_CHECKPOINT``, else the
-shipped public model ``models/facefed-face-v3.ckpt``.
+shipped public model ``models/facefed-face-v4.ckpt``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ YALE = DATA / "yalefaces_243x320.npz"
 LFW = DATA / "lfw_deepfunneled112_sets1-5.tar.gz"
 YUNET = DATA / "face_detection_yunet_2026may.onnx"
 TRAINED_ENV = "FACEFED_TEST_CHECKPOINT"
-SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "facefed-face-v3.ckpt"
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "facefed-face-v4.ckpt"
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Acceptance: the shipped public model on real, uncropped photos of people it never trained on.
 
-The model is ``models/facefed-face-v3.ckpt`` (dlib's pretrained face network, the start of every
-federated run) with the threshold shipped beside it (``models/facefed-face-v3.calibration.json``:
+The model is ``models/facefed-face-v4.ckpt`` (dlib's pretrained face network, the start of every
+federated run) with the threshold shipped beside it (``models/facefed-face-v4.calibration.json``:
 ``facefed site calibrate --far 1e-4 --lfw-sets 4,5``, i.e. FAR 1e-4 over all ~1.36M different-person
 pairs of LFW people sets 4-5). Photos go through the default on-device pipeline (YuNet detection and
 5 landmarks, alignment onto dlib's 150x150 chip, flip-augmented embedding), templates through the encrypted template store, and every decision uses the shipped
@@ -44,7 +44,7 @@ from common.models import FaceEmbedder
 from common.paths import DEFAULT_DATA_DIR
 from tests.client.conftest import site_cli_env
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "facefed-face-v3.ckpt"
+SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "facefed-face-v4.ckpt"
 LFW = (
     Path(os.environ.get("FACEFED_DATA") or DEFAULT_DATA_DIR) / "lfw_deepfunneled112_sets1-5.tar.gz"
 )
