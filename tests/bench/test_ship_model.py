@@ -13,16 +13,9 @@ from common.errors import IntegrityError
 from common.facenet.transfer import EmotionTransfer
 from common.facenet.weights import default_pretrained_path, load_pretrained
 from common.model_spec import ModelSpec, state_sha256
+from tests.specs import scatter_transfer
 
-TRANSFER = ModelSpec(
-    face_model="pretrained",
-    emotion_model="transfer",
-    emotion_trunk_blocks=7,
-    emotion_input_size=48,
-    emotion_pool=3,
-    emotion_head_width=8,
-    emotion_scatter=2,
-)
+TRANSFER = scatter_transfer(face_model="pretrained")
 
 
 @pytest.fixture(scope="module")

@@ -166,19 +166,12 @@ def test_a_site_with_two_views_per_face_trains_and_accounts_one_unit_per_face(
     from common.data.fer2013 import load_fer2013
     from common.facenet.transfer import EmotionHead
     from common.features import ModelInputs
-    from common.model_spec import ModelSpec
+    from tests.specs import scatter_transfer
 
     orl = load_orl()
     keep = orl.labels < 4
     fer = load_fer2013("Training")
-    spec = ModelSpec(
-        emotion_model="transfer",
-        emotion_trunk_blocks=7,
-        emotion_input_size=48,
-        emotion_pool=3,
-        emotion_head_width=8,
-        emotion_scatter=2,
-    )
+    spec = scatter_transfer()
     views = ModelInputs(spec, disk_cache=False).emotion_training(fer.images[:40])
     site = SiteTensors(
         face_x=face_tensor(orl.images[keep]),

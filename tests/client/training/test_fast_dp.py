@@ -38,7 +38,6 @@ from common.facenet.emotion_input import emotion_features
 from common.facenet.resnet import BLOCKS, FaceTail, chip_tensor
 from common.facenet.transfer import EmotionHead, frozen_features, gray_to_chip
 from common.facenet.weights import default_pretrained_path, load_pretrained
-from common.model_spec import ModelSpec
 from common.models import (
     CosineHead,
     EmotionNet,
@@ -47,6 +46,7 @@ from common.models import (
     FaceTrainer,
     cosface_loss,
 )
+from tests.specs import scatter_transfer
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -108,14 +108,7 @@ def _scatter_features(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     standardised with the shipped statistics: 145 x 5 x 5) of ``n`` real FER2013 faces."""
     site = real_site()
     network = load_pretrained(default_pretrained_path())
-    spec = ModelSpec(
-        emotion_model="transfer",
-        emotion_trunk_blocks=7,
-        emotion_input_size=48,
-        emotion_pool=3,
-        emotion_head_width=16,
-        emotion_scatter=2,
-    )
+    spec = scatter_transfer(head_width=16)
     return frozen_features(emotion_features(spec, network), site.emotion_x[:n]), site.emotion_y[:n]
 
 

@@ -24,16 +24,9 @@ from common.facenet.weights import load_pretrained
 from common.features import ModelInputs
 from common.model_spec import ModelSpec, state_sha256
 from common.scattering import log_scattering
+from tests.specs import scatter_transfer
 
-DEFAULT = ModelSpec(
-    face_model="pretrained",
-    emotion_model="transfer",
-    emotion_trunk_blocks=7,
-    emotion_input_size=48,
-    emotion_pool=3,
-    emotion_head_width=16,
-    emotion_scatter=2,
-)
+DEFAULT = scatter_transfer(head_width=16, face_model="pretrained")
 
 
 @pytest.fixture(scope="module")
