@@ -112,7 +112,8 @@ class ClippedBatch:
 
 # Per-sample gradients of 64 examples at a time: their per-sample tensors stay in cache. On real FER2013
 # faces, a DP step of the default emotion head at batch 2,048 takes 0.46 s on one CPU thread (a simulated
-# site's) against 0.59 s in chunks of 128 and more in one piece (BENCHMARKS.md, issue 6, "Physical chunks").
+# site's) against 0.67 s in chunks of 128 and 0.83 s in chunks of 256; on two threads 0.28 s against
+# 0.33 s (``python -m bench.physical_chunks``; BENCHMARKS.md, issue 6, "Physical chunks").
 PHYSICAL_BATCH = 64
 
 
