@@ -20,7 +20,6 @@ What the shipped model measures against them, and its limits: ``models/README.md
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,13 +40,7 @@ from common.crypto import keys
 from common.data.lfw import archive_pair_photos, load_lfw, photo_member
 from common.errors import ConfigError
 from common.models import FaceEmbedder
-from common.paths import DEFAULT_DATA_DIR
-from tests.client.conftest import site_cli_env
-
-SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "facefed-face-v4.ckpt"
-LFW = (
-    Path(os.environ.get("FACEFED_DATA") or DEFAULT_DATA_DIR) / "lfw_deepfunneled112_sets1-5.tar.gz"
-)
+from tests.client.conftest import LFW, SHIPPED_MODEL, site_cli_env
 
 YaleRgb = Callable[[int, str], np.ndarray]
 WriteImage = Callable[[Path, np.ndarray], Path]
