@@ -13,6 +13,11 @@ Only the way per-sample gradients are obtained differs, which is why it is faste
 * Linear layers and the cosine head never materialise per-sample gradients: their norms come from the
   "ghost norm" identity ``||g a^T|| = ||g|| ||a||`` (Goodfellow 2015, https://arxiv.org/abs/1510.01799;
   Li et al. 2022, https://arxiv.org/abs/2110.05679) and their clipped sum from one matmul;
+* every norm is formed in float64, from the float32 values themselves: in float32 the square of an
+  output gradient below ~4e-23 is 0, and the coordinator can choose weights that make an example's
+  ``||g||`` that small and its ``||a||`` ~1e19, so a float32 norm of 0 would let the example through
+  unclipped (``tests/client/training/test_clipping_attacks.py``). The clip factors are then rounded
+  towards zero into the model's dtype;
 * convolutions instantiate per-sample weight gradients, per layer with whichever of two kernels is
   faster there: one weight-gradient convolution with the batch folded into the groups (large feature
   maps), or a batched matmul of output gradients and unfolded inputs (small maps, many channels); a
@@ -98,7 +103,7 @@ class Units:
         pair = torch.where(same, pair, torch.zeros((), dtype=pair.dtype))
         error = (2 * (length + len(self.index)) + 4) * torch.finfo(torch.float64).eps
         total = self.total(pair.sum(1)) + error * self.total(pair.abs().sum(1))
-        return total.clamp_min(0).to(torch.float32)
+        return total.clamp_min(0)
 
 
 @dataclass(frozen=True)
@@ -284,21 +289,36 @@ class _LayerGrads:
         self.clipped = clipped
 
 
+# Below this, a float32 sum of squares may have lost entries to underflow (each square under ~1e-38):
+# such rows are summed again in float64. Above it, what underflow can lose (under 1e-30 for 1e8
+# entries) is far below float32's own rounding.
+_TINY_NORM_SQ = 1e-20
+
+
+def _row_norm_sq(t: torch.Tensor) -> torch.Tensor:
+    """Float64 squared L2 norms of the rows of ``t``, never lowered by float32 underflow.
+
+    The float32 norm is exact enough unless it is tiny; only those rows (rare) are redone in float64,
+    which costs twice the time on the large per-sample tensors of a convolution.
+    """
+    norm_sq = torch.linalg.vector_norm(t, dim=1).double().square()
+    tiny = norm_sq < _TINY_NORM_SQ
+    if bool(tiny.any()):
+        norm_sq[tiny] = torch.linalg.vector_norm(t[tiny], dim=1, dtype=torch.float64).square()
+    return norm_sq
+
+
 def _instantiated(
     per_sample: dict[torch.Tensor, torch.Tensor], units: Units | None = None
 ) -> _LayerGrads:
     if units is None:  # vector_norm and a matrix-vector product: no (n, |W|) temporaries.
-        norm_sq = sum(
-            torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in per_sample.values()
-        )
+        rows = [g.flatten(1) for g in per_sample.values()]
     else:  # each unit's summed gradient, then its norm
-        norm_sq = sum(
-            torch.linalg.vector_norm(
-                g.new_zeros(units.count, g[0].numel()).index_add_(0, units.index, g.flatten(1)),
-                dim=1,
-            ).square()
+        rows = [
+            g.new_zeros(units.count, g[0].numel()).index_add_(0, units.index, g.flatten(1))
             for g in per_sample.values()
-        )
+        ]
+    norm_sq = torch.stack([_row_norm_sq(r) for r in rows]).sum(0)
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         return {p: (factors @ g.flatten(1)).view(p.shape) for p, g in per_sample.items()}
@@ -313,15 +333,15 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, units: Units | N
             per_sample[layer.bias] = g.flatten(1, -2).sum(1)
         return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad}, units)
     bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+    gd, ad = g.detach().double(), a.double()
     if units is None:
-        g_sq = g.pow(2).sum(1)
+        g_sq = gd.pow(2).sum(1)
         norm_sq = torch.zeros_like(g_sq)
         if layer.weight.requires_grad:
-            norm_sq = norm_sq + g_sq * a.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+            norm_sq = norm_sq + g_sq * ad.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
         if bias is not None:
             norm_sq = norm_sq + g_sq
     else:  # ||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j) over one unit's examples
-        gd, ad = g.detach().double(), a.double()
         gram = gd @ gd.T
         pair = torch.zeros_like(gram)
         if layer.weight.requires_grad:
@@ -351,10 +371,11 @@ def _cosine_head(
     wn = w.detach() / r[:, None]
     cos = cos.detach()
     gr = g / r
+    grd, ed = g.detach().double() / r.double(), e.double()
     if units is None:
-        norm_sq = (gr.pow(2) * (e.pow(2).sum(1, keepdim=True) - cos.pow(2)).clamp_min(0)).sum(1)
+        spread = (ed.pow(2).sum(1, keepdim=True) - cos.double().pow(2)).clamp_min(0)
+        norm_sq = (grd.pow(2) * spread).sum(1)
     else:
-        grd, ed = gr.detach().double(), e.double()
         hc = grd * cos.double()
         pair = (grd @ grd.T) * (ed @ ed.T) - hc @ hc.T
         norm_sq = units.norm_sq(pair, 2 * g.shape[1] + e.shape[1])
@@ -473,6 +494,12 @@ def _group_norm(
     if layer.bias is not None and layer.bias.requires_grad:
         per_sample[layer.bias] = g.flatten(2).sum(2)
     return _instantiated(per_sample, units)
+
+
+def _round_down(factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 clip factors in ``dtype``, each rounded towards zero (never up past C / norm)."""
+    low = factors.to(dtype)
+    return torch.where(low.double() > factors, torch.nextafter(low, torch.zeros_like(low)), low)
 
 
 def _zero_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -635,7 +662,9 @@ class FastDpSgd:
                 for layer, a, out, g in used
             ]
             norms = torch.stack([lg.norm_sq for lg in layer_grads]).sum(0).clamp_min(0).sqrt()
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = _round_down(
+            (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), used[0][2].dtype
+        )
         if units is not None:  # every example carries its person's factor
             factors = factors[units.index]
         summed = {id(p): z for p, z in zip(self.params, zeros, strict=True)}
@@ -643,7 +672,7 @@ class FastDpSgd:
             for p, value in lg.clipped(factors).items():
                 summed[id(p)] = summed[id(p)] + value.to(p.dtype)
         grads = [summed[id(p)] for p in self.params]
-        return ClippedBatch(grads, norms.detach(), float(loss.detach()))
+        return ClippedBatch(grads, norms.detach().to(torch.float32), float(loss.detach()))
 
     def noise(self) -> list[torch.Tensor]:
         """One draw of N(0, (sigma * C)^2) per coordinate, per parameter in optimizer order."""

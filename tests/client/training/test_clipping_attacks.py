@@ -1,0 +1,141 @@
+"""Attacks on the fast DP path's per-example clipping: each test states the guarantee it attacks.
+
+The guarantee: whatever the model's weights (the coordinator sends them) and the run's clip norm C
+(the run config sets it), one example adds at most C to the clipped sum, because its norm is never
+under-estimated. A failing test is a break of that; a passing one is an attack kept as a regression
+test. Real FER2013 faces where the data matters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from client.training.dp_random import SecretRandomness
+from client.training.fast_dp import FastDpSgd
+from client.training.site_policy import SitePolicy, check_run
+from common.config import parse_run_config
+from common.data.fer2013 import load_fer2013
+from common.data.preprocess import emotion_tensor
+from common.models import CosineHead, EmotionNet
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shares(
+    model: nn.Module, loss: object, x: torch.Tensor, y: torch.Tensor, clip: float
+) -> list[float]:
+    """What each example, clipped alone, adds to the clipped sum (float64 norm of all parameters)."""
+    dp = FastDpSgd(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        loss,  # type: ignore[arg-type]
+        noise_multiplier=1.0,
+        max_grad_norm=clip,
+        expected_batch_size=1,
+        sample_rate=0.5,
+        accountant=RDPAccountant(),
+        randomness=SecretRandomness(),
+    )
+    out = []
+    for i in range(len(y)):
+        grads = dp.clipped_sum(x[i : i + 1], y[i : i + 1]).grads
+        out.append(torch.cat([g.flatten() for g in grads]).double().norm().item())
+    return out
+
+
+def hostile_emotion_net() -> EmotionNet:
+    """Global emotion weights a coordinator may send: the last GroupNorm's gain blows the classifier's
+    input up to norm ~1e19 (its square still finite in float32), and the bias saturates class 0, so a
+    class-0 face's output gradient is ~1e-23, whose square underflows to 0 in float32."""
+    torch.manual_seed(0)
+    net = EmotionNet(32)
+    with torch.no_grad():
+        net.features[4][1].weight.fill_(3e17)
+        net.classifier.weight.zero_()
+        net.classifier.bias.copy_(torch.tensor([52.5, 0, 0, 0, 0, 0, 0]))
+    return net
+
+
+def test_an_output_gradient_whose_square_underflows_still_has_its_example_clipped() -> None:
+    # Arrange: a clip norm the run config may set (the site's policy has no floor), real class-0 faces
+    clip = 1e-6
+    check_run(SitePolicy(), parse_run_config({"emotion-clip": clip}), 0, deployed=True)
+    fer = load_fer2013("Training")
+    rows = np.flatnonzero(fer.labels == 0)[:2]
+    x, y = emotion_tensor(fer.images[rows]), torch.from_numpy(fer.labels[rows]).long()
+    # Act
+    added = shares(hostile_emotion_net(), F.cross_entropy, x, y, clip)
+    # Assert: before the fix the computed norm was 0 and each face added about 520 C
+    assert max(added) <= clip * (1 + 1e-5), f"one example adds {max(added) / clip:.0f} x C"
+
+
+def _scaled_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 1e-24 * F.cross_entropy(
+        out, y
+    )  # output gradients ~1e-25: their squares are 0 in float32
+
+
+def _layer_case(layer: str) -> tuple[nn.Module, torch.Tensor]:
+    """A one-layer model of each kind the fast path clips, and a (seeded) input for it: of norm ~1e18
+    for the ghost norms (Linear, CosineHead), of norm ~1 for the per-sample instantiated ones."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        return nn.Linear(16, 4), torch.randn(4, 16) * 3e17
+    if layer == "cosine-head":
+        return CosineHead(4, 16), torch.randn(4, 16) * 3e17
+    if layer == "conv":
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()), torch.randn(4, 2, 5, 5)
+    return nn.Sequential(nn.GroupNorm(1, 2), nn.Flatten()), torch.randn(4, 2, 3, 3)
+
+
+def _float64_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Each example's gradient norm by autograd in float64, where nothing underflows."""
+    wide = copy.deepcopy(model).double()
+    params = [p for p in wide.parameters() if p.requires_grad]
+    norms = []
+    for i in range(len(y)):
+        loss = _scaled_loss(wide(x[i : i + 1].double()), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        norms.append(float(torch.cat([g.flatten() for g in grads]).norm()))
+    return norms
+
+
+@pytest.mark.parametrize("layer", ["linear", "cosine-head", "conv", "group-norm"])
+def test_no_layer_lowers_an_example_norm_by_float32_underflow(layer: str) -> None:
+    """Unit level, every layer kind: tiny output gradients (the loss scaled by 1e-24), so that every
+    square of a gradient entry underflows in float32. The ghost norms multiply ||g||^2 by ||a||^2
+    (with ||a|| ~1e18 the product is what matters); the instantiated ones sum squares of entries."""
+    model, x = _layer_case(layer)
+    y = torch.tensor([0, 1, 2, 3])
+    expected = _float64_norms(model, x, y)
+    # Act
+    dp = FastDpSgd(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        _scaled_loss,
+        noise_multiplier=1.0,
+        max_grad_norm=1e-9,
+        expected_batch_size=1,
+        sample_rate=0.5,
+        accountant=RDPAccountant(),
+        randomness=SecretRandomness(),
+    )
+    norms = dp.clipped_sum(x, y).per_sample_norms
+    added = shares(model, _scaled_loss, x, y, clip=1e-9)
+    # Assert: the norms are the true ones (before the fix: 0, or a fraction, for every layer kind)
+    assert norms.tolist() == pytest.approx(expected, rel=1e-4, abs=0)
+    assert max(added) <= 1e-9 * (1 + 1e-5), f"one example adds {max(added) / 1e-9:.0f} x C"
