@@ -178,14 +178,14 @@ def _agree_with_lifetime(state: RecordDict, settings: RunSettings, own: list[Rel
     """Make the run's restored history the one the lifetime record holds for it.
 
     The lifetime is the authority: a run whose own state files were pruned (four other runs since)
-    must not come back with an empty history and a fresh run budget.
+    must not come back with an empty history and a fresh run budget, nor with another run's history
+    that happens to have the same rounds.
     """
     accountant = settings.privacy.accountant
     privacy = SitePrivacyState.load(state, accountant)
-    rounds = [r.round for r in own]
-    if privacy.rounds == rounds:
+    rounds, events = [r.round for r in own], events_of(own)
+    if privacy.rounds == rounds and privacy.history == events:
         return
-    events = events_of(own)
     with contextlib.suppress(KeyError):
         del state[STATE_KEY]
     SitePrivacyState(

@@ -229,14 +229,16 @@ class SiteStore:
         return [r for _, p in self._files() if (r := self._load(p)).run_id == run_id]
 
     def restore(self, state: RecordDict, run_id: str) -> None:
-        """Replace ``state`` by run ``run_id``'s newest stored state (if the site holds one)."""
+        """Replace ``state`` by run ``run_id``'s newest stored state, or empty it if none is stored.
+
+        Never keep what ``state`` held: Flower's Context belongs to the Flower run, and one Flower
+        run may name several facefed runs, so it may hold another run's state.
+        """
         self.newest()  # fail closed on a missing or corrupt newest release
         stored = self._run_files(run_id)
-        if not stored:
-            return
         for name in list(state.keys()):
             del state[name]
-        for name, record in stored[-1].state.items():
+        for name, record in (stored[-1].state.items() if stored else ()):
             state[name] = record
 
     def replay(self, run_id: str, server_round: int, model_hash: str) -> RecordDict | None:

@@ -25,11 +25,12 @@ from client.training.dp_random import SecretRandomness
 from client.training.privacy_state import SitePrivacyState
 from client.training.round import run_round
 from client.training.site_policy import PolicyRefusal, SitePolicies, SitePolicy, check_run
-from client.training.site_store import SiteStore
+from client.training.site_store import SiteStore, events_of
 from client.training.train import sample_rate, train_round
 from common.config import parse_run_config
 from common.errors import ConfigError
 from common.models import CosineHead, EmotionNet, FaceEmbedder
+from common.privacy.accounting import compute_epsilon
 from common.privacy.events import DpSgdEvent
 from common.serde import arrays_digest, to_arrays
 from tests.client.training.test_round import KEY, SMALL, config, initial_arrays, release, tiny_site
@@ -327,6 +328,44 @@ def test_a_run_whose_files_were_pruned_keeps_its_spend_and_its_run_cap(tmp_path:
     again = ask_run(tmp_path, "run-a", 4)  # run A comes back
     assert again.has_error()
     assert again.error.reason == "site-0 refused: budget (max-epsilon-run)"
+
+
+def test_a_pruned_run_cannot_resume_on_the_history_another_run_left_in_the_context(
+    tmp_path: Path,
+) -> None:
+    """Flower's Context belongs to the Flower run, but the run id is the coordinator's: one Flower run
+    may ask for several. The attack: replay a cheap decoy's round (its state is loaded into the
+    Context), then ask a pruned run's next round; its files are gone, so its state used to stay the
+    decoy's, whose rounds [1, 2, 3] match the lifetime record's, and the run's real spend was dropped
+    from both the run cap and the lifetime cap."""
+    policy = {"policy-max-epsilon-run": 8.0, "policy-max-epsilon-lifetime": 8.0}
+    decoy = {"noise-multiplier": 1.0, "face-steps": 1, "emotion-steps": 1}
+    for server_round in (1, 2, 3):  # run A spends nearly all of the lifetime cap
+        assert not ask_run(tmp_path, "run-a", server_round, policy).has_error()
+    for other in ("b", "c", "d"):  # three nearly free runs and the decoy prune run A's files
+        assert not ask_run(
+            tmp_path, f"run-{other}", 1, policy, **{"noise-multiplier": 50.0}
+        ).has_error()
+    for server_round in (1, 2, 3):
+        assert not ask_run(tmp_path, "decoy", server_round, policy, **decoy).has_error()
+    assert not any(SiteStore(tmp_path)._run_files("run-a"))
+    # one Flower run (one Context) asks the decoy's round 3 again, then run A's round 4
+    attack = {**decoy, "face-steps": 200, "emotion-steps": 200}
+    app, context = deployed_site(tmp_path, **policy)
+    context.run_config = dict(attack)
+    arrays = initial_arrays(parse_run_config({**SMALL, **attack}))
+
+    def request(run_id: str, server_round: int):
+        content = RecordDict({"arrays": arrays, "config": config(server_round, run_id)})
+        return app(train_message(content), context)  # type: ignore[operator]
+
+    assert not request("decoy", 3).has_error()  # a replay: answered from the store
+    reply = request("run-a", 4)
+    # Assert: refused on run A's own spend, and the site never went past its lifetime cap
+    assert reply.has_error()
+    assert reply.error.reason == "site-0 refused: budget (max-epsilon-run)"
+    spent = compute_epsilon(events_of(SiteStore(tmp_path).lifetime()), 1e-5, "rdp")
+    assert spent <= 8.0
 
 
 def poisoned_emotion_arrays(settings, klass: int = 1):
