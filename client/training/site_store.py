@@ -238,7 +238,7 @@ class SiteStore:
         stored = self._run_files(run_id)
         for name in list(state.keys()):
             del state[name]
-        for name, record in (stored[-1].state.items() if stored else ()):
+        for name, record in stored[-1].state.items() if stored else ():
             state[name] = record
 
     def replay(self, run_id: str, server_round: int, model_hash: str) -> RecordDict | None:
