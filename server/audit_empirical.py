@@ -292,4 +292,11 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the empirical audit {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not an `audit empirical --json` file ({FORMAT})")
+    try:  # every field the page reads, read once here: a missing or mistyped one is one line
+        rows_table(data["rows"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{path} is not a complete `audit empirical --json` file "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     return data

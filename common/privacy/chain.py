@@ -112,7 +112,7 @@ class ChainCheck:
 def _parse_record(row: StoredRow) -> dict[str, Any]:
     try:
         record = json.loads(row.record.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, a huge integer
         raise IntegrityError("stored record is not valid JSON (edited?)") from exc
     if not isinstance(record, dict):
         raise IntegrityError("stored record is not a JSON object (edited?)")

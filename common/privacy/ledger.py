@@ -154,11 +154,21 @@ def read_rows(path: str | os.PathLike[str]) -> tuple[list[StoredRow], list[KeyRo
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise IntegrityError(f"{path} is not a readable privacy ledger ({exc})") from exc
-    rows = [
-        StoredRow(int(s), str(k), site, rnd, bytes(rec), str(h), bytes(sig))
-        for s, k, site, rnd, rec, h, sig in entries
-    ]
-    return rows, [KeyRow(str(s), bytes(pk), int(first)) for s, pk, first in keys]
+    try:
+        rows = [
+            StoredRow(int(s), str(k), site, rnd, _blob(rec), str(h), _blob(sig))
+            for s, k, site, rnd, rec, h, sig in entries
+        ]
+        return rows, [KeyRow(str(s), _blob(pk), int(first)) for s, pk, first in keys]
+    except (TypeError, ValueError) as exc:
+        raise IntegrityError(f"{path} holds a value of the wrong type ({exc}; edited?)") from exc
+
+
+def _blob(value: object) -> bytes:
+    """A BLOB column's value; a TEXT, number or NULL where a BLOB belongs is an edit."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"a {type(value).__name__} where bytes belong")
+    return value
 
 
 class Ledger:

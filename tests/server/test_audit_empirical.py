@@ -148,3 +148,27 @@ def test_an_audit_that_cannot_work_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("facefed: error:")]
     assert message in line and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {},
+        {"rows": [{"unit": "person"}]},
+        {"rows": "not a list of rows"},
+    ],
+    ids=["no-rows", "a-row-without-its-fields", "rows-not-a-list"],
+)
+def test_an_incomplete_empirical_file_is_one_line_and_exit_2_not_a_traceback(
+    tmp_path: Path, capsys, content: dict
+) -> None:
+    # Found by the attack review: a file with the right format tag and no rows raised KeyError
+    ledger = write_ledger(tmp_path, ("person", "person"))
+    path = tmp_path / "emp.json"
+    path.write_text(json.dumps({"format": "facefed-empirical-audit/1", **content}))
+    report = ["audit", "report", str(ledger), "--html", str(tmp_path / "r.html")]
+    assert main([*report, "--empirical", str(path)]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("facefed: error:")]
+    assert "is not a complete `audit empirical --json` file" in line and "Traceback" not in err
+    assert not (tmp_path / "r.html").exists()

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +20,6 @@ from common.errors import ConfigError, IntegrityError, RefusedError
 from server import deploy_backup, deploy_kitsign, deploy_provision, deploy_publisher, deploy_restore
 
 SITES = ("site-1",)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging() -> Iterator[None]:
-    saved = logging.root.handlers[:]
-    logging.root.handlers = []
-    yield
-    logging.root.handlers = saved
 
 
 @pytest.fixture(scope="module")

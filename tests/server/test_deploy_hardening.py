@@ -3,7 +3,6 @@ all-or-nothing provisioning, no clear old keys, the deny list, and the encrypted
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import subprocess
@@ -27,15 +26,6 @@ from server import (
 )
 
 SITES = ("site-1", "site-2")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging() -> Iterator[None]:
-    """``main`` points logging at the stderr of its call; a later test's stderr is another one."""
-    saved = logging.root.handlers[:]
-    logging.root.handlers = []
-    yield
-    logging.root.handlers = saved
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ facefed installation found on the target (``kit.env`` or PATH)."""
 from __future__ import annotations
 
 import base64
-import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ from server import (
 )
 
 SITES = ("site-1", "site-2")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_logging() -> Iterator[None]:
-    """``main`` points logging at the stderr of its call; a later test's stderr is another one."""
-    saved = logging.root.handlers[:]
-    logging.root.handlers = []
-    yield
-    logging.root.handlers = saved
 
 
 @pytest.fixture

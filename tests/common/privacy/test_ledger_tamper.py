@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ledger_fixtures import Keys, build_ledger, signed_round
 
+from common.cli import main
 from common.crypto.signing import canonical_bytes, generate_private_key, sign
 from common.privacy.accounting import compute_epsilon
 from common.privacy.chain import check_chain
@@ -236,3 +237,25 @@ def test_a_wrong_epsilon_signed_by_everyone_is_caught_by_recomputation(
 
     assert [f.seq for f in result.errors] == [2, 2]
     assert "recomputes" in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"[" * 100_000, b'{"a":' + b"1" * 5000 + b"}", "a text value, not a blob"],
+    ids=["deeply-nested-json", "5000-digit-integer", "text-typed-record"],
+)
+def test_a_crafted_record_is_one_line_and_exit_4_not_a_traceback(
+    ledger_copy: Path, record: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Found by the attack review: json.loads raises RecursionError on deep nesting and ValueError on
+    # an integer of over 4,300 digits, and bytes() of a TEXT column raises TypeError. Write access
+    # to the file is all it takes; no key.
+    tamper(ledger_copy, ("UPDATE entries SET record = ? WHERE seq = 2", (record,)))
+
+    code = main(["audit", "verify", str(ledger_copy), "--no-cross-check"])
+    captured = capsys.readouterr()
+
+    assert code == 4
+    assert "Traceback" not in captured.out + captured.err
+    said = [line for line in (captured.out + captured.err).splitlines() if "edited?" in line]
+    assert said and said[0].startswith(("FAIL", "facefed: error:"))
