@@ -536,6 +536,18 @@ class TemplateStore:
             raise IntegrityError(
                 f"the store's state is inconsistent{_count_note(recorded, counts)}; {_RESTORE}"
             )
+        try:
+            present = {r[0] for r in self._conn.execute("SELECT identity FROM templates")}
+        except sqlite3.DatabaseError as exc:
+            raise IntegrityError(f"{self.path} is damaged ({exc}); {_RESTORE}") from exc
+        missing = sorted(
+            i for i, state in versions.items() if not state.deleted and i not in present
+        )
+        if missing:  # a live version is issued with its template: a row gone is a row removed
+            raise IntegrityError(
+                f"the template of {missing[0]!r} is missing (its live version record is "
+                f"authenticated): the row was removed outside facefed; {_RESTORE}"
+            )
         return meta, versions
 
     def _write_version(self, identity: str, state: VersionState) -> None:

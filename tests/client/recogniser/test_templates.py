@@ -479,6 +479,26 @@ def test_removed_version_or_tombstone_is_refused(
     assert files(store.directory) == before
 
 
+def test_a_removed_template_row_of_a_live_identity_is_refused(
+    store: TemplateStore, key_file: keys.MasterKey
+) -> None:
+    """Found by the attack review: with write access to the folder and no key, deleting alice's
+    template row (her live, authenticated version row left in place) made her silently vanish from
+    ``site list`` and ``site identify``: whether a person exists decided by an unauthenticated
+    deletion."""
+    store.close()
+    poke(store, "DELETE FROM templates WHERE identity = 'alice'")
+    before = files(store.directory)
+
+    # Act / Assert: refused at unlock, before anything is listed, identified or written
+    with (
+        TemplateStore.open(store.directory) as reopened,
+        pytest.raises(IntegrityError, match="template of 'alice' is missing"),
+    ):
+        reopened.unlock(key_file)
+    assert files(store.directory) == before
+
+
 @pytest.mark.parametrize("table", ["versions", "meta"])
 def test_mac_moved_between_rows_is_refused(
     store: TemplateStore, key_file: keys.MasterKey, table: str
