@@ -49,6 +49,7 @@ from client.recogniser.imageio import read_image
 from client.recogniser.pipeline import FacePipeline, PipelineConfig, load_pipeline
 from client.recogniser.templates import (
     CALIBRATION_PREFIX,
+    MAX_DIM,
     TemplateStore,
     calibration_problem,
     validate_identity,
@@ -485,8 +486,18 @@ def _fd(text: str) -> int:
         value = -1
     if value in (1, 2):
         raise argparse.ArgumentTypeError("must not be 1 or 2 (standard output and error)")
-    if value < 0:
+    if not 0 <= value <= _MAX_FD:
         raise argparse.ArgumentTypeError(f"must be an open file descriptor number, got {text!r}")
+    return value
+
+
+_MAX_FD = 2**31 - 1  # a C int: os.fdopen refuses larger numbers with OverflowError
+
+
+def _dim(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_DIM:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_DIM}, got {value}")
     return value
 
 
@@ -558,7 +569,7 @@ def register(subparsers: Any) -> None:
     init.add_argument(
         "--passphrase", action="store_true", help="protect the store with a prompted passphrase"
     )
-    init.add_argument("--dim", type=positive_int, default=128, help="embedding size")
+    init.add_argument("--dim", type=_dim, default=128, help="embedding size")
     cal = add(
         "calibrate", cmd_calibrate, "calibrate the threshold on LFW folds", "store", "key", "model"
     )

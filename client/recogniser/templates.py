@@ -65,6 +65,7 @@ CALIBRATION_PREFIX = "calibration:"
 MAX_SCRYPT_MEMORY = 2**30  # bytes (128 * n * r); facefed's default needs 32 MiB
 MAX_SCRYPT_WORK = 2**24  # n * r * p; facefed's default is 2**18
 _IDENTITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+MAX_DIM = 65536  # the largest embedding a store holds
 _STORE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _NORM_TOLERANCE = 1e-3
 _MAX_VERSION = 2**62
@@ -354,7 +355,7 @@ class TemplateStore:
         if not _STORE_ID_RE.fullmatch(self.store_id):
             raise IntegrityError(f"store metadata 'store_id' is malformed; {_RESTORE}")
         dim = meta["embedding_dim"]
-        if not dim.isdigit() or not 1 <= int(dim) <= 65536:
+        if not dim.isdigit() or not 1 <= int(dim) <= MAX_DIM:
             raise IntegrityError(f"store metadata 'embedding_dim' is malformed; {_RESTORE}")
         self.dim: int = int(dim)
         self._key_info = _check_key_info(meta["key_info"])
@@ -375,6 +376,8 @@ class TemplateStore:
             raise ConfigError(
                 f"a template store already exists in {directory}; use it or pick another --store"
             )
+        if not 1 <= dim <= MAX_DIM:  # what open() accepts: never write a store it refuses
+            raise ConfigError(f"the embedding size must be 1..{MAX_DIM}, got {dim}")
         store_id = store_id or uuid.uuid4().hex
         if not _STORE_ID_RE.fullmatch(store_id):
             raise ValueError(f"store id must match {_STORE_ID_RE.pattern}, got {store_id!r}")
@@ -670,12 +673,7 @@ class TemplateStore:
     def _decrypt_row(self, row: tuple[Any, ...], state: VersionState | None) -> StoredTemplate:
         identity, version, model_tag, n_images, nonce, ct, wnonce, wkey = row
         _check_current(identity, version, state)
-        if (
-            not isinstance(model_tag, str)
-            or not isinstance(n_images, int)
-            or not all(isinstance(b, bytes) for b in (nonce, ct, wnonce, wkey))
-        ):
-            raise IntegrityError(f"the template row of {identity!r} is malformed; {_RESTORE}")
+        _check_row_types(identity, model_tag, n_images, nonce, ct, wnonce, wkey)
         env = envelope.Envelope(nonce=nonce, ciphertext=ct, wrap_nonce=wnonce, wrapped_key=wkey)
         aad = record_aad(self.store_id, identity, version, model_tag, self.dim)
         plaintext = envelope.open_envelope(self._keys()[0], env, aad)
@@ -783,6 +781,7 @@ class TemplateStore:
             ).fetchall()
             for identity, version, model_tag, nonce, ct, wnonce, wkey in rows:
                 _check_current(identity, version, versions.get(identity))
+                _check_row_types(identity, model_tag, 0, nonce, ct, wnonce, wkey)
                 env = envelope.Envelope(
                     nonce=nonce, ciphertext=ct, wrap_nonce=wnonce, wrapped_key=wkey
                 )
@@ -843,6 +842,16 @@ class TemplateStore:
             )
             return False
         return True
+
+
+def _check_row_types(identity: str, model_tag: object, n_images: object, *blobs: object) -> None:
+    """Refuse a template row whose columns hold the wrong SQLite types (edited outside facefed)."""
+    if (
+        not isinstance(model_tag, str)
+        or not isinstance(n_images, int)
+        or not all(isinstance(b, bytes) for b in blobs)
+    ):
+        raise IntegrityError(f"the template row of {identity!r} is malformed; {_RESTORE}")
 
 
 def _check_current(identity: str, version: object, state: VersionState | None) -> None:

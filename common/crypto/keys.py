@@ -421,6 +421,8 @@ def read_key_fd(fd: int) -> bytes:
     try:
         with os.fdopen(fd, "rb", closefd=True) as stream:
             data = stream.read(MAX_KEY_TEXT_BYTES)
+    except OverflowError:
+        raise KeyUnavailableError(f"{fd} is not a file descriptor number") from None
     except OSError as exc:
         raise KeyUnavailableError(
             f"cannot read the key from file descriptor {fd} ({exc.strerror}); open it for the "

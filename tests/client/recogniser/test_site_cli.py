@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shlex
+import sqlite3
 import stat
 import struct
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.recogniser.templates import TemplateStore
+from client.recogniser.templates import DB_NAME, TemplateStore
 from common.cli import main
 from common.crypto import keys
 from common.errors import KeyUnavailableError
@@ -144,6 +145,21 @@ def test_rotate_key_old_key_file_opens_nothing(
     code, _, err = run(capsys, "list", "--key-file", str(old_copy))
     assert code == 4 and "does not hold this store's master key" in err
     assert run(capsys, "verify", "--id", "s0", str(photos["0-normal"]))[0] == 0
+
+
+def test_rotate_key_on_a_row_edited_to_the_wrong_type_is_one_line_and_keeps_the_key(
+    enrolled: Path, env: Path, capsys: Cap
+) -> None:
+    # Found by the attack review: a nonce edited to an integer raised TypeError mid-rotation
+    key_file = next((env / "keys").iterdir())
+    before = key_file.read_bytes()
+    conn = sqlite3.connect(enrolled / DB_NAME)
+    conn.execute("UPDATE templates SET nonce = 5 WHERE identity = 's0'")
+    conn.commit()
+    conn.close()
+    one_line_error(*run(capsys, "rotate-key"), 4, "template row of 's0' is malformed")
+    assert key_file.read_bytes() == before
+    assert run(capsys, "list")[0] == 0  # the old key still opens the store
 
 
 def test_delete_revokes(enrolled: Path, photos: dict, capsys: Cap) -> None:
@@ -491,6 +507,8 @@ def test_an_os_error_the_command_did_not_foresee_is_one_line(
         (("enroll", "--id", "s0", "--min-face", "-1", "x.jpg"), "--min-face"),
         (("list", "--key-fd", "-1"), "--key-fd"),
         (("list", "--key-fd", "2"), "--key-fd"),
+        (("list", "--key-fd", "99999999999999999999"), "--key-fd"),  # attack review: a traceback
+        (("init", "--dim", "70000"), "--dim"),  # attack review: a store that never opens again
     ],
 )
 def test_each_bad_numeric_flag_is_one_line_exit_2(
