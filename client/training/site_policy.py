@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_type_hints
 
@@ -209,7 +209,41 @@ def check_run(
             raise refuse("allow-seeded-noise", "a deployed site never releases seeded noise")
         if not policy.allow_seeded_noise:
             raise refuse("allow-seeded-noise", "the run asks for seeded (reproducible) noise")
+    if deployed:
+        _check_site_data_settings(settings, refuse)
     return budget
+
+
+def _check_site_data_settings(
+    settings: RunSettings, refuse: Callable[[str, str], PolicyRefusal]
+) -> None:
+    """Refuse run settings that make a deployed site's own data decide more than each unit's part.
+
+    In a simulation they shape the simulated sites' datasets; on a site they would run on its own
+    images: a fixed-size subset of them changes which *other* images train when one is removed, and
+    ``domain-holdout`` refuses exactly when the site holds k + 1 people or fewer (free refusals
+    that count them). LFW's people with a single image are left out, so at dp-unit "example"
+    removing one image of a two-image person removes the other too.
+    """
+    for key, value in (
+        ("emotion-train-limit", settings.emotion_train_limit),
+        ("face-train-limit", settings.face_train_limit),
+        ("domain-holdout", settings.domain_holdout),
+    ):
+        if value:
+            raise refuse(
+                "simulation-only",
+                f"the run sets {key} = {value}, a simulation setting: on a site it would let one "
+                "image change which others train, or let a refusal count the site's people",
+            )
+    lfw = "lfw" in settings.face_source_list
+    if lfw and settings.face_steps > 0 and settings.privacy.dp_unit != "person":
+        raise refuse(
+            "dp-unit",
+            'the run trains the face model on LFW-layout faces at dp-unit = "example": people '
+            "with one image are left out, so removing one image can remove another; use "
+            'dp-unit = "person"',
+        )
 
 
 def _kebab(name: str) -> str:

@@ -33,6 +33,8 @@ from common.serde import to_arrays
 from tests.messages import train_message
 
 SMALL = {
+    # a deployed site refuses example-level face DP on LFW-layout faces (site_policy.py)
+    "face-sources": "orl,eyaleb",
     "face-steps": 2,
     "emotion-steps": 2,
     "face-batch": 16,

@@ -176,8 +176,26 @@ def snapshot(directory: Path) -> dict[str, str]:
             {"policy-accountant": "rdp"},
             "site-0 refused: policy (accountant)",
         ),
+        # Found by the attack review: simulation settings that, on a site, make one image change
+        # which other images train (a fixed-size subset; LFW's one-image people left out), or give
+        # an uncharged refusal that counts the site's people (domain-holdout k fails iff <= k + 1)
+        ({"emotion-train-limit": 100}, {}, "site-0 refused: policy (simulation-only)"),
+        ({"face-train-limit": 40}, {}, "site-0 refused: policy (simulation-only)"),
+        ({"domain-holdout": 2}, {}, "site-0 refused: policy (simulation-only)"),
+        ({"face-sources": "lfw"}, {}, "site-0 refused: policy (dp-unit)"),
     ],
-    ids=["dp-off", "delta", "run-cap", "site-run-cap", "seeded-deployed", "accountant"],
+    ids=[
+        "dp-off",
+        "delta",
+        "run-cap",
+        "site-run-cap",
+        "seeded-deployed",
+        "accountant",
+        "emotion-train-limit",
+        "face-train-limit",
+        "domain-holdout",
+        "lfw-at-example-level",
+    ],
 )
 def test_a_run_asking_for_less_than_the_site_policy_is_refused_and_nothing_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: dict, node: dict, reason: str
