@@ -193,6 +193,12 @@ class SiteStore:
     def _marker_seq(self) -> int:
         path = self.root / MARKER
         if not path.exists():
+            if self._files():  # the marker is written before release 1: it was removed
+                raise IntegrityError(
+                    f"site state {path} is missing beside release files; the privacy budget this "
+                    "site has spent cannot be established, so it refuses to train. Restore the "
+                    "state directory from backup"
+                )
             return 0
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -319,6 +325,12 @@ class SiteStore:
         reply_bytes = recorddict_to_proto(reply).SerializeToString()
         body = _LEN.pack(len(meta_bytes), len(state_bytes)) + meta_bytes + state_bytes + reply_bytes
         self._mkdir()
+        if seq == 1 and not (self.root / MARKER).exists():  # before any release file exists
+            atomic_write_text(
+                self.root / MARKER,
+                json.dumps({"format": STORE_FORMAT, "last-release": 0}),
+                mode=0o600,
+            )
         if self._new_key is not None:
             save_private_key(self._new_key, self.root / "site.key")
             self._new_key = None

@@ -106,6 +106,42 @@ def test_an_unreadable_marker_stops_the_site(tmp_path: Path) -> None:
         SiteStore(tmp_path).lifetime()
 
 
+def test_a_missing_marker_beside_release_files_stops_the_site(tmp_path: Path) -> None:
+    # Found by the attack review: deleting the newest release *and* store.json made the store
+    # look like one whose marker was never written, and round 2's spend was forgotten
+    released(SiteStore(tmp_path), 1)
+    released(SiteStore(tmp_path), 2)
+    (tmp_path / "release-00000002.state").unlink()
+    (tmp_path / "store.json").unlink()
+    with pytest.raises(IntegrityError, match=r"store\.json is missing"):
+        SiteStore(tmp_path).lifetime()
+
+
+def test_the_marker_is_written_before_the_first_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So that a crash between release 1 and its marker is not mistaken for the attack above."""
+    import client.training.site_store as site_store
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the process dies right after writing release 1
+
+    real = site_store.atomic_write_text
+    calls: list[str] = []
+
+    def marker_write(path: Path, text: str, **kwargs: object) -> None:
+        calls.append(text)
+        if len(calls) == 2:  # the marker naming release 1
+            crash()
+        real(path, text, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(site_store, "atomic_write_text", marker_write)
+    with pytest.raises(KeyboardInterrupt):
+        released(SiteStore(tmp_path), 1)
+    monkeypatch.undo()
+    assert [e.round for e in SiteStore(tmp_path).lifetime()] == [1]  # the spend is kept
+
+
 def test_reading_a_store_creates_nothing(tmp_path: Path) -> None:
     store = SiteStore(tmp_path / "state")
     store.restore(RecordDict(), "run")
