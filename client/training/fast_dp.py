@@ -10,9 +10,11 @@ Only the way per-sample gradients are obtained differs, which is why it is faste
 
 * the backward pass asks autograd only for the gradient of the loss w.r.t. each layer's *output*, so the
   weight-gradient kernels of a plain ``loss.backward()`` (which Opacus runs and then discards) never run;
-* Linear layers and the cosine head never materialise per-sample gradients: their norms come from the
-  "ghost norm" identity ``||g a^T|| = ||g|| ||a||`` (Goodfellow 2015, https://arxiv.org/abs/1510.01799;
-  Li et al. 2022, https://arxiv.org/abs/2110.05679) and their clipped sum from one matmul;
+* Linear layers never materialise per-example gradients: their norms come from the "ghost norm"
+  identity ``||g a^T|| = ||g|| ||a||`` (Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al.
+  2022, https://arxiv.org/abs/2110.05679) and their clipped sum from one matmul; the cosine head's
+  per-example gradients (n x classes x 128) are formed in float64, so that the norm checked is the
+  norm of the vector released;
 * every norm is formed in float64, from the float32 values themselves: in float32 the square of an
   output gradient below ~4e-23 is 0, and the coordinator can choose weights that make an example's
   ``||g||`` that small and its ``||a||`` ~1e19, so a float32 norm of 0 would let the example through
@@ -31,9 +33,10 @@ twice) is refused at construction: the fast path fails closed and names ``dp-pat
 each step Poisson-samples *people* at rate q (:func:`person_batch`), takes up to a cap of each sampled
 person's images, and clips each person's **summed** gradient to ``C`` (every example of a person gets
 its person's factor). Adding or removing all of one person's images then changes the clipped sum by at
-most ``C``, which is what the accountant's ``(sigma, q, steps)`` assumes of one unit. The ghost norms
-extend to groups with Gram matrices: ``||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j)`` over a
-person's examples.
+most ``C``, which is what the accountant's ``(sigma, q, steps)`` assumes of one unit. A person's
+summed gradient is formed in float64 and released as it is, times its factor: the vector whose norm
+was checked is the vector that is added (a person's gradients may cancel, and two roundings of their
+sum may differ by more than C; ``tests/client/training/test_clipping_attacks.py``).
 """
 
 from __future__ import annotations
@@ -85,25 +88,6 @@ class Units:
     def __post_init__(self) -> None:
         if self.index.dim() != 1 or (len(self.index) and int(self.index.max()) >= self.count):
             raise ValueError(f"Expected a (n,) unit index below {self.count=}")
-
-    def total(self, per_example: torch.Tensor) -> torch.Tensor:
-        """Per-unit sums of a ``(n,)`` per-example tensor."""
-        return per_example.new_zeros(self.count).index_add_(0, self.index, per_example)
-
-    def norm_sq(self, pair: torch.Tensor, length: int) -> torch.Tensor:
-        """Each unit's squared norm from the ``(n, n)`` pairwise terms of its examples' gradients.
-
-        The terms are float64 and only same-unit pairs count (masked with ``where``, not a product:
-        ``inf * 0`` would be NaN and mark every other unit broken). The sum is rounded *up* by a bound
-        on its floating-point error (dot products of ``length`` terms, then ``n`` more), so that
-        cancellation between large, nearly opposite gradients can never shrink a unit's norm and let
-        it through unclipped; it only ever clips slightly more.
-        """
-        same = self.index[:, None] == self.index[None, :]
-        pair = torch.where(same, pair, torch.zeros((), dtype=pair.dtype))
-        error = (2 * (length + len(self.index)) + 4) * torch.finfo(torch.float64).eps
-        total = self.total(pair.sum(1)) + error * self.total(pair.abs().sum(1))
-        return total.clamp_min(0)
 
 
 @dataclass(frozen=True)
@@ -311,17 +295,28 @@ def _row_norm_sq(t: torch.Tensor) -> torch.Tensor:
 def _instantiated(
     per_sample: dict[torch.Tensor, torch.Tensor], units: Units | None = None
 ) -> _LayerGrads:
+    """Norms and clipped sum from per-sample gradients ``(n, *shape)``: the vector released for
+    each unit is exactly the one whose norm was checked, times its factor.
+
+    Per example, the per-sample tensor itself. Per person, its examples' sum, formed in float64 and
+    released from that same sum: a person's gradients may cancel (2**24 + 1 - 2**24), and a norm
+    of one rounding of the sum with a clipped sum of another let the difference through unclipped.
+    """
     if units is None:  # vector_norm and a matrix-vector product: no (n, |W|) temporaries.
-        rows = [g.flatten(1) for g in per_sample.values()]
-    else:  # each unit's summed gradient, then its norm
-        rows = [
-            g.new_zeros(units.count, g[0].numel()).index_add_(0, units.index, g.flatten(1))
-            for g in per_sample.values()
-        ]
-    norm_sq = torch.stack([_row_norm_sq(r) for r in rows]).sum(0)
+        rows = {p: g.flatten(1) for p, g in per_sample.items()}
+    else:
+        rows = {
+            p: torch.zeros(units.count, g[0].numel(), dtype=torch.float64).index_add_(
+                0, units.index, g.flatten(1).double()
+            )
+            for p, g in per_sample.items()
+        }
+    norm_sq = torch.stack([_row_norm_sq(r) for r in rows.values()]).sum(0)
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-        return {p: (factors @ g.flatten(1)).view(p.shape) for p, g in per_sample.items()}
+        if units is not None:  # each person's factor (all its examples carry the same one)
+            factors = factors.new_zeros(units.count).scatter_(0, units.index, factors)
+        return {p: (factors.to(r.dtype) @ r).view(p.shape) for p, r in rows.items()}
 
     return _LayerGrads(norm_sq, clipped)
 
@@ -334,21 +329,17 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, units: Units | N
         return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad}, units)
     bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
     gd, ad = g.detach().double(), a.double()
-    if units is None:
-        g_sq = gd.pow(2).sum(1)
-        norm_sq = torch.zeros_like(g_sq)
-        if layer.weight.requires_grad:
-            norm_sq = norm_sq + g_sq * ad.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+    if units is not None:  # each person's summed gradient, in float64 (see _instantiated)
+        per_sample = {layer.weight: torch.einsum("no,ni->noi", gd, ad)}
         if bias is not None:
-            norm_sq = norm_sq + g_sq
-    else:  # ||sum_i g_i a_i^T||^2 = sum_ij (g_i . g_j)(a_i . a_j) over one unit's examples
-        gram = gd @ gd.T
-        pair = torch.zeros_like(gram)
-        if layer.weight.requires_grad:
-            pair = pair + gram * (ad @ ad.T)
-        if bias is not None:
-            pair = pair + gram
-        norm_sq = units.norm_sq(pair, g.shape[1] + a.shape[1])
+            per_sample[bias] = gd
+        return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad}, units)
+    g_sq = gd.pow(2).sum(1)
+    norm_sq = torch.zeros_like(g_sq)
+    if layer.weight.requires_grad:
+        norm_sq = norm_sq + g_sq * ad.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+    if bias is not None:
+        norm_sq = norm_sq + g_sq
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
         h = g * factors[:, None]
@@ -364,27 +355,17 @@ def _cosine_head(
     layer: CosineHead, e: torch.Tensor, g: torch.Tensor, cos: torch.Tensor, units: Units | None
 ) -> _LayerGrads:
     # out = e @ Wn^T with Wn = W / r row-wise. Example n's gradient w.r.t. row c of W is
-    # (g_nc / r_c) (e_n - wn_c cos_nc), of squared norm (g_nc / r_c)^2 (||e_n||^2 - cos_nc^2).
-    # For a unit's sum, the cross terms are sum_c h_nc h_mc (e_n . e_m - cos_nc cos_mc).
-    w = layer.weight
-    r = w.detach().norm(dim=1).clamp_min(1e-12)
-    wn = w.detach() / r[:, None]
-    cos = cos.detach()
-    gr = g / r
-    grd, ed = g.detach().double() / r.double(), e.double()
-    if units is None:
-        spread = (ed.pow(2).sum(1, keepdim=True) - cos.double().pow(2)).clamp_min(0)
-        norm_sq = (grd.pow(2) * spread).sum(1)
-    else:
-        hc = grd * cos.double()
-        pair = (grd @ grd.T) * (ed @ ed.T) - hc @ hc.T
-        norm_sq = units.norm_sq(pair, 2 * g.shape[1] + e.shape[1])
-
-    def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-        h = gr * factors[:, None]
-        return {w: h.T @ e - wn * (h * cos).sum(0)[:, None]}
-
-    return _LayerGrads(norm_sq, clipped)
+    # (g_nc / r_c) (e_n - wn_c cos_nc). It is formed per example, in float64, and released as it is:
+    # a norm from the identity ||e_n - wn_c cos_nc||^2 = ||e_n||^2 - cos_nc^2 is 0 for a face on a
+    # class centre, while a clipped sum formed as ``h e - wn (h cos)`` keeps a rounding residual that
+    # a row of tiny norm r_c scales up (tests/client/training/test_clipping_attacks.py).
+    w = layer.weight.detach().double()
+    r = w.norm(dim=1).clamp_min(1e-12)
+    wn = w / r[:, None]
+    per_sample = (g.detach().double() / r)[:, :, None] * (
+        e.double()[:, None, :] - wn[None] * cos.detach().double()[:, :, None]
+    )
+    return _instantiated({layer.weight: per_sample}, units)
 
 
 ConvMethod = Literal["unfold", "grouped"]

@@ -193,9 +193,11 @@ class SiteStore:
     def _marker_seq(self) -> int:
         path = self.root / MARKER
         if not path.exists():
-            if self._files():  # the marker is written before release 1: it was removed
+            # The marker is written before the site's key and release 1: either without it means
+            # it was removed.
+            if self._files() or (self.root / "site.key").exists():
                 raise IntegrityError(
-                    f"site state {path} is missing beside release files; the privacy budget this "
+                    f"site state {path} is missing beside the site's key or releases; the privacy budget this "
                     "site has spent cannot be established, so it refuses to train. Restore the "
                     "state directory from backup"
                 )

@@ -19,12 +19,12 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from client.training.dp_random import SecretRandomness
-from client.training.fast_dp import FastDpSgd
+from client.training.fast_dp import FastDpSgd, Units
 from client.training.site_policy import SitePolicy, check_run
 from common.config import parse_run_config
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
-from common.models import CosineHead, EmotionNet
+from common.models import CosineHead, EmotionNet, cosface_loss
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -140,3 +140,62 @@ def test_no_layer_lowers_an_example_norm_by_float32_underflow(layer: str) -> Non
     # Assert: the norms are the true ones (before the fix: 0, or a fraction, for every layer kind)
     assert norms.tolist() == pytest.approx(expected, rel=1e-4, abs=0)
     assert max(added) <= 1e-9 * (1 + 1e-5), f"one example adds {max(added) / 1e-9:.0f} x C"
+
+
+def test_a_person_whose_images_cancel_in_float32_adds_at_most_c() -> None:
+    """Found by the second review: a person's norm came from a float32 sum of its images' gradients,
+    and the clipped sum from another float32 computation (factor first, then the sum). Images with
+    gradients 2**24, 1 and -2**24 sum to 0 in float32 in the first order, and the 1 survives in the
+    second, so the person added 1.0 with C = 3e-6. The released vector must be the one whose norm
+    was checked."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(2, 1, 1, bias=False)  # a 1x1 image's weight gradient is its pixels
+    clip = 3e-6
+    dp = FastDpSgd(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        lambda out, y: out.sum() / len(y),
+        noise_multiplier=1.0,
+        max_grad_norm=clip,
+        expected_batch_size=1,
+        sample_rate=0.5,
+        accountant=RDPAccountant(),
+        randomness=SecretRandomness(),
+    )
+    x = torch.tensor([[2.0**24, 4e-6], [1.0, 0.0], [-(2.0**24), 0.0]]).view(3, 2, 1, 1)
+    y = torch.zeros(3, dtype=torch.long)
+    batch = dp.clipped_sum(x, y, Units(torch.zeros(3, dtype=torch.long), 1))
+    added = torch.cat([g.flatten() for g in batch.grads]).double().norm().item()
+    assert added <= clip * (1 + 1e-5), f"one person added {added:.3g} = {added / clip:.3g} C"
+
+
+def test_an_embedding_on_a_class_centre_adds_at_most_c() -> None:
+    """Found by the second review: the cosine head's norm was (g/r)^2 (||e||^2 - cos^2), which is 0
+    for an embedding on a class centre, while the float32 clipped sum ``h e - wn (h cos)`` kept its
+    rounding residual, scaled up by 1/r for a row of tiny norm: 1.4e8 C."""
+    clip = 1e-6
+    worst = 0.0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        head = CosineHead(2, 512)
+        with torch.no_grad():
+            head.weight[0].mul_(1e6)
+            head.weight[1].mul_(1e-9)
+        e = F.normalize(head.weight.detach()[1:2], dim=1)  # a face embedded on class 1's centre
+        grads = (
+            FastDpSgd(
+                head,
+                torch.optim.SGD(head.parameters(), lr=0.0),
+                cosface_loss,
+                noise_multiplier=1.0,
+                max_grad_norm=clip,
+                expected_batch_size=1,
+                sample_rate=0.5,
+                accountant=RDPAccountant(),
+                randomness=SecretRandomness(),
+            )
+            .clipped_sum(e, torch.tensor([0]))
+            .grads
+        )
+        worst = max(worst, torch.cat([g.flatten() for g in grads]).double().norm().item())
+    assert worst <= clip * (1 + 1e-5), f"one example added {worst:.3g} = {worst / clip:.3g} C"

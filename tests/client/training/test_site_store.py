@@ -117,6 +117,21 @@ def test_a_missing_marker_beside_release_files_stops_the_site(tmp_path: Path) ->
         SiteStore(tmp_path).lifetime()
 
 
+def test_a_missing_marker_beside_the_site_key_stops_the_site(tmp_path: Path) -> None:
+    # Found by the second review: the marker and every release deleted, the key kept: the store
+    # looked new, and the site trained on a fresh lifetime while signing with its old ledger key
+    store = SiteStore(tmp_path)
+    store.signing_key()  # as the ClientApp does: the key is written with release 1
+    released(store, 1)
+    released(SiteStore(tmp_path), 2)
+    (tmp_path / "store.json").unlink()
+    for path in tmp_path.glob("release-*.state"):
+        path.unlink()
+    assert (tmp_path / "site.key").exists()
+    with pytest.raises(IntegrityError, match=r"store\.json is missing"):
+        SiteStore(tmp_path).lifetime()
+
+
 def test_the_marker_is_written_before_the_first_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
