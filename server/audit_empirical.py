@@ -296,7 +296,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
         rows_table(data["rows"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(
-            f"{path} is not a complete `audit empirical --json` file "
-            f"({type(exc).__name__}: {exc})"
+            f"{path} is not a complete `audit empirical --json` file ({type(exc).__name__}: {exc})"
         ) from None
     return data
