@@ -20,6 +20,10 @@ Scalar = bool | int | float | str
 MAX_PERSON_IMAGES = 10_000
 
 
+# The smallest clip norm a run may set (client/training/fast_dp.py refuses below it too).
+MIN_CLIP = 1e-12
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacySettings:
     """Everything that determines the per-site DP guarantee."""
@@ -66,8 +70,11 @@ class PrivacySettings:
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}; typical is 1e-5")
         for name in ("face_clip", "emotion_clip"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{_kebab(name)} must be > 0, got {getattr(self, name)}")
+            if not MIN_CLIP <= getattr(self, name) < math.inf:
+                raise ConfigError(
+                    f"{_kebab(name)} must be a finite number >= {MIN_CLIP:g}, got "
+                    f"{getattr(self, name)}"
+                )
         if not 1 <= self.person_max_images <= MAX_PERSON_IMAGES:
             raise ConfigError(
                 f"person-max-images must be in 1..{MAX_PERSON_IMAGES}, got "

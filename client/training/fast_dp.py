@@ -54,6 +54,7 @@ from opacus.accountants import IAccountant
 from torch import nn
 
 from client.training.dp_random import DpRandomness
+from common import config
 from common.errors import ConfigError
 from common.models import CosineHead
 
@@ -104,6 +105,10 @@ class ClippedBatch:
 # site's) against 0.67 s in chunks of 128 and 0.83 s in chunks of 256; on two threads 0.28 s against
 # 0.33 s (``python -m bench.physical_chunks``; BENCHMARKS.md, issue 6, "Physical chunks").
 PHYSICAL_BATCH = 64
+
+# The smallest clip norm (the run config's floor too): below ~1e-38 the factors themselves are
+# float32 subnormals, whose rounding can double what a unit adds. No real run clips below 1e-3.
+MIN_CLIP = config.MIN_CLIP
 
 
 @dataclass(frozen=True)
@@ -279,16 +284,27 @@ class _LayerGrads:
 _TINY_NORM_SQ = 1e-20
 
 
-def _row_norm_sq(t: torch.Tensor) -> torch.Tensor:
-    """Float64 squared L2 norms of the rows of ``t``, never lowered by float32 underflow.
+def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
+    """Float64 L2 norms of the rows of ``t``, each row scaled by its largest entry first, so that no
+    square underflows or overflows (a float64 model's 1e-162 squares to 0 as well). Rows with a
+    non-finite entry give NaN (the caller treats them as broken)."""
+    t = t.double()
+    top = t.abs().amax(dim=1)
+    scale = torch.where(top > 0, top, torch.ones((), dtype=t.dtype))
+    return top * torch.linalg.vector_norm(t / scale[:, None], dim=1)
 
-    The float32 norm is exact enough unless it is tiny; only those rows (rare) are redone in float64,
-    which costs twice the time on the large per-sample tensors of a convolution.
+
+def _row_norm_sq(t: torch.Tensor) -> torch.Tensor:
+    """Float64 squared L2 norms of the rows of ``t``, never lowered by underflow.
+
+    The plain norm is exact enough unless it is tiny or overflows; only those rows (rare) are redone
+    scaled (:func:`_scaled_norm`), which would cost twice the time on the large per-sample tensors of
+    a convolution.
     """
     norm_sq = torch.linalg.vector_norm(t, dim=1).double().square()
-    tiny = norm_sq < _TINY_NORM_SQ
-    if bool(tiny.any()):
-        norm_sq[tiny] = torch.linalg.vector_norm(t[tiny], dim=1, dtype=torch.float64).square()
+    redo = (norm_sq < _TINY_NORM_SQ) | torch.isinf(norm_sq)
+    if bool(redo.any()):
+        norm_sq[redo] = _scaled_norm(t[redo]).square()
     return norm_sq
 
 
@@ -334,16 +350,18 @@ def _linear(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, units: Units | N
         if bias is not None:
             per_sample[bias] = gd
         return _instantiated({p: v for p, v in per_sample.items() if p.requires_grad}, units)
-    g_sq = gd.pow(2).sum(1)
-    norm_sq = torch.zeros_like(g_sq)
+    g_norm = _scaled_norm(gd)
+    norm_sq = torch.zeros_like(g_norm)
     if layer.weight.requires_grad:
-        norm_sq = norm_sq + g_sq * ad.pow(2).sum(1)  # ghost norm: ||g a^T|| = ||g|| ||a||
+        norm_sq = norm_sq + (g_norm * _scaled_norm(ad)).square()  # ghost: ||g a^T|| = ||g|| ||a||
     if bias is not None:
-        norm_sq = norm_sq + g_sq
+        norm_sq = norm_sq + g_norm.square()
 
     def clipped(factors: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-        h = g * factors[:, None]
-        out = {layer.weight: h.T @ a} if layer.weight.requires_grad else {}
+        # in float64: a float32 ``g * factor`` rounds on the subnormal grid (unbounded relative
+        # error when g is subnormal), and ``a`` up to 3e38 would scale that error past C
+        h = gd * factors.double()[:, None]
+        out = {layer.weight: h.T @ ad} if layer.weight.requires_grad else {}
         if bias is not None:
             out[bias] = h.sum(0)
         return out
@@ -553,8 +571,8 @@ class FastDpSgd:
     ) -> None:
         if physical_batch < 1:
             raise ValueError(f"Expected {physical_batch=} >= 1")
-        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"Expected a positive finite clip norm, got {max_grad_norm=}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm >= MIN_CLIP):
+            raise ValueError(f"Expected a finite clip norm >= {MIN_CLIP:g}, got {max_grad_norm=}")
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(f"Expected a finite noise multiplier >= 0, got {noise_multiplier=}")
         if expected_batch_size < 1:

@@ -24,6 +24,7 @@ from client.training.site_policy import SitePolicy, check_run
 from common.config import parse_run_config
 from common.data.fer2013 import load_fer2013
 from common.data.preprocess import emotion_tensor
+from common.errors import ConfigError
 from common.models import CosineHead, EmotionNet, cosface_loss
 
 
@@ -199,3 +200,67 @@ def test_an_embedding_on_a_class_centre_adds_at_most_c() -> None:
         )
         worst = max(worst, torch.cat([g.flatten() for g in grads]).double().norm().item())
     assert worst <= clip * (1 + 1e-5), f"one example added {worst:.3g} = {worst / clip:.3g} C"
+
+
+DENORM = 2.0**-149  # the smallest float32 subnormal
+
+
+def _added(model: nn.Module, x: torch.Tensor, clip: float) -> float:
+    """What one example adds, with the loss its output's mean (output gradient = the weights')."""
+    dp = FastDpSgd(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
+        lambda out, y: out.mean(),
+        noise_multiplier=1.0,
+        max_grad_norm=clip,
+        expected_batch_size=1,
+        sample_rate=0.5,
+        accountant=RDPAccountant(),
+        randomness=SecretRandomness(),
+    )
+    grads = dp.clipped_sum(x, torch.zeros(len(x), dtype=torch.long)).grads
+    return torch.cat([g.flatten() for g in grads]).double().norm().item()
+
+
+def _subnormal_gradient_model(d: int, k: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A trained Linear whose output gradient is k x 2**-149 everywhere (a frozen layer after it)."""
+    first = nn.Linear(d, d, bias=False, dtype=dtype)
+    second = nn.Linear(d, 1, bias=False, dtype=dtype)
+    with torch.no_grad():
+        first.weight.zero_()
+        second.weight.fill_(k * DENORM)
+    second.weight.requires_grad_(False)
+    return nn.Sequential(first, second)
+
+
+def test_a_subnormal_output_gradient_times_its_factor_cannot_round_past_c() -> None:
+    """Found by the third review: ``g * factor`` in float32 rounds on the subnormal grid, and an
+    input of ~3e33 scaled the rounding past C (1.0002 C at C = 1)."""
+    d = 1024
+    x = torch.full((1, d), 1.0 / (DENORM * d * 2323.51))  # factor x g = 2323.51 subnormals
+    added = _added(_subnormal_gradient_model(d, 3000), x, clip=1.0)
+    assert added <= 1.0 + 1e-5, f"one example added {added:.7f} C (C = 1)"
+
+
+def test_a_float64_layer_whose_gradient_squares_underflow_is_still_clipped() -> None:
+    """Found by the third review: in a float64 model an output gradient of 1.5e-162 squares to 0,
+    so the ghost norm was 0 and the example added 19.5 C."""
+    first = nn.Linear(1, 1_000_000, bias=False, dtype=torch.float64)
+    second = nn.Linear(1_000_000, 1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        first.weight.zero_()
+        second.weight.fill_(1.5e-162)
+    second.weight.requires_grad_(False)
+    x = torch.full((1, 1), 1.3e154, dtype=torch.float64)
+    added = _added(nn.Sequential(first, second), x, clip=1e-6)
+    assert added <= 1e-6 * (1 + 1e-5), f"one example added {added / 1e-6:.2f} C"
+
+
+@pytest.mark.parametrize("clip", [1e-13, 5.7e-45, 0.0])
+def test_a_clip_norm_too_small_to_round_safely_is_refused(clip: float) -> None:
+    """Below ~1e-38 the clip factors are float32 subnormals themselves (a person added 1.96 C at
+    C = 5.7e-45): the run config and the DP step both refuse a clip norm below 1e-12."""
+    with pytest.raises(ConfigError, match="emotion-clip must be a finite number >= 1e-12"):
+        parse_run_config({"emotion-clip": clip})
+    with pytest.raises(ValueError, match="clip norm >= 1e-12"):
+        _added(nn.Linear(2, 1), torch.ones(1, 2), clip)
