@@ -36,13 +36,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def shares(
-    model: nn.Module, loss: object, x: torch.Tensor, y: torch.Tensor, clip: float
-) -> list[float]:
-    """What each example, clipped alone, adds to the clipped sum (float64 norm of all parameters)."""
-    dp = FastDpSgd(
+def dp_step(model: nn.Module, loss: object, clip: float) -> FastDpSgd:
+    """The fast DP step on ``model``'s trainable parameters, with secret noise (only the clipped
+    sum is looked at)."""
+    return FastDpSgd(
         model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
         loss,  # type: ignore[arg-type]
         noise_multiplier=1.0,
         max_grad_norm=clip,
@@ -51,6 +50,13 @@ def shares(
         accountant=RDPAccountant(),
         randomness=SecretRandomness(),
     )
+
+
+def shares(
+    model: nn.Module, loss: object, x: torch.Tensor, y: torch.Tensor, clip: float
+) -> list[float]:
+    """What each example, clipped alone, adds to the clipped sum (float64 norm of all parameters)."""
+    dp = dp_step(model, loss, clip)
     out = []
     for i in range(len(y)):
         grads = dp.clipped_sum(x[i : i + 1], y[i : i + 1]).grads
@@ -125,18 +131,7 @@ def test_no_layer_lowers_an_example_norm_by_float32_underflow(layer: str) -> Non
     y = torch.tensor([0, 1, 2, 3])
     expected = _float64_norms(model, x, y)
     # Act
-    dp = FastDpSgd(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        _scaled_loss,
-        noise_multiplier=1.0,
-        max_grad_norm=1e-9,
-        expected_batch_size=1,
-        sample_rate=0.5,
-        accountant=RDPAccountant(),
-        randomness=SecretRandomness(),
-    )
-    norms = dp.clipped_sum(x, y).per_sample_norms
+    norms = dp_step(model, _scaled_loss, 1e-9).clipped_sum(x, y).per_sample_norms
     added = shares(model, _scaled_loss, x, y, clip=1e-9)
     # Assert: the norms are the true ones (before the fix: 0, or a fraction, for every layer kind)
     assert norms.tolist() == pytest.approx(expected, rel=1e-4, abs=0)
@@ -152,17 +147,7 @@ def test_a_person_whose_images_cancel_in_float32_adds_at_most_c() -> None:
     torch.manual_seed(0)
     model = nn.Conv2d(2, 1, 1, bias=False)  # a 1x1 image's weight gradient is its pixels
     clip = 3e-6
-    dp = FastDpSgd(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        lambda out, y: out.sum() / len(y),
-        noise_multiplier=1.0,
-        max_grad_norm=clip,
-        expected_batch_size=1,
-        sample_rate=0.5,
-        accountant=RDPAccountant(),
-        randomness=SecretRandomness(),
-    )
+    dp = dp_step(model, lambda out, y: out.sum() / len(y), clip)
     x = torch.tensor([[2.0**24, 4e-6], [1.0, 0.0], [-(2.0**24), 0.0]]).view(3, 2, 1, 1)
     y = torch.zeros(3, dtype=torch.long)
     batch = dp.clipped_sum(x, y, Units(torch.zeros(3, dtype=torch.long), 1))
@@ -183,21 +168,7 @@ def test_an_embedding_on_a_class_centre_adds_at_most_c() -> None:
             head.weight[0].mul_(1e6)
             head.weight[1].mul_(1e-9)
         e = F.normalize(head.weight.detach()[1:2], dim=1)  # a face embedded on class 1's centre
-        grads = (
-            FastDpSgd(
-                head,
-                torch.optim.SGD(head.parameters(), lr=0.0),
-                cosface_loss,
-                noise_multiplier=1.0,
-                max_grad_norm=clip,
-                expected_batch_size=1,
-                sample_rate=0.5,
-                accountant=RDPAccountant(),
-                randomness=SecretRandomness(),
-            )
-            .clipped_sum(e, torch.tensor([0]))
-            .grads
-        )
+        grads = dp_step(head, cosface_loss, clip).clipped_sum(e, torch.tensor([0])).grads
         worst = max(worst, torch.cat([g.flatten() for g in grads]).double().norm().item())
     assert worst <= clip * (1 + 1e-5), f"one example added {worst:.3g} = {worst / clip:.3g} C"
 
@@ -207,17 +178,7 @@ DENORM = 2.0**-149  # the smallest float32 subnormal
 
 def _added(model: nn.Module, x: torch.Tensor, clip: float) -> float:
     """What one example adds, with the loss its output's mean (output gradient = the weights')."""
-    dp = FastDpSgd(
-        model,
-        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
-        lambda out, y: out.mean(),
-        noise_multiplier=1.0,
-        max_grad_norm=clip,
-        expected_batch_size=1,
-        sample_rate=0.5,
-        accountant=RDPAccountant(),
-        randomness=SecretRandomness(),
-    )
+    dp = dp_step(model, lambda out, y: out.mean(), clip)
     grads = dp.clipped_sum(x, torch.zeros(len(x), dtype=torch.long)).grads
     return torch.cat([g.flatten() for g in grads]).double().norm().item()
 
