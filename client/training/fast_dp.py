@@ -279,8 +279,8 @@ class _LayerGrads:
 
 
 # Below this, a float32 sum of squares may have lost entries to underflow (each square under ~1e-38):
-# such rows are summed again in float64. Above it, what underflow can lose (under 1e-30 for 1e8
-# entries) is far below float32's own rounding.
+# such rows are summed again, scaled (:func:`_scaled_norm`). Above it, what underflow can lose (under
+# 1e-30 for 1e8 entries) is far below float32's own rounding.
 _TINY_NORM_SQ = 1e-20
 
 
