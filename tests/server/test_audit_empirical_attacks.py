@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,13 +24,7 @@ from common.errors import ConfigError
 from common.privacy.audit_bound import check_design, epsilon_lower_bound, p_value
 from tests.server.test_audit_empirical import SCENARIO
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:

@@ -9,7 +9,6 @@ test. Real FER2013 faces where the data matters.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,13 +26,7 @@ from common.data.preprocess import emotion_tensor
 from common.errors import ConfigError
 from common.models import CosineHead, EmotionNet, cosface_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def dp_step(model: nn.Module, loss: object, clip: float) -> FastDpSgd:

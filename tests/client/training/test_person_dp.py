@@ -36,12 +36,7 @@ from tests.client.training.test_round import SMALL, release, tiny_site
 PERSON = {**SMALL, "dp-unit": "person", "person-max-images": 4, "face-batch": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @functools.lru_cache(maxsize=1)

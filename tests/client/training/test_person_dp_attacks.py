@@ -38,13 +38,7 @@ from tests.client.training.test_person_dp import (
 )
 from tests.client.training.test_round import SMALL, initial_arrays, release
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --- sensitivity --------------------------------------------------------------------------------
