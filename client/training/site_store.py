@@ -328,11 +328,7 @@ class SiteStore:
         body = _LEN.pack(len(meta_bytes), len(state_bytes)) + meta_bytes + state_bytes + reply_bytes
         self._mkdir()
         if seq == 1 and not (self.root / MARKER).exists():  # before any release file exists
-            atomic_write_text(
-                self.root / MARKER,
-                json.dumps({"format": STORE_FORMAT, "last-release": 0}),
-                mode=0o600,
-            )
+            self._write_marker(0)
         if self._new_key is not None:
             save_private_key(self._new_key, self.root / "site.key")
             self._new_key = None
@@ -349,9 +345,14 @@ class SiteStore:
                 "round is not released (a site's rounds must run one at a time)"
             ) from None
         self._basis = seq
+        self._write_marker(seq)
+        self._prune()
+
+    def _write_marker(self, seq: int) -> None:
+        """Record ``seq`` as the newest release (atomically; a missing newest file then stops the
+        site)."""
         marker = {"format": STORE_FORMAT, "last-release": seq}
         atomic_write_text(self.root / MARKER, json.dumps(marker), mode=0o600)
-        self._prune()
 
     def _prune(self) -> None:
         """Keep the newest ``KEEP`` releases of each of the newest ``RUNS_KEPT`` runs."""
